@@ -1,0 +1,325 @@
+//! A pool of confirm-mode channels on one connection, kept alive by a background task.
+//!
+//! Requests spread over the channels round-robin and pipeline their confirms: nothing is locked
+//! across a publish, and no channel is opened per message. When the connection or a channel
+//! fails, the pool is dropped, publishes fail at once with [`PublishError::Unavailable`], and the
+//! task reconnects with exponential backoff and declares the topology again before the pool is
+//! offered anew.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Event};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config;
+use crate::topology::Topology;
+
+/// Why a message was not confirmed. Every variant means "not persisted, as far as we know".
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// No connection to the broker right now; one is being re-established.
+    #[error("broker unavailable")]
+    Unavailable,
+    /// The broker blocks publishing (memory or disk alarm).
+    #[error("broker blocked publishing (resource alarm)")]
+    Blocked,
+    /// The broker nacked the message (e.g. a full queue with `reject-publish`).
+    #[error("broker refused the message")]
+    Nacked,
+    /// The broker returned the message: no queue is bound for its routing key.
+    #[error("message unroutable")]
+    Unroutable,
+    /// No confirm arrived in time; the message may or may not be stored.
+    #[error("no broker confirm within {0:?}")]
+    Timeout(Duration),
+    /// The channel failed while publishing; the pool is being rebuilt.
+    #[error("broker channel failed")]
+    Channel(#[source] lapin::Error),
+}
+
+/// What the publisher can do right now, for readiness checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Connected, topology declared, not blocked.
+    Ready,
+    /// Connected, but the broker blocks publishing.
+    Blocked,
+    /// Not connected.
+    Down,
+}
+
+/// One message to publish; it is always sent persistent and mandatory.
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    /// Exchange name.
+    pub exchange: &'a str,
+    /// Routing key.
+    pub routing_key: &'a str,
+    /// Body bytes, sent unchanged.
+    pub body: &'a [u8],
+    /// Properties; `delivery_mode` is forced to persistent.
+    pub properties: BasicProperties,
+}
+
+/// A self-healing pool of confirm-mode channels. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Publisher {
+    current: watch::Receiver<Option<Arc<Pool>>>,
+    stop: CancellationToken,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct Pool {
+    connection: Connection,
+    channels: Vec<Channel>,
+    next: AtomicUsize,
+    failed: CancellationToken,
+}
+
+impl Publisher {
+    /// Starts connecting in the background; publishes fail with `Unavailable` until connected.
+    /// `name` shows in the broker's connection list.
+    pub fn start(config: &config::Amqp, topology: Topology, name: &str) -> Publisher {
+        let (sender, current) = watch::channel(None);
+        let stop = CancellationToken::new();
+        let keeper = Keeper {
+            config: config.clone(),
+            topology,
+            name: name.to_owned(),
+            sender,
+            stop: stop.clone(),
+        };
+        let task = tokio::spawn(keeper.run());
+        Publisher {
+            current,
+            stop,
+            task: std::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    /// Whether a publish can succeed now.
+    pub fn state(&self) -> State {
+        match self.current.borrow().as_ref() {
+            None => State::Down,
+            Some(pool) if pool.connection.status().blocked() => State::Blocked,
+            Some(_) => State::Ready,
+        }
+    }
+
+    /// Waits until the publisher is connected, or `limit` passes. True when connected.
+    pub async fn wait_connected(&self, limit: Duration) -> bool {
+        let mut current = self.current.clone();
+        tokio::time::timeout(limit, current.wait_for(Option::is_some))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Publishes persistent + mandatory and waits for the broker's confirm, at most `limit`.
+    /// `Ok` means the broker acked a routed message, so it is stored in a queue.
+    pub async fn publish(
+        &self,
+        message: Outgoing<'_>,
+        limit: Duration,
+    ) -> Result<(), PublishError> {
+        let pool = self
+            .current
+            .borrow()
+            .clone()
+            .ok_or(PublishError::Unavailable)?;
+        if pool.connection.status().blocked() {
+            return Err(PublishError::Blocked);
+        }
+        if !pool.connection.status().connected() {
+            pool.failed.cancel();
+            return Err(PublishError::Unavailable);
+        }
+        match tokio::time::timeout(limit, pool.confirm(message)).await {
+            Err(_) => Err(PublishError::Timeout(limit)),
+            Ok(Err(error)) => {
+                pool.failed.cancel();
+                Err(PublishError::Channel(error))
+            }
+            Ok(Ok(confirmation)) => check(confirmation),
+        }
+    }
+
+    /// Stops reconnecting and closes the connection. In-flight publishes should be finished
+    /// first: their confirms are lost with the connection.
+    pub async fn close(&self) {
+        self.stop.cancel();
+        let task = self.task.lock().ok().and_then(|mut task| task.take());
+        if let Some(task) = task {
+            // The keeper closes the connection itself; a panic there is already logged.
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn check(confirmation: Confirmation) -> Result<(), PublishError> {
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable),
+        Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked),
+    }
+}
+
+impl Pool {
+    async fn open(
+        config: &config::Amqp,
+        topology: &Topology,
+        name: &str,
+    ) -> Result<Pool, super::Error> {
+        let connection = super::connect(config, name).await?;
+        let setup = connection.create_channel().await?;
+        topology.declare(&setup).await?;
+        setup.close(200, "topology declared".into()).await?;
+        let mut channels = Vec::with_capacity(config.publisher_channels.get());
+        for _ in 0..config.publisher_channels.get() {
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            channels.push(channel);
+        }
+        Ok(Pool {
+            connection,
+            channels,
+            next: AtomicUsize::new(0),
+            failed: CancellationToken::new(),
+        })
+    }
+
+    async fn confirm(&self, message: Outgoing<'_>) -> Result<Confirmation, lapin::Error> {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
+        let options = BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        };
+        let properties = message.properties.with_delivery_mode(2);
+        let confirm = self.channels[index]
+            .basic_publish(
+                message.exchange.into(),
+                message.routing_key.into(),
+                options,
+                message.body,
+                properties,
+            )
+            .await?;
+        confirm.await
+    }
+
+    async fn close(&self) {
+        let close = self.connection.close(200, "shutting down".into());
+        // Closing a connection that already broke fails; nothing is left to do then.
+        let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+    }
+}
+
+/// The background task that keeps one pool alive.
+struct Keeper {
+    config: config::Amqp,
+    topology: Topology,
+    name: String,
+    sender: watch::Sender<Option<Arc<Pool>>>,
+    stop: CancellationToken,
+}
+
+impl Keeper {
+    async fn run(self) {
+        let mut delay = self.config.reconnect_min;
+        loop {
+            let opened = tokio::select! {
+                () = self.stop.cancelled() => return,
+                opened = Pool::open(&self.config, &self.topology, &self.name) => opened,
+            };
+            match opened {
+                Ok(pool) => {
+                    delay = self.config.reconnect_min;
+                    if self.serve(Arc::new(pool)).await {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    warn!(error = %error, cause = ?std::error::Error::source(&error), "cannot connect to the broker")
+                }
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(self.config.reconnect_max);
+        }
+    }
+
+    /// Offers the pool until it fails (false) or the publisher stops (true).
+    async fn serve(&self, pool: Arc<Pool>) -> bool {
+        info!(channels = pool.channels.len(), "connected to the broker");
+        let events = pool.connection.events_listener();
+        self.sender.send_replace(Some(Arc::clone(&pool)));
+        let stopped = watch_events(events, &pool.failed, &self.stop).await;
+        self.sender.send_replace(None);
+        pool.close().await;
+        stopped
+    }
+}
+
+/// Logs connection events until the connection fails (false) or `stop` fires (true).
+async fn watch_events(
+    events: impl Stream<Item = Event>,
+    failed: &CancellationToken,
+    stop: &CancellationToken,
+) -> bool {
+    let mut events = std::pin::pin!(events);
+    loop {
+        let event = tokio::select! {
+            () = stop.cancelled() => return true,
+            () = failed.cancelled() => {
+                warn!("broker channel failed; reconnecting");
+                return false;
+            }
+            event = events.next() => event,
+        };
+        match event {
+            Some(Event::ConnectionBlocked(reason)) => warn!(%reason, "broker blocked publishing"),
+            Some(Event::ConnectionUnblocked) => info!("broker unblocked publishing"),
+            Some(Event::Error(error)) => {
+                warn!(error = %error, "broker connection failed; reconnecting");
+                return false;
+            }
+            Some(_) => {}
+            None => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_ack_without_a_returned_message_is_success() {
+        assert!(check(Confirmation::Ack(None)).is_ok());
+        assert!(matches!(
+            check(Confirmation::Nack(None)),
+            Err(PublishError::Nacked)
+        ));
+        assert!(matches!(
+            check(Confirmation::NotRequested),
+            Err(PublishError::Nacked)
+        ));
+    }
+}

@@ -1,0 +1,46 @@
+//! `ipn-ingress`: accepts PayPal IPNs over HTTP and answers 200 once RabbitMQ confirmed them.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use ipn_bridge::config::Config;
+use ipn_bridge::{ingress, shutdown, telemetry};
+
+/// Accepts PayPal IPNs over HTTP and persists them in RabbitMQ before answering 200.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// TOML config file (see config/example.toml); IPN_* variables override it.
+    #[arg(long, env = "IPN_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match Config::from_process(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("ipn-ingress: {error}");
+            return ExitCode::from(64);
+        }
+    };
+    telemetry::init(config.telemetry.format);
+    match serve(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ipn-ingress: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let address = config.ingress.listen;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address}"))?;
+    ingress::run(config, listener, shutdown::signal()).await;
+    Ok(())
+}

@@ -1,0 +1,419 @@
+//! Configuration: defaults in code, then an optional TOML file, then `IPN_*` environment
+//! variables (`IPN_AMQP__URL` sets `amqp.url`).
+//!
+//! Loading is a pure function of (file text, environment map) so tests never touch the process
+//! environment. Unknown keys are rejected and every value is typed at the edge, so a typo or a
+//! bad value stops the process at start-up with one line naming the key, instead of running
+//! with a surprise.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroUsize};
+use std::str::FromStr;
+use std::time::Duration;
+
+use lapin::uri::AMQPUri;
+use serde::Deserialize;
+
+/// Environment variables that name the config file rather than a setting.
+pub const CONFIG_FILE_VAR: &str = "IPN_CONFIG";
+const ENV_PREFIX: &str = "IPN_";
+
+/// A configuration that cannot be used; its `Display` is the one line an operator sees.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file named by `--config` or `IPN_CONFIG` cannot be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        /// The path as given.
+        path: String,
+        /// Why it cannot be read.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config file: {0}")]
+    File(#[source] toml::de::Error),
+    /// A key is unknown or its value has the wrong type or range.
+    #[error("config key `{key}`: {problem}")]
+    Invalid {
+        /// Dotted key, e.g. `ingress.listen`.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// The whole configuration of every binary.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Broker connection.
+    pub amqp: Amqp,
+    /// Names and shapes of exchanges and queues.
+    pub topology: Topology,
+    /// The HTTP intake.
+    pub ingress: Ingress,
+    /// Logs.
+    pub telemetry: Telemetry,
+}
+
+/// Broker connection settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Amqp {
+    /// `amqp://user:pass@host:port/vhost`; the password never prints.
+    pub url: AmqpUrl,
+    /// Confirm-mode channels the publisher spreads its messages over.
+    pub publisher_channels: NonZeroUsize,
+    /// Give up on one connection attempt after this long.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// First wait before reconnecting; doubles up to `reconnect_max`.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest wait between reconnection attempts.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for Amqp {
+    fn default() -> Self {
+        Self {
+            url: AmqpUrl::from_str("amqp://guest:guest@127.0.0.1:5672/%2f")
+                .unwrap_or_else(|_| unreachable!("the default URL parses")),
+            publisher_channels: NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
+            connect_timeout: Duration::from_secs(5),
+            reconnect_min: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Topology settings: see `topology.rs` for the names derived from them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Topology {
+    /// Prefix of every exchange and queue name.
+    pub prefix: String,
+    /// Number of shard queues. Fixed per deployment: changing it is a drained migration.
+    pub shards: NonZeroU16,
+    /// Deliveries of one message before the broker dead-letters it to `<prefix>.dead`.
+    pub delivery_limit: NonZeroU16,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self {
+            prefix: "ipn".to_owned(),
+            shards: NonZeroU16::new(32).unwrap_or(NonZeroU16::MIN),
+            delivery_limit: NonZeroU16::new(20).unwrap_or(NonZeroU16::MIN),
+        }
+    }
+}
+
+/// HTTP intake settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Ingress {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Path PayPal posts to.
+    pub path: String,
+    /// Larger bodies get 413; reading stops at the limit.
+    pub max_body_bytes: NonZeroUsize,
+    /// Longest wait for the broker's confirm before answering 503.
+    #[serde(with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+    /// A client must send its request headers within this time.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A client must send its whole body within this time, or gets 408.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// On SIGTERM, in-flight requests get this long to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Ingress {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            path: "/ipn".to_owned(),
+            max_body_bytes: NonZeroUsize::new(65_536).unwrap_or(NonZeroUsize::MIN),
+            confirm_timeout: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Log output settings; the filter comes from `RUST_LOG`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Telemetry {
+    /// `pretty` for people, `json` for log shippers.
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// An AMQP URL, checked when loaded, whose password never appears in `Debug` or `Display`.
+#[derive(Clone, Deserialize)]
+#[serde(try_from = "String")]
+pub struct AmqpUrl {
+    text: String,
+    parsed: AMQPUri,
+}
+
+impl AmqpUrl {
+    /// The parsed URI, for connecting.
+    pub fn uri(&self) -> AMQPUri {
+        self.parsed.clone()
+    }
+}
+
+impl FromStr for AmqpUrl {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let parsed = AMQPUri::from_str(text).map_err(|e| format!("not an AMQP URL: {e}"))?;
+        Ok(Self {
+            text: text.to_owned(),
+            parsed,
+        })
+    }
+}
+
+impl TryFrom<String> for AmqpUrl {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match url::Url::parse(&self.text) {
+            Ok(mut url) if url.password().is_some() => {
+                // Only fails for URLs that cannot carry a password, which this one does.
+                let _ = url.set_password(Some("***"));
+                f.write_str(url.as_str())
+            }
+            Ok(url) => f.write_str(url.as_str()),
+            Err(_) => f.write_str("<unprintable amqp url>"),
+        }
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AmqpUrl({self})")
+    }
+}
+
+impl Config {
+    /// Builds the configuration from the optional file text and the environment (only `IPN_*`
+    /// variables are read; `IPN_CONFIG` names the file and is skipped).
+    pub fn load(file_text: Option<&str>, env: &BTreeMap<String, String>) -> Result<Config, Error> {
+        let mut table = match file_text {
+            Some(text) => toml::from_str::<toml::Table>(text).map_err(Error::File)?,
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            if let Some(path) = name.strip_prefix(ENV_PREFIX)
+                && name != CONFIG_FILE_VAR
+            {
+                overlay(&mut table, name, path, value)?;
+            }
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                Error::Invalid {
+                    key: e.path().to_string(),
+                    problem: e.inner().message().to_owned(),
+                }
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Loads from the process: the file at `path` if given, and the process environment.
+    pub fn from_process(path: Option<&std::path::Path>) -> Result<Config, Error> {
+        let text = match path {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|source| Error::Read {
+                path: path.display().to_string(),
+                source,
+            })?),
+            None => None,
+        };
+        let env: BTreeMap<String, String> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect();
+        Config::load(text.as_deref(), &env)
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let invalid = |key: &str, problem: &str| Error::Invalid {
+            key: key.to_owned(),
+            problem: problem.to_owned(),
+        };
+        if !self.ingress.path.starts_with('/') {
+            return Err(invalid("ingress.path", "must start with `/`"));
+        }
+        if ["/healthz", "/readyz", "/metrics"].contains(&self.ingress.path.as_str()) {
+            return Err(invalid(
+                "ingress.path",
+                "is reserved for health and metrics",
+            ));
+        }
+        let prefix_ok = !self.topology.prefix.is_empty()
+            && self.topology.prefix.len() <= 200
+            && (self.topology.prefix.chars())
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !prefix_ok {
+            return Err(invalid(
+                "topology.prefix",
+                "must be 1-200 characters of letters, digits, `-`, `_` or `.`",
+            ));
+        }
+        if self.amqp.reconnect_min.is_zero() || self.amqp.reconnect_min > self.amqp.reconnect_max {
+            return Err(invalid(
+                "amqp.reconnect_min",
+                "must be above zero and at most amqp.reconnect_max",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Sets `IPN_A__B=value` as `a.b = value` in `table`. Values that read as integers or booleans
+/// become those, so numeric keys can be set from the environment.
+fn overlay(table: &mut toml::Table, name: &str, path: &str, value: &str) -> Result<(), Error> {
+    let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+    let Some((last, parents)) = keys.split_last() else {
+        return Ok(());
+    };
+    let mut node = table;
+    for key in parents {
+        let entry = node
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = entry.as_table_mut().ok_or_else(|| Error::Invalid {
+            key: name.to_owned(),
+            problem: format!("`{key}` is not a section"),
+        })?;
+    }
+    node.insert(last.clone(), env_value(value));
+    Ok(())
+}
+
+fn env_value(value: &str) -> toml::Value {
+    if let Ok(n) = value.parse::<i64>() {
+        toml::Value::Integer(n)
+    } else if let Ok(b) = value.parse::<bool>() {
+        toml::Value::Boolean(b)
+    } else {
+        toml::Value::String(value.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let config = Config::load(None, &env(&[])).expect("defaults load");
+        assert_eq!(config.ingress.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.ingress.path, "/ipn");
+        assert_eq!(config.ingress.max_body_bytes.get(), 65_536);
+        assert_eq!(config.topology.prefix, "ipn");
+        assert_eq!(config.topology.shards.get(), 32);
+        assert_eq!(
+            config.amqp.url.to_string(),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file() {
+        let file = "[ingress]\npath = \"/from-file\"\nconfirm_timeout = \"2s\"\n";
+        let vars = env(&[
+            ("IPN_INGRESS__PATH", "/from-env"),
+            ("IPN_TOPOLOGY__SHARDS", "8"),
+            ("IPN_CONFIG", "/etc/ipn.toml"),
+            ("PATH", "/usr/bin"),
+        ]);
+        let config = Config::load(Some(file), &vars).expect("loads");
+        assert_eq!(config.ingress.path, "/from-env");
+        assert_eq!(config.ingress.confirm_timeout, Duration::from_secs(2));
+        assert_eq!(config.topology.shards.get(), 8);
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_in_the_error() {
+        let err = Config::load(Some("[ingress]\nlisten_port = 80\n"), &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("listen_port"), "{err}");
+        let err = Config::load(None, &env(&[("IPN_INGRES__PATH", "/x")])).unwrap_err();
+        assert!(err.to_string().contains("ingres"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        let err = Config::load(None, &env(&[("IPN_INGRESS__LISTEN", "nowhere")])).unwrap_err();
+        assert!(
+            err.to_string().starts_with("config key `ingress.listen`"),
+            "{err}"
+        );
+        let err = Config::load(None, &env(&[("IPN_TOPOLOGY__SHARDS", "0")])).unwrap_err();
+        assert!(err.to_string().contains("topology.shards"), "{err}");
+        let err =
+            Config::load(None, &env(&[("IPN_INGRESS__CONFIRM_TIMEOUT", "soon")])).unwrap_err();
+        assert!(err.to_string().contains("ingress.confirm_timeout"), "{err}");
+        let err = Config::load(None, &env(&[("IPN_AMQP__URL", "http://x")])).unwrap_err();
+        assert!(err.to_string().contains("amqp.url"), "{err}");
+        let err = Config::load(None, &env(&[("IPN_INGRESS__PATH", "ipn")])).unwrap_err();
+        assert!(err.to_string().contains("ingress.path"), "{err}");
+    }
+
+    #[test]
+    fn invalid_toml_is_reported_as_a_file_error() {
+        let err = Config::load(Some("[ingress\n"), &env(&[])).unwrap_err();
+        assert!(matches!(err, Error::File(_)));
+    }
+
+    #[test]
+    fn the_password_never_prints() {
+        let vars = env(&[("IPN_AMQP__URL", "amqp://app:s3cret@broker:5672/prod")]);
+        let config = Config::load(None, &vars).expect("loads");
+        let shown = format!("{config:?} {}", config.amqp.url);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("app:***@broker"), "{shown}");
+    }
+
+    #[test]
+    fn the_example_config_loads_and_equals_the_defaults() {
+        let text = include_str!("../config/example.toml");
+        let example = Config::load(Some(text), &env(&[])).expect("example loads");
+        assert_eq!(format!("{example:?}"), format!("{:?}", Config::default()));
+    }
+}

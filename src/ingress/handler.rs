@@ -1,0 +1,261 @@
+//! One request: route it, and for an IPN read it within limits, publish it and answer.
+//!
+//! The invariant kept here: `200` is written only after the broker confirmed the message to a
+//! queue. Every other outcome maps, in [`status_of`], to a status and a short reason.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::App;
+use super::metrics::StatusLabel;
+use crate::amqp::{Outgoing, PublishError, State};
+use crate::topology::Topology;
+
+/// Why an IPN request was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejection {
+    /// Not a POST.
+    #[error("method not allowed")]
+    Method,
+    /// Not a form body.
+    #[error("content type must be application/x-www-form-urlencoded")]
+    MediaType,
+    /// Nothing to publish.
+    #[error("empty body")]
+    Empty,
+    /// Over `ingress.max_body_bytes`.
+    #[error("body too large")]
+    TooLarge,
+    /// The client did not finish sending the body in time.
+    #[error("body not received in time")]
+    SlowBody,
+    /// The connection broke or the framing was wrong while reading the body.
+    #[error("unreadable body")]
+    BadBody,
+    /// The broker did not confirm.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
+/// The one place that decides what each outcome answers.
+pub fn status_of(rejection: &Rejection) -> StatusCode {
+    match rejection {
+        Rejection::Method => StatusCode::METHOD_NOT_ALLOWED,
+        Rejection::MediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Rejection::Empty | Rejection::BadBody => StatusCode::BAD_REQUEST,
+        Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        Rejection::SlowBody => StatusCode::REQUEST_TIMEOUT,
+        // Anything the broker did or failed to do: PayPal must resend later.
+        Rejection::Publish(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// Routes a request; never fails (every problem is an HTTP answer).
+pub(super) async fn handle(
+    app: Arc<App>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = request.uri().path();
+    let response = if path == app.config.path {
+        ipn(&app, request).await
+    } else {
+        match path {
+            "/healthz" => text(StatusCode::OK, "ok"),
+            "/readyz" => readiness(&app),
+            "/metrics" => text(StatusCode::OK, &app.metrics.render()),
+            _ => text(StatusCode::NOT_FOUND, "not found"),
+        }
+    };
+    Ok(response)
+}
+
+async fn ipn(app: &App, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    app.metrics.in_flight.inc();
+    let response = match accept(app, request).await {
+        Ok(()) => Response::new(Full::new(Bytes::from_static(
+            app.provider.acknowledgement(),
+        ))),
+        Err(rejection) => reject(&rejection),
+    };
+    app.metrics.in_flight.dec();
+    let status = response.status().as_u16();
+    app.metrics
+        .requests
+        .get_or_create(&StatusLabel { status })
+        .inc();
+    response
+}
+
+async fn accept(app: &App, request: Request<Incoming>) -> Result<(), Rejection> {
+    if request.method() != Method::POST {
+        return Err(Rejection::Method);
+    }
+    let content_type = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| app.provider.accepts_content_type(v))
+        .ok_or(Rejection::MediaType)?
+        .to_owned();
+    let max = app.config.max_body_bytes.get();
+    if declared_length(&request).is_some_and(|length| length > max) {
+        return Err(Rejection::TooLarge);
+    }
+    let body = read_body(request.into_body(), max, app).await?;
+    if body.is_empty() {
+        return Err(Rejection::Empty);
+    }
+    publish(app, &content_type, &body).await
+}
+
+fn declared_length(request: &Request<Incoming>) -> Option<usize> {
+    let value = request.headers().get(CONTENT_LENGTH)?;
+    value.to_str().ok()?.parse().ok()
+}
+
+/// Reads at most `max` bytes; stops reading (and rejects) as soon as the limit is passed.
+async fn read_body(body: Incoming, max: usize, app: &App) -> Result<Bytes, Rejection> {
+    let collect = Limited::new(body, max).collect();
+    match tokio::time::timeout(app.config.body_read_timeout, collect).await {
+        Err(_) => Err(Rejection::SlowBody),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(Rejection::TooLarge)
+        }
+        Ok(Err(error)) => {
+            debug!(%error, "cannot read request body");
+            Err(Rejection::BadBody)
+        }
+    }
+}
+
+async fn publish(app: &App, content_type: &str, body: &[u8]) -> Result<(), Rejection> {
+    let key = app.provider.order_key(body);
+    let shard = key.shard(app.topology.shards());
+    let span = info_span!("publish", ipn.order_key = %key, shard, bytes = body.len());
+    let routing_key = Topology::shard_routing_key(shard);
+    let exchange = app.topology.inbound_exchange();
+    let message = Outgoing {
+        exchange: &exchange,
+        routing_key: &routing_key,
+        body,
+        properties: properties(app.provider.name(), content_type, key.as_str()),
+    };
+    let started = Instant::now();
+    let result = app
+        .publisher
+        .publish(message, app.config.confirm_timeout)
+        .instrument(span.clone())
+        .await;
+    app.metrics
+        .confirm_seconds
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(error) = &result {
+        span.in_scope(|| warn!(%error, "ipn not persisted; answering 503"));
+    }
+    Ok(result?)
+}
+
+/// The inbound message contract: content type as received, a time-ordered message id, and our
+/// headers. The worker increments `x-ipn-attempt` each time it sends the message to a retry tier.
+fn properties(provider: &str, content_type: &str, order_key: &str) -> BasicProperties {
+    let now = SystemTime::now();
+    let mut headers = FieldTable::default();
+    let mut put = |name: &str, value: AMQPValue| {
+        headers.insert(ShortString::from(name), value);
+    };
+    put("x-ipn-order-key", long_string(order_key));
+    put(
+        "x-ipn-received-at",
+        long_string(&humantime::format_rfc3339_millis(now).to_string()),
+    );
+    put("x-ipn-attempt", AMQPValue::LongLongInt(0));
+    put("x-ipn-provider", long_string(provider));
+    let seconds = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    BasicProperties::default()
+        .with_content_type(ShortString::from(content_type))
+        .with_message_id(ShortString::from(uuid::Uuid::now_v7().to_string()))
+        .with_timestamp(seconds)
+        .with_app_id(ShortString::from("ipn-ingress"))
+        .with_headers(headers)
+}
+
+fn long_string(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+fn readiness(app: &App) -> Response<Full<Bytes>> {
+    if app.draining.is_cancelled() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    match app.publisher.state() {
+        State::Ready => text(StatusCode::OK, "ready"),
+        State::Blocked => text(StatusCode::SERVICE_UNAVAILABLE, "broker blocked publishing"),
+        State::Down => text(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable"),
+    }
+}
+
+fn reject(rejection: &Rejection) -> Response<Full<Bytes>> {
+    let mut response = text(status_of(rejection), &rejection.to_string());
+    if matches!(rejection, Rejection::Method) {
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("POST"));
+    }
+    response
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    *response.status_mut() = status;
+    let plain = HeaderValue::from_static("text/plain; charset=utf-8");
+    response.headers_mut().insert(CONTENT_TYPE, plain);
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn each_rejection_maps_to_its_status() {
+        let cases = [
+            (Rejection::Method, 405),
+            (Rejection::MediaType, 415),
+            (Rejection::Empty, 400),
+            (Rejection::BadBody, 400),
+            (Rejection::TooLarge, 413),
+            (Rejection::SlowBody, 408),
+            (PublishError::Unavailable.into(), 503),
+            (PublishError::Blocked.into(), 503),
+            (PublishError::Nacked.into(), 503),
+            (PublishError::Unroutable.into(), 503),
+            (PublishError::Timeout(Duration::from_secs(5)).into(), 503),
+        ];
+        for (rejection, status) in cases {
+            assert_eq!(status_of(&rejection).as_u16(), status, "{rejection}");
+        }
+    }
+
+    #[test]
+    fn the_reason_is_a_short_line() {
+        let response = reject(&Rejection::Publish(PublishError::Blocked));
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let response = reject(&Rejection::Method);
+        assert_eq!(
+            response.headers().get(ALLOW).map(|v| v.as_bytes()),
+            Some(&b"POST"[..])
+        );
+    }
+}

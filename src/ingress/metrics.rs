@@ -1,0 +1,70 @@
+//! The ingress's Prometheus metrics, in a registry of its own (so several servers in one
+//! process, as in tests, never share counters).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label of the request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// HTTP status answered.
+    pub status: u16,
+}
+
+/// Counters, histogram and gauge of one ingress server.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// IPN requests by answered status.
+    pub requests: Family<StatusLabel, Counter>,
+    /// Seconds from publish to the broker's answer (or the timeout), every attempt.
+    pub confirm_seconds: Histogram,
+    /// IPN requests being handled now.
+    pub in_flight: Gauge,
+}
+
+impl Metrics {
+    /// Fresh metrics, all zero.
+    pub fn new() -> Metrics {
+        let requests = Family::<StatusLabel, Counter>::default();
+        // 0.5 ms .. ~8 s
+        let confirm_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 15));
+        let in_flight = Gauge::default();
+        let mut registry = Registry::with_prefix("ipn_ingress");
+        registry.register(
+            "requests",
+            "IPN requests by answered status",
+            requests.clone(),
+        );
+        registry.register(
+            "publish_confirm_seconds",
+            "Time from publish to the broker's confirm, nack, return or timeout",
+            confirm_seconds.clone(),
+        );
+        registry.register("in_flight", "IPN requests being handled", in_flight.clone());
+        Metrics {
+            registry,
+            requests,
+            confirm_seconds,
+            in_flight,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

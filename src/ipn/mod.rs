@@ -1,0 +1,217 @@
+//! PayPal IPN: the raw body, its fields, and the order key it belongs to.
+//!
+//! The raw body is the truth and is never re-encoded: PayPal's postback must be
+//! `cmd=_notify-validate&` followed by the exact bytes received. Fields are read from it with
+//! [`Form`], which keeps the message's own charset.
+
+mod form;
+mod key;
+
+pub use form::{Charset, Form};
+pub use key::{OrderKey, body_hash};
+
+use crate::provider::Provider;
+
+/// The PayPal IPN provider.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PayPal;
+
+/// Fields that name a key, first present wins: (field, key kind).
+///
+/// `subscr_id` and `recurring_payment_id` share one id space (`profile:`); refunds and
+/// reversals name their payment in `parent_txn_id`, so they follow that payment's key.
+const KEY_FIELDS: [(&str, &str); 5] = [
+    ("subscr_id", "profile"),
+    ("recurring_payment_id", "profile"),
+    ("mp_id", "ba"),
+    ("parent_txn_id", "txn"),
+    ("txn_id", "txn"),
+];
+
+impl PayPal {
+    /// The order key of a parsed IPN: the first present key field, else the body's hash
+    /// (masspay and other messages that order with nothing).
+    pub fn order_key_of(form: &Form, body: &[u8]) -> OrderKey {
+        KEY_FIELDS
+            .iter()
+            .find_map(|(field, kind)| {
+                let id = form.text(field)?;
+                let id = id.trim();
+                (!id.is_empty()).then(|| OrderKey::new(kind, id))
+            })
+            .unwrap_or_else(|| OrderKey::of_body(body))
+    }
+}
+
+impl Provider for PayPal {
+    fn name(&self) -> &'static str {
+        "paypal"
+    }
+
+    fn accepts_content_type(&self, content_type: &str) -> bool {
+        let media_type = content_type.split(';').next().unwrap_or_default().trim();
+        media_type.eq_ignore_ascii_case("application/x-www-form-urlencoded")
+    }
+
+    /// PayPal wants an HTTP 200; the body is ignored, so it is empty.
+    fn acknowledgement(&self) -> &'static [u8] {
+        b""
+    }
+
+    fn order_key(&self, body: &[u8]) -> OrderKey {
+        Self::order_key_of(&Form::parse(body), body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn samples() -> Vec<(String, Vec<u8>)> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/samples");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .expect("tests/samples exists")
+            .map(|entry| entry.expect("readable dir entry").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "txt"))
+            .collect();
+        files.sort();
+        files
+            .into_iter()
+            .map(|path| {
+                let name = path
+                    .file_name()
+                    .expect("a file")
+                    .to_string_lossy()
+                    .into_owned();
+                (name, std::fs::read(&path).expect("readable sample"))
+            })
+            .collect()
+    }
+
+    /// The order key of every sample, as listed in tests/samples/README.md.
+    const EXPECTED_KEYS: [(&str, &str); 26] = [
+        ("001_web_accept.txt", "txn:8FX91612UX4519215"),
+        ("002_refunded.txt", "txn:8FX91612UX4519215"),
+        ("003_cart.txt", "txn:6TS1068787252245S"),
+        ("004_reversed.txt", "txn:6TS1068787252245S"),
+        ("005_adjustment.txt", "txn:6TS1068787252245S"),
+        ("006_express_checkout.txt", "txn:51403485VH153354B"),
+        ("007_new_case.txt", "txn:51403485VH153354B"),
+        ("008_reversed.txt", "txn:51403485VH153354B"),
+        ("009_canceled_reversal.txt", "txn:51403485VH153354B"),
+        ("010_web_accept_echeck_pending.txt", "txn:4MC0186636400980G"),
+        (
+            "011_web_accept_echeck_completed.txt",
+            "txn:4MC0186636400980G",
+        ),
+        ("012_subscr_signup.txt", "profile:I-7PX4WQ2N9KD3"),
+        ("013_subscr_payment.txt", "profile:I-7PX4WQ2N9KD3"),
+        ("014_subscr_payment.txt", "profile:I-7PX4WQ2N9KD3"),
+        ("015_refunded.txt", "profile:I-7PX4WQ2N9KD3"),
+        ("016_subscr_cancel.txt", "profile:I-7PX4WQ2N9KD3"),
+        ("017_subscr_eot.txt", "profile:I-7PX4WQ2N9KD3"),
+        ("018_subscr_signup.txt", "profile:I-3NH8V1TQ6ZRB"),
+        ("019_subscr_modify.txt", "profile:I-3NH8V1TQ6ZRB"),
+        ("020_subscr_payment.txt", "profile:I-3NH8V1TQ6ZRB"),
+        ("021_subscr_failed.txt", "profile:I-3NH8V1TQ6ZRB"),
+        ("022_subscr_failed.txt", "profile:I-3NH8V1TQ6ZRB"),
+        ("023_subscr_eot.txt", "profile:I-3NH8V1TQ6ZRB"),
+        ("041_masspay.txt", "msg:"),
+        ("042_send_money.txt", "txn:0W743212FG220445R"),
+        ("043_web_accept_simulator.txt", "txn:593976436"),
+    ];
+
+    #[test]
+    fn every_sample_gets_its_documented_order_key() {
+        let samples = samples();
+        assert_eq!(
+            samples.len(),
+            EXPECTED_KEYS.len(),
+            "a sample without an expectation"
+        );
+        for ((name, body), (expected_name, expected_key)) in samples.iter().zip(EXPECTED_KEYS) {
+            assert_eq!(name, expected_name);
+            let key = PayPal.order_key(body);
+            if expected_key == "msg:" {
+                assert_eq!(key, OrderKey::of_body(body), "{name}");
+            } else {
+                assert_eq!(key.as_str(), expected_key, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_sample_decodes_without_replacement_characters() {
+        for (name, body) in samples() {
+            let form = Form::parse(&body);
+            assert!(!form.is_empty(), "{name}");
+            for (field, value) in form.decoded() {
+                assert!(!value.contains('\u{FFFD}'), "{name}: {field}={value}");
+            }
+            let named = form.raw("charset").is_some();
+            assert_eq!(form.charset().assumed, !named, "{name}");
+        }
+    }
+
+    #[test]
+    fn sample_names_decode_in_their_own_charset() {
+        let read = |name: &str| {
+            let (_, body) = samples()
+                .into_iter()
+                .find(|(n, _)| n == name)
+                .expect("sample");
+            Form::parse(&body)
+        };
+        assert_eq!(
+            read("001_web_accept.txt").text("last_name").as_deref(),
+            Some("Müller")
+        );
+        assert_eq!(
+            read("001_web_accept.txt").text("item_name").as_deref(),
+            Some("Gartenbuch – Jahresabo")
+        );
+        assert_eq!(
+            read("003_cart.txt").text("address_city").as_deref(),
+            Some("Besançon")
+        );
+        assert_eq!(
+            read("012_subscr_signup.txt")
+                .text("address_name")
+                .as_deref(),
+            Some("Sigríður Guðmundsdóttir")
+        );
+        assert_eq!(
+            read("010_web_accept_echeck_pending.txt")
+                .text("first_name")
+                .as_deref(),
+            Some("François")
+        );
+        let simulator = read("043_web_accept_simulator.txt");
+        assert_eq!(
+            simulator.text("address_name").as_deref(),
+            Some("John Smith")
+        );
+        assert!(simulator.charset().assumed);
+        // The simulator's literal `+` in `GMT+0100` is a space by the form rules.
+        assert!(
+            simulator
+                .text("payment_date")
+                .is_some_and(|d| d.contains("GMT 0100"))
+        );
+    }
+
+    #[test]
+    fn an_empty_key_field_is_skipped() {
+        let body = b"subscr_id=&txn_id=ABC";
+        assert_eq!(PayPal.order_key(body).as_str(), "txn:ABC");
+    }
+
+    #[test]
+    fn form_content_types_are_accepted_with_parameters_and_any_case() {
+        assert!(PayPal.accepts_content_type("application/x-www-form-urlencoded"));
+        assert!(PayPal.accepts_content_type("Application/X-WWW-Form-Urlencoded; charset=UTF-8"));
+        assert!(!PayPal.accepts_content_type("application/json"));
+        assert!(!PayPal.accepts_content_type("multipart/form-data; boundary=x"));
+    }
+}

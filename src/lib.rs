@@ -1,0 +1,21 @@
+//! ipn-bridge: PayPal IPN callbacks made reliable with RabbitMQ in the middle.
+//!
+//! - [`config`]: defaults, TOML file, `IPN_*` environment; pure loading.
+//! - [`ipn`]: the IPN body read byte-exactly, charset-aware fields, order keys and shards.
+//! - [`provider`]: the seam that keeps PayPal specifics out of the pipeline.
+//! - [`topology`]: every exchange and queue name, and their declaration.
+//! - [`amqp`]: connections and the self-healing confirm-mode publisher.
+//! - [`ingress`]: the HTTP server that answers 200 only after the broker confirmed.
+//! - [`ctl`]: what `ipnctl` does.
+//! - [`telemetry`], [`shutdown`]: logs and signals for the binaries.
+#![forbid(unsafe_code)]
+
+pub mod amqp;
+pub mod config;
+pub mod ctl;
+pub mod ingress;
+pub mod ipn;
+pub mod provider;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topology;

@@ -1,0 +1,172 @@
+//! Every exchange and queue name, derived from one prefix, and their idempotent declaration.
+//!
+//! ```text
+//! <p>.inbound (direct) --rk = shard n--> <p>.inbound.<n>  quorum, single active consumer,
+//!                                                         x-delivery-limit, dead-letters
+//!                                                         (at-least-once) to <p>.dead
+//! ```
+//! Quorum queues are always persisted and, with `x-delivery-limit` set, put a requeued message
+//! back at the head (without a limit, RabbitMQ 3.10 puts it at the back, breaking order).
+//! At-least-once dead-lettering requires `x-overflow=reject-publish`
+//! (<https://www.rabbitmq.com/docs/quorum-queues#dead-lettering>).
+
+use std::num::NonZeroU16;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+use crate::config;
+
+/// The names and shapes of the bridge's exchanges and queues.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    prefix: String,
+    shards: NonZeroU16,
+    delivery_limit: NonZeroU16,
+}
+
+impl Topology {
+    /// The topology a configuration describes.
+    pub fn new(config: &config::Topology) -> Topology {
+        Topology {
+            prefix: config.prefix.clone(),
+            shards: config.shards,
+            delivery_limit: config.delivery_limit,
+        }
+    }
+
+    /// Number of shard queues.
+    pub fn shards(&self) -> NonZeroU16 {
+        self.shards
+    }
+
+    /// `<p>.inbound`: the direct exchange the ingress publishes to, keyed by shard number.
+    pub fn inbound_exchange(&self) -> String {
+        format!("{}.inbound", self.prefix)
+    }
+
+    /// `<p>.inbound.<n>`: the queue of shard `n`.
+    pub fn shard_queue(&self, shard: u16) -> String {
+        format!("{}.inbound.{shard}", self.prefix)
+    }
+
+    /// The routing key that reaches shard `n`'s queue: its number.
+    pub fn shard_routing_key(shard: u16) -> String {
+        shard.to_string()
+    }
+
+    /// `<p>.dead`: where the broker puts messages past their delivery limit.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    /// Every queue name, for tools that list or remove them.
+    pub fn queues(&self) -> Vec<String> {
+        let mut queues: Vec<String> = (0..self.shards.get())
+            .map(|n| self.shard_queue(n))
+            .collect();
+        queues.push(self.dead_queue());
+        queues
+    }
+
+    /// Declares everything; safe to repeat, and fails (with the broker's reason) if an existing
+    /// queue has different arguments rather than silently using it.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(self.dead_queue().into(), durable, quorum_args())
+            .await?;
+        let exchange = self.inbound_exchange();
+        channel
+            .exchange_declare(
+                exchange.clone().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        for shard in 0..self.shards.get() {
+            let queue = self.shard_queue(shard);
+            channel
+                .queue_declare(queue.clone().into(), durable, self.shard_args())
+                .await?;
+            channel
+                .queue_bind(
+                    queue.into(),
+                    exchange.clone().into(),
+                    Self::shard_routing_key(shard).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn shard_args(&self) -> FieldTable {
+        let mut args = quorum_args();
+        insert(
+            &mut args,
+            "x-single-active-consumer",
+            AMQPValue::Boolean(true),
+        );
+        let limit = i64::from(self.delivery_limit.get());
+        insert(&mut args, "x-delivery-limit", AMQPValue::LongLongInt(limit));
+        insert(&mut args, "x-dead-letter-exchange", text(""));
+        insert(
+            &mut args,
+            "x-dead-letter-routing-key",
+            text(&self.dead_queue()),
+        );
+        insert(&mut args, "x-dead-letter-strategy", text("at-least-once"));
+        insert(&mut args, "x-overflow", text("reject-publish"));
+        args
+    }
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    insert(&mut args, "x-queue-type", text("quorum"));
+    args
+}
+
+fn insert(args: &mut FieldTable, key: &str, value: AMQPValue) {
+    args.insert(ShortString::from(key), value);
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_derive_from_the_prefix() {
+        let config = config::Topology {
+            prefix: "acme".to_owned(),
+            shards: NonZeroU16::new(3).expect("non-zero"),
+            ..config::Topology::default()
+        };
+        let topology = Topology::new(&config);
+        assert_eq!(topology.inbound_exchange(), "acme.inbound");
+        assert_eq!(
+            topology.queues(),
+            [
+                "acme.inbound.0",
+                "acme.inbound.1",
+                "acme.inbound.2",
+                "acme.dead"
+            ]
+        );
+        assert_eq!(Topology::shard_routing_key(2), "2");
+    }
+}
