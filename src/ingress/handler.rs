@@ -100,13 +100,14 @@ async fn accept(app: &App, request: Request<Incoming>) -> Result<(), Rejection> 
     if request.method() != Method::POST {
         return Err(Rejection::Method);
     }
+    // Kept verbatim for the message; an AMQP short string holds at most 255 bytes.
     let content_type = request
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .filter(|v| app.provider.accepts_content_type(v))
-        .ok_or(Rejection::MediaType)?
-        .to_owned();
+        .and_then(|v| ShortString::try_new(v).ok())
+        .ok_or(Rejection::MediaType)?;
     let max = app.config.max_body_bytes.get();
     if declared_length(&request).is_some_and(|length| length > max) {
         return Err(Rejection::TooLarge);
@@ -115,7 +116,7 @@ async fn accept(app: &App, request: Request<Incoming>) -> Result<(), Rejection> 
     if body.is_empty() {
         return Err(Rejection::Empty);
     }
-    publish(app, &content_type, &body).await
+    publish(app, content_type, &body).await
 }
 
 fn declared_length(request: &Request<Incoming>) -> Option<usize> {
@@ -139,7 +140,7 @@ async fn read_body(body: Incoming, max: usize, app: &App) -> Result<Bytes, Rejec
     }
 }
 
-async fn publish(app: &App, content_type: &str, body: &[u8]) -> Result<(), Rejection> {
+async fn publish(app: &App, content_type: ShortString, body: &[u8]) -> Result<(), Rejection> {
     let key = app.provider.order_key(body);
     let shard = key.shard(app.topology.shards());
     let span = info_span!("publish", ipn.order_key = %key, shard, bytes = body.len());
@@ -168,7 +169,7 @@ async fn publish(app: &App, content_type: &str, body: &[u8]) -> Result<(), Rejec
 
 /// The inbound message contract: content type as received, a time-ordered message id, and our
 /// headers. The worker increments `x-ipn-attempt` each time it sends the message to a retry tier.
-fn properties(provider: &str, content_type: &str, order_key: &str) -> BasicProperties {
+fn properties(provider: &str, content_type: ShortString, order_key: &str) -> BasicProperties {
     let now = SystemTime::now();
     let mut headers = FieldTable::default();
     let mut put = |name: &str, value: AMQPValue| {
@@ -183,7 +184,7 @@ fn properties(provider: &str, content_type: &str, order_key: &str) -> BasicPrope
     put("x-ipn-provider", long_string(provider));
     let seconds = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     BasicProperties::default()
-        .with_content_type(ShortString::from(content_type))
+        .with_content_type(content_type)
         .with_message_id(ShortString::from(uuid::Uuid::now_v7().to_string()))
         .with_timestamp(seconds)
         .with_app_id(ShortString::from("ipn-ingress"))

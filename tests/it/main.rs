@@ -1,1 +1,6 @@
+//! Integration tests: one binary, against the real RabbitMQ on 127.0.0.1:5672 (management API on
+//! 15672). Each test owns a fresh vhost, removed when the test ends, so tests run in parallel
+//! and twice in a row.
 
+mod ingress;
+mod support;

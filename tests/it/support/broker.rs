@@ -1,0 +1,173 @@
+//! A private vhost on the real broker for one test, deleted on drop.
+
+use std::num::NonZeroU16;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use ipn_bridge::config::Config;
+use ipn_bridge::topology::Topology;
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+
+use super::PATIENCE;
+
+const MANAGEMENT: &str = "http://127.0.0.1:15672/api";
+pub const BROKER: &str = "127.0.0.1:5672";
+
+/// A vhost of our own on the local RabbitMQ.
+pub struct TestBroker {
+    vhost: String,
+}
+
+impl TestBroker {
+    /// Creates a fresh vhost with full permissions for guest.
+    pub async fn new() -> TestBroker {
+        let vhost = format!("it-{}", uuid::Uuid::now_v7().simple());
+        let client = reqwest::Client::new();
+        let put = |path: String, body: &'static str| {
+            client
+                .put(format!("{MANAGEMENT}{path}"))
+                .basic_auth("guest", Some("guest"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+        };
+        let created = put(format!("/vhosts/{vhost}"), "{}")
+            .await
+            .expect("management API reachable");
+        assert!(
+            created.status().is_success(),
+            "create vhost: {}",
+            created.status()
+        );
+        let granted = put(
+            format!("/permissions/{vhost}/guest"),
+            r#"{"configure":".*","write":".*","read":".*"}"#,
+        )
+        .await
+        .expect("management API reachable");
+        assert!(
+            granted.status().is_success(),
+            "permissions: {}",
+            granted.status()
+        );
+        TestBroker { vhost }
+    }
+
+    /// The AMQP URL of this vhost through `address` (the broker itself, or a proxy).
+    pub fn url_via(&self, address: &str) -> String {
+        format!("amqp://guest:guest@{address}/{}", self.vhost)
+    }
+
+    /// A config for this vhost: 4 shards, short timeouts and fast reconnects.
+    pub fn config(&self) -> Config {
+        self.config_via(BROKER)
+    }
+
+    /// Like [`TestBroker::config`], but connecting through `address`.
+    pub fn config_via(&self, address: &str) -> Config {
+        let mut config = Config::default();
+        config.amqp.url = self.url_via(address).parse().expect("valid amqp url");
+        config.amqp.reconnect_min = Duration::from_millis(50);
+        config.amqp.reconnect_max = Duration::from_millis(500);
+        config.amqp.connect_timeout = Duration::from_secs(2);
+        config.topology.shards = NonZeroU16::new(4).expect("non-zero");
+        config.ingress.confirm_timeout = Duration::from_secs(2);
+        config.ingress.listen = "127.0.0.1:0".parse().expect("address");
+        config
+    }
+
+    /// A direct channel into this vhost, for inspecting queues.
+    pub async fn channel(&self) -> Channel {
+        let connection =
+            Connection::connect(&self.url_via(BROKER), ConnectionProperties::default())
+                .await
+                .expect("broker reachable");
+        connection.create_channel().await.expect("channel")
+    }
+
+    /// Takes every message from `queue`, in order. (Quorum queues with single active consumer
+    /// refuse basic.get, so this consumes as many messages as the queue reports.)
+    pub async fn drain(&self, channel: &Channel, queue: &str) -> Vec<Delivery> {
+        let count = self.count(channel, queue).await;
+        if count == 0 {
+            return Vec::new();
+        }
+        let options = BasicConsumeOptions {
+            no_ack: true,
+            ..BasicConsumeOptions::default()
+        };
+        let mut consumer = channel
+            .basic_consume(queue.into(), "".into(), options, FieldTable::default())
+            .await
+            .expect("basic.consume");
+        let mut messages = Vec::new();
+        while messages.len() < count as usize {
+            let next = tokio::time::timeout(PATIENCE, consumer.next()).await;
+            let delivery = next
+                .expect("message in time")
+                .expect("consumer open")
+                .expect("delivery");
+            messages.push(delivery);
+        }
+        let tag = consumer.tag();
+        channel
+            .basic_cancel(tag, BasicCancelOptions::default())
+            .await
+            .expect("basic.cancel");
+        messages
+    }
+
+    /// Takes every message from every shard queue, with its shard number.
+    pub async fn drain_shards(&self, topology: &Topology) -> Vec<(u16, Delivery)> {
+        let channel = self.channel().await;
+        let mut all = Vec::new();
+        for shard in 0..topology.shards().get() {
+            for delivery in self.drain(&channel, &topology.shard_queue(shard)).await {
+                all.push((shard, delivery));
+            }
+        }
+        all
+    }
+
+    /// Messages ready in `queue` (the queue must exist).
+    pub async fn count(&self, channel: &Channel, queue: &str) -> u32 {
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let queue = channel
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await
+            .expect("queue exists");
+        queue.message_count()
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        let url = format!("{MANAGEMENT}/vhosts/{}", self.vhost);
+        // Drop cannot await, and the test's runtime may be single-threaded: delete from a thread
+        // with a runtime of its own, and wait for it so the next test starts clean.
+        let deleted = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                reqwest::Client::new()
+                    .delete(url)
+                    .basic_auth("guest", Some("guest"))
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(std::io::Error::other)
+            })
+        })
+        .join();
+        if !matches!(deleted, Ok(Ok(()))) {
+            eprintln!("could not delete test vhost {}", self.vhost);
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The ingress, run in-process exactly as the binary runs it, on a port of its own.
+
+use std::net::SocketAddr;
+
+use ipn_bridge::config::Config;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::PATIENCE;
+
+/// A running ingress; [`RunningIngress::stop`] shuts it down like SIGTERM does.
+pub struct RunningIngress {
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// `http://<address><path>`.
+    pub url: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+/// Starts `ipn_bridge::ingress::run` on 127.0.0.1:0.
+pub async fn spawn_ingress(config: Config) -> RunningIngress {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind ingress");
+    let address = listener.local_addr().expect("local addr");
+    let url = format!("http://{address}{}", config.ingress.path);
+    let (shutdown, signal) = oneshot::channel::<()>();
+    let task = tokio::spawn(ipn_bridge::ingress::run(config, listener, async {
+        // Either a send or a dropped sender means "stop".
+        let _ = signal.await;
+    }));
+    RunningIngress {
+        address,
+        url,
+        shutdown: Some(shutdown),
+        task,
+    }
+}
+
+impl RunningIngress {
+    /// `http://<address><path>` for another path on the same server.
+    pub fn path(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    /// Polls `/readyz` until it answers 200; panics after [`PATIENCE`].
+    pub async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        let url = self.path("/readyz");
+        let ready = async {
+            loop {
+                if let Ok(response) = client.get(&url).send().await
+                    && response.status() == 200
+                {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, ready)
+            .await
+            .expect("ingress became ready");
+    }
+
+    /// Reads one metric's value from `/metrics` (the first line starting with `name`).
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(self.path("/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find(|line| line.starts_with(name))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse().ok())
+    }
+
+    /// Triggers shutdown without waiting for it to finish.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+
+    /// Shuts down and waits until `run` returned; panics after [`PATIENCE`].
+    pub async fn stop(mut self) {
+        self.begin_shutdown();
+        tokio::time::timeout(PATIENCE, &mut self.task)
+            .await
+            .expect("ingress stopped in time")
+            .expect("ingress task did not panic");
+    }
+}
+
+/// POSTs `body` as a form, the way PayPal does; returns status and text.
+pub async fn post_form(url: &str, body: Vec<u8>) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .expect("ingress answers");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}

@@ -1,0 +1,113 @@
+//! A TCP proxy in front of the broker that a test can cut, pause and restore, to simulate a
+//! broker outage for real (the client sees its sockets closed or its confirms held back).
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// What the proxy does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Forward both ways.
+    Open,
+    /// Close every connection and refuse new ones (accepted, then closed at once).
+    Cut,
+    /// Keep connections, but hold everything the broker sends (confirms included).
+    HoldReplies,
+}
+
+/// A proxy to the local broker on a port of its own.
+pub struct Proxy {
+    address: String,
+    mode: watch::Sender<Mode>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts forwarding 127.0.0.1:<port> to the broker.
+    pub async fn start() -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let address = listener.local_addr().expect("local addr").to_string();
+        let (mode, _) = watch::channel(Mode::Open);
+        let task = tokio::spawn(accept(listener, mode.clone()));
+        Proxy {
+            address,
+            mode,
+            task,
+        }
+    }
+
+    /// host:port to connect to instead of the broker.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Closes every proxied connection and refuses new ones until [`Proxy::restore`].
+    pub fn cut(&self) {
+        self.mode.send_replace(Mode::Cut);
+    }
+
+    /// Holds back everything the broker sends until [`Proxy::restore`].
+    pub fn hold_replies(&self) {
+        self.mode.send_replace(Mode::HoldReplies);
+    }
+
+    /// Forwards normally again.
+    pub fn restore(&self) {
+        self.mode.send_replace(Mode::Open);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.mode.send_replace(Mode::Cut);
+        self.task.abort();
+    }
+}
+
+async fn accept(listener: TcpListener, mode: watch::Sender<Mode>) {
+    while let Ok((client, _)) = listener.accept().await {
+        if *mode.borrow() == Mode::Cut {
+            continue; // dropping `client` closes it
+        }
+        let Ok(broker) = TcpStream::connect(super::broker::BROKER).await else {
+            continue;
+        };
+        let (client_read, client_write) = client.into_split();
+        let (broker_read, broker_write) = broker.into_split();
+        tokio::spawn(pipe(client_read, broker_write, mode.subscribe(), false));
+        tokio::spawn(pipe(broker_read, client_write, mode.subscribe(), true));
+    }
+}
+
+/// Copies `from` to `to` until either closes or the proxy is cut. `replies` marks the broker to
+/// client direction, the one `HoldReplies` holds.
+async fn pipe(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut mode: watch::Receiver<Mode>,
+    replies: bool,
+) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            _ = mode.wait_for(|m| *m == Mode::Cut) => return,
+        };
+        let n = match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if replies {
+            let released = mode.wait_for(|m| *m != Mode::HoldReplies).await.map(|m| *m);
+            if !matches!(released, Ok(Mode::Open)) {
+                return;
+            }
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
