@@ -73,7 +73,7 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<ExitCode> {
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let url = url.unwrap_or_else(|| ctl::default_ingress_url(config));
             let (status, answer) = ctl::send(&url, body).await?;
-            println!("{status} {}", answer.trim_end());
+            println!("{}", format!("{status} {}", answer.trim()).trim_end());
             Ok(if (200..300).contains(&status) {
                 ExitCode::SUCCESS
             } else {
