@@ -2,5 +2,7 @@
 //! 15672). Each test owns a fresh vhost, removed when the test ends, so tests run in parallel
 //! and twice in a row.
 
+mod cli;
 mod ingress;
 mod support;
+mod topology;

@@ -56,6 +56,23 @@ impl TestBroker {
         TestBroker { vhost }
     }
 
+    /// The management API's description of `queue` in this vhost (type, arguments, ...).
+    pub async fn queue_info(&self, queue: &str) -> serde_json::Value {
+        let url = format!("{MANAGEMENT}/queues/{}/{queue}", self.vhost);
+        let response = reqwest::Client::new()
+            .get(url)
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .expect("management API reachable");
+        assert!(
+            response.status().is_success(),
+            "queue {queue}: {}",
+            response.status()
+        );
+        serde_json::from_str(&response.text().await.expect("body")).expect("queue JSON")
+    }
+
     /// The AMQP URL of this vhost through `address` (the broker itself, or a proxy).
     pub fn url_via(&self, address: &str) -> String {
         format!("amqp://guest:guest@{address}/{}", self.vhost)

@@ -1,0 +1,79 @@
+//! The binaries as an operator meets them: bad config, `ipnctl send`.
+
+use std::process::Command;
+
+use ipn_bridge::ctl;
+use ipn_bridge::topology::Topology;
+
+use crate::support::{TestBroker, sample, spawn_ingress};
+
+#[test]
+fn bad_config_stops_each_binary_with_one_line_and_exit_code_64() {
+    for binary in [
+        env!("CARGO_BIN_EXE_ipn-ingress"),
+        env!("CARGO_BIN_EXE_ipnctl"),
+    ] {
+        let output = Command::new(binary)
+            .args(
+                ["topology", "declare"]
+                    .iter()
+                    .take(if binary.ends_with("ipnctl") { 2 } else { 0 }),
+            )
+            .env("IPN_TOPOLOGY__SHARDS", "0")
+            .output()
+            .expect("binary runs");
+        assert_eq!(output.status.code(), Some(64), "{binary}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("topology.shards"), "{stderr}");
+    }
+}
+
+#[test]
+fn a_config_file_that_does_not_exist_is_a_config_error() {
+    let output = Command::new(env!("CARGO_BIN_EXE_ipn-ingress"))
+        .args(["--config", "/nonexistent/ipn.toml"])
+        .output()
+        .expect("binary runs");
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/ipn.toml"));
+}
+
+#[tokio::test]
+async fn ipnctl_send_posts_like_paypal_and_the_ipn_is_queued() {
+    let broker = TestBroker::new().await;
+    let config = broker.config();
+    let topology = Topology::new(&config.topology);
+    let ingress = spawn_ingress(config).await;
+    ingress.wait_ready().await;
+    let body = sample("013_subscr_payment.txt");
+    let (status, answer) = ctl::send(&ingress.url, body.clone()).await.expect("sent");
+    assert_eq!((status, answer.as_str()), (200, ""));
+    let queued = broker.drain_shards(&topology).await;
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].1.data, body);
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn the_ipnctl_binary_sends_a_file_and_prints_the_status() {
+    let broker = TestBroker::new().await;
+    let ingress = spawn_ingress(broker.config()).await;
+    ingress.wait_ready().await;
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/samples/001_web_accept.txt"
+    );
+    let url = ingress.url.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_ipnctl"))
+            .args(["send", file, "--url", &url])
+            .output()
+            .expect("ipnctl runs")
+    })
+    .await
+    .expect("joined");
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "200\n");
+    ingress.stop().await;
+}
