@@ -61,6 +61,8 @@ struct Phase {
     failed: u64,
     elapsed: Duration,
     latency: Histogram<u64>,
+    /// CPU microseconds per confirmed message: broker, ingress, this process (load generator).
+    cpu: [f64; 3],
 }
 
 impl Phase {
@@ -74,14 +76,17 @@ impl Phase {
 
     fn row(&self) -> String {
         format!(
-            "| {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} / {:.0} / {:.0} |",
             self.name,
             self.rate(),
             self.ok,
             self.failed,
             self.ms(0.5),
             self.ms(0.99),
-            self.ms(0.999)
+            self.ms(0.999),
+            self.cpu[0],
+            self.cpu[1],
+            self.cpu[2]
         )
     }
 }
@@ -143,12 +148,15 @@ async fn run(
     connection: &Connection,
 ) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds);
-    let raw = raw_publisher(args, config, topology, bodies, connection, duration).await?;
+    let meter = CpuMeter::start(None);
+    let mut raw = raw_publisher(args, config, topology, bodies, connection, duration).await?;
+    raw.cpu = meter.per_message(raw.ok);
     read_back(connection, topology).await?;
     let accepted = Arc::new(Mutex::new(HashSet::new()));
     let mut ingress = IngressProcess::start(config, topology).await?;
     let rss_rest = ingress.rss_kib();
-    let full = http_phase(
+    let meter = CpuMeter::start(Some(ingress.child.id()));
+    let mut full = http_phase(
         "ingress",
         args.concurrency,
         None,
@@ -158,11 +166,13 @@ async fn run(
         duration,
     )
     .await?;
+    full.cpu = meter.per_message(full.ok);
     let rss_load = ingress.rss_kib();
     // Each phase starts with empty queues: check this one's messages now.
     let mut missing = missing_from_queues(connection, topology, &accepted).await?;
     let half = full.rate() / 2.0;
-    let paced = http_phase(
+    let meter = CpuMeter::start(Some(ingress.child.id()));
+    let mut paced = http_phase(
         "ingress at half rate",
         args.concurrency,
         Some(half),
@@ -172,6 +182,7 @@ async fn run(
         duration,
     )
     .await?;
+    paced.cpu = meter.per_message(paced.ok);
     ingress.stop()?;
     missing += missing_from_queues(connection, topology, &accepted).await?;
 
@@ -183,7 +194,7 @@ async fn run(
         args.shards
     );
     println!(
-        "| phase | msg/s | ok | failed | p50 ms | p99 ms | p99.9 ms |\n|---|---|---|---|---|---|---|"
+        "| phase | msg/s | ok | failed | p50 ms | p99 ms | p99.9 ms | CPU µs/msg broker / ingress / load |\n|---|---|---|---|---|---|---|---|"
     );
     for phase in [&raw, &full, &paced] {
         println!("{}", phase.row());
@@ -416,6 +427,7 @@ impl HttpWorker {
         &self,
     ) -> Option<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>> {
         let stream = tokio::net::TcpStream::connect(&self.address).await.ok()?;
+        stream.set_nodelay(true).ok()?;
         let io = hyper_util::rt::TokioIo::new(stream);
         let (sender, connection) = hyper::client::conn::http1::handshake(io).await.ok()?;
         tokio::spawn(connection);
@@ -443,6 +455,7 @@ async fn collect(
         failed: 0,
         elapsed: Duration::ZERO,
         latency: histogram(),
+        cpu: [0.0; 3],
     };
     for task in tasks {
         let (ok, failed, latency) = task.await?;
@@ -594,4 +607,50 @@ async fn cleanup(connection: &Connection, topology: &Topology) -> anyhow::Result
 
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// CPU time used by the broker, the ingress and this process over one phase.
+struct CpuMeter {
+    pids: [Option<u32>; 3],
+    start: [f64; 3],
+}
+
+impl CpuMeter {
+    fn start(ingress: Option<u32>) -> CpuMeter {
+        let pids = [broker_pid(), ingress, Some(std::process::id())];
+        CpuMeter {
+            pids,
+            start: pids.map(cpu_seconds),
+        }
+    }
+
+    fn per_message(&self, messages: u64) -> [f64; 3] {
+        let end = self.pids.map(cpu_seconds);
+        std::array::from_fn(|i| (end[i] - self.start[i]) * 1e6 / messages.max(1) as f64)
+    }
+}
+
+/// The local RabbitMQ's Erlang VM, if it runs on this machine.
+fn broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            (comm.trim() == "beam.smp").then_some(pid)
+        })
+}
+
+/// utime + stime of a process, in seconds (clock ticks of 1/100 s, Linux's USER_HZ).
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let read = || -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
+    };
+    read().unwrap_or(0.0)
 }

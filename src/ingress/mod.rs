@@ -90,6 +90,10 @@ async fn accept_until(
                 continue;
             }
         };
+        // Answers are small single writes: don't let Nagle hold them behind a delayed ACK.
+        if let Err(error) = stream.set_nodelay(true) {
+            debug!(%peer, %error, "cannot set TCP_NODELAY");
+        }
         let app = Arc::clone(app);
         let service = service_fn(move |request| handler::handle(Arc::clone(&app), request));
         let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
