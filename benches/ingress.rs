@@ -152,6 +152,9 @@ async fn run(
     let mut raw = raw_publisher(args, config, topology, bodies, connection, duration).await?;
     raw.cpu = meter.per_message(raw.ok);
     read_back(connection, topology).await?;
+    // Emptying the queues leaves the broker compacting its log for a few seconds; let that
+    // finish so it does not land in the ingress's latency figures.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let accepted = Arc::new(Mutex::new(HashSet::new()));
     let mut ingress = IngressProcess::start(config, topology).await?;
     let rss_rest = ingress.rss_kib();
@@ -168,8 +171,9 @@ async fn run(
     .await?;
     full.cpu = meter.per_message(full.ok);
     let rss_load = ingress.rss_kib();
-    // Each phase starts with empty queues: check this one's messages now.
+    // Check this phase's messages now, so the next one starts with empty, settled queues.
     let mut missing = missing_from_queues(connection, topology, &accepted).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let half = full.rate() / 2.0;
     let meter = CpuMeter::start(Some(ingress.child.id()));
     let mut paced = http_phase(
