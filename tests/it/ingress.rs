@@ -11,7 +11,9 @@ use lapin::types::AMQPValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{PATIENCE, Proxy, TestBroker, post_form, sample, samples, spawn_ingress};
+use crate::support::{
+    DiskAlarm, PATIENCE, Proxy, TestBroker, post_form, sample, samples, spawn_ingress,
+};
 
 fn header<'a>(delivery: &'a lapin::message::Delivery, name: &str) -> Option<&'a AMQPValue> {
     delivery.properties.headers().as_ref()?.inner().get(name)
@@ -434,5 +436,61 @@ async fn health_and_metrics_describe_the_server() {
         Some(1.0)
     );
     assert_eq!(ingress.metric("ipn_ingress_in_flight").await, Some(0.0));
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn ingress_answers_503_at_once_while_a_resource_alarm_blocks_publishing() {
+    let broker = TestBroker::exclusive().await;
+    let config = broker.config();
+    let confirm_timeout = config.ingress.confirm_timeout;
+    let ingress = spawn_ingress(config).await;
+    ingress.wait_ready().await;
+    assert_eq!(
+        post_form(&ingress.url, sample("001_web_accept.txt"))
+            .await
+            .0,
+        200
+    );
+
+    let alarm = DiskAlarm::raise();
+    // RabbitMQ blocks (and tells) a connection when it next publishes during the alarm, so the
+    // first IPN can only find out by its confirm timing out: 503 either way, never 200.
+    let (status, _) = post_form(&ingress.url, sample("003_cart.txt")).await;
+    assert_eq!(status, 503);
+    let blocked = async {
+        loop {
+            let readiness = reqwest::get(ingress.path("/readyz"))
+                .await
+                .expect("readyz answers");
+            if readiness.text().await.expect("text").trim() == "broker blocked publishing" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, blocked)
+        .await
+        .expect("readyz reports the block");
+    // From then on, every IPN is refused at once instead of waiting for the timeout.
+    let started = Instant::now();
+    let (status, reason) = post_form(&ingress.url, sample("004_reversed.txt")).await;
+    assert_eq!(
+        (status, reason.trim()),
+        (503, "broker blocked publishing (resource alarm)")
+    );
+    assert!(
+        started.elapsed() < confirm_timeout,
+        "answered without waiting for a confirm"
+    );
+
+    drop(alarm);
+    ingress.wait_ready().await;
+    assert_eq!(
+        post_form(&ingress.url, sample("042_send_money.txt"))
+            .await
+            .0,
+        200
+    );
     ingress.stop().await;
 }

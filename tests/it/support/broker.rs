@@ -16,14 +16,36 @@ use super::PATIENCE;
 const MANAGEMENT: &str = "http://127.0.0.1:15672/api";
 pub const BROKER: &str = "127.0.0.1:5672";
 
+/// Tests share one broker; a test that changes it for everyone (a resource alarm) takes this
+/// exclusively, all others share it.
+static BROKER_WIDE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Why this test may use the broker now.
+#[allow(dead_code)] // held for its Drop only
+enum Turn {
+    Shared(tokio::sync::RwLockReadGuard<'static, ()>),
+    Exclusive(tokio::sync::RwLockWriteGuard<'static, ()>),
+}
+
 /// A vhost of our own on the local RabbitMQ.
 pub struct TestBroker {
     vhost: String,
+    _turn: Turn,
 }
 
 impl TestBroker {
     /// Creates a fresh vhost with full permissions for guest.
     pub async fn new() -> TestBroker {
+        Self::create(Turn::Shared(BROKER_WIDE.read().await)).await
+    }
+
+    /// Like [`TestBroker::new`], but no other test uses the broker until this one is dropped:
+    /// for tests that change broker-wide state.
+    pub async fn exclusive() -> TestBroker {
+        Self::create(Turn::Exclusive(BROKER_WIDE.write().await)).await
+    }
+
+    async fn create(turn: Turn) -> TestBroker {
         let vhost = format!("it-{}", uuid::Uuid::now_v7().simple());
         let client = reqwest::Client::new();
         let put = |path: String, body: &'static str| {
@@ -53,7 +75,7 @@ impl TestBroker {
             "permissions: {}",
             granted.status()
         );
-        TestBroker { vhost }
+        TestBroker { vhost, _turn: turn }
     }
 
     /// The management API's description of `queue` in this vhost (type, arguments, ...).
@@ -187,4 +209,36 @@ impl Drop for TestBroker {
             eprintln!("could not delete test vhost {}", self.vhost);
         }
     }
+}
+
+/// A disk alarm on the whole broker, cleared (to the previous limit) when dropped, even if the
+/// test panics. RabbitMQ then blocks every publishing connection.
+pub struct DiskAlarm {
+    previous_limit: String,
+}
+
+impl DiskAlarm {
+    /// Raises the disk free limit far above the free space.
+    pub fn raise() -> DiskAlarm {
+        let previous_limit = rabbitmqctl(&["eval", "rabbit_disk_monitor:get_disk_free_limit()."]);
+        rabbitmqctl(&["set_disk_free_limit", "1000000GB"]);
+        DiskAlarm {
+            previous_limit: previous_limit.trim().to_owned(),
+        }
+    }
+}
+
+impl Drop for DiskAlarm {
+    fn drop(&mut self) {
+        rabbitmqctl(&["set_disk_free_limit", &self.previous_limit]);
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(output.status.success(), "rabbitmqctl {args:?}: {output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }

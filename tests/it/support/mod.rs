@@ -4,7 +4,7 @@ pub mod broker;
 pub mod ingress;
 pub mod proxy;
 
-pub use broker::TestBroker;
+pub use broker::{DiskAlarm, TestBroker};
 pub use ingress::{post_form, spawn_ingress};
 pub use proxy::Proxy;
 
