@@ -35,6 +35,9 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
+#[path = "../tests/samples.rs"]
+mod samples_dir;
+
 #[derive(Parser, Debug, Clone)]
 struct Args {
     /// Requests (or publishes) in flight at once.
@@ -97,15 +100,12 @@ struct Bodies {
 }
 
 impl Bodies {
-    fn load() -> anyhow::Result<Bodies> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/samples");
-        let mut paths: Vec<_> = std::fs::read_dir(&dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+    fn load() -> Bodies {
+        let samples = samples_dir::samples()
+            .into_iter()
+            .map(|(_, body)| body)
             .collect();
-        paths.sort();
-        let samples = paths.iter().map(std::fs::read).collect::<Result<_, _>>()?;
-        Ok(Bodies { samples })
+        Bodies { samples }
     }
 
     fn get(&self, seq: u64) -> Vec<u8> {
@@ -129,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
     config.topology.prefix = prefix.clone();
     config.topology.shards = std::num::NonZeroU16::new(args.shards).context("shards > 0")?;
     let topology = Topology::new(&config.topology);
-    let bodies = Arc::new(Bodies::load()?);
+    let bodies = Arc::new(Bodies::load());
     let connection = Connection::connect(&args.amqp, ConnectionProperties::default()).await?;
     topology
         .declare(&connection.create_channel().await?)

@@ -264,6 +264,18 @@ impl Config {
         Config::load(text.as_deref(), &env)
     }
 
+    /// For binaries: loads from the process, or prints `<program>: <the one-line problem>` to
+    /// stderr and gives exit code 64 (EX_CONFIG) to return from `main`.
+    pub fn for_binary(
+        program: &str,
+        path: Option<&std::path::Path>,
+    ) -> Result<Config, std::process::ExitCode> {
+        Config::from_process(path).map_err(|error| {
+            eprintln!("{program}: {error}");
+            std::process::ExitCode::from(64)
+        })
+    }
+
     fn validate(&self) -> Result<(), Error> {
         let invalid = |key: &str, problem: &str| Error::Invalid {
             key: key.to_owned(),

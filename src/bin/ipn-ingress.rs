@@ -24,12 +24,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match Config::from_process(args.config.as_deref()) {
+    let config = match Config::for_binary("ipn-ingress", args.config.as_deref()) {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("ipn-ingress: {error}");
-            return ExitCode::from(64);
-        }
+        Err(code) => return code,
     };
     telemetry::init(config.telemetry.format);
     match serve(config).await {

@@ -44,12 +44,9 @@ enum TopologyAction {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match Config::from_process(args.config.as_deref()) {
+    let config = match Config::for_binary("ipnctl", args.config.as_deref()) {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("ipnctl: {error}");
-            return ExitCode::from(64);
-        }
+        Err(code) => return code,
     };
     match run(args.command, &config).await {
         Ok(code) => code,

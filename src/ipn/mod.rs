@@ -80,31 +80,15 @@ impl Provider for PayPal {
     }
 }
 
+/// The sample bodies in tests/samples/, loaded the same way the integration tests load them.
+#[cfg(test)]
+#[path = "../../tests/samples.rs"]
+mod samples_dir;
+
 #[cfg(test)]
 mod tests {
+    use super::samples_dir::{sample, samples};
     use super::*;
-    use std::path::PathBuf;
-
-    fn samples() -> Vec<(String, Vec<u8>)> {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/samples");
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .expect("tests/samples exists")
-            .map(|entry| entry.expect("readable dir entry").path())
-            .filter(|path| path.extension().is_some_and(|ext| ext == "txt"))
-            .collect();
-        files.sort();
-        files
-            .into_iter()
-            .map(|path| {
-                let name = path
-                    .file_name()
-                    .expect("a file")
-                    .to_string_lossy()
-                    .into_owned();
-                (name, std::fs::read(&path).expect("readable sample"))
-            })
-            .collect()
-    }
 
     /// The order key of every sample, as listed in tests/samples/README.md.
     const EXPECTED_KEYS: [(&str, &str); 26] = [
@@ -178,13 +162,7 @@ mod tests {
 
     #[test]
     fn sample_names_decode_in_their_own_charset() {
-        let read = |name: &str| {
-            let (_, body) = samples()
-                .into_iter()
-                .find(|(n, _)| n == name)
-                .expect("sample");
-            Form::parse(&body)
-        };
+        let read = |name: &str| Form::parse(&sample(name));
         assert_eq!(
             read("001_web_accept.txt").text("last_name").as_deref(),
             Some("Müller")

@@ -3,9 +3,8 @@
 use std::process::Command;
 
 use ipn_bridge::ctl;
-use ipn_bridge::topology::Topology;
 
-use crate::support::{TestBroker, sample, spawn_ingress};
+use crate::support::{TestBroker, ready_ingress, sample};
 
 #[test]
 fn bad_config_stops_each_binary_with_one_line_and_exit_code_64() {
@@ -42,10 +41,7 @@ fn a_config_file_that_does_not_exist_is_a_config_error() {
 #[tokio::test]
 async fn ipnctl_send_posts_like_paypal_and_the_ipn_is_queued() {
     let broker = TestBroker::new().await;
-    let config = broker.config();
-    let topology = Topology::new(&config.topology);
-    let ingress = spawn_ingress(config).await;
-    ingress.wait_ready().await;
+    let (topology, ingress) = ready_ingress(broker.config()).await;
     let body = sample("013_subscr_payment.txt");
     let (status, answer) = ctl::send(&ingress.url, body.clone()).await.expect("sent");
     assert_eq!((status, answer.as_str()), (200, ""));
@@ -58,8 +54,7 @@ async fn ipnctl_send_posts_like_paypal_and_the_ipn_is_queued() {
 #[tokio::test]
 async fn the_ipnctl_binary_sends_a_file_and_prints_the_status() {
     let broker = TestBroker::new().await;
-    let ingress = spawn_ingress(broker.config()).await;
-    ingress.wait_ready().await;
+    let (_, ingress) = ready_ingress(broker.config()).await;
     let file = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/samples/001_web_accept.txt"

@@ -5,14 +5,14 @@ use std::time::{Duration, Instant};
 
 use ipn_bridge::ipn::PayPal;
 use ipn_bridge::provider::Provider;
-use ipn_bridge::topology::Topology;
 use lapin::options::QueueDeleteOptions;
 use lapin::types::AMQPValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::{
-    DiskAlarm, PATIENCE, Proxy, TestBroker, post_form, sample, samples, spawn_ingress,
+    DiskAlarm, PATIENCE, Proxy, TestBroker, post_form, ready_ingress, sample, samples,
+    spawn_ingress,
 };
 
 fn header<'a>(delivery: &'a lapin::message::Delivery, name: &str) -> Option<&'a AMQPValue> {
@@ -31,10 +31,7 @@ fn header_text(delivery: &lapin::message::Delivery, name: &str) -> String {
 #[tokio::test]
 async fn every_sample_arrives_in_its_shard_queue_byte_for_byte_with_its_headers() {
     let broker = TestBroker::new().await;
-    let config = broker.config();
-    let topology = Topology::new(&config.topology);
-    let ingress = spawn_ingress(config).await;
-    ingress.wait_ready().await;
+    let (topology, ingress) = ready_ingress(broker.config()).await;
 
     let samples = samples();
     assert_eq!(samples.len(), 26);
@@ -101,9 +98,7 @@ async fn ingress_answers_503_within_the_confirm_timeout_while_the_broker_is_cut_
     let proxy = Proxy::start().await;
     let config = broker.config_via(proxy.address());
     let confirm_timeout = config.ingress.confirm_timeout;
-    let topology = Topology::new(&config.topology);
-    let ingress = spawn_ingress(config).await;
-    ingress.wait_ready().await;
+    let (topology, ingress) = ready_ingress(config).await;
     let body = sample("001_web_accept.txt");
     assert_eq!(post_form(&ingress.url, body.clone()).await.0, 200);
 
@@ -126,12 +121,7 @@ async fn ingress_answers_503_within_the_confirm_timeout_while_the_broker_is_cut_
     let later = sample("042_send_money.txt");
     assert_eq!(post_form(&ingress.url, later.clone()).await.0, 200);
 
-    let queued: Vec<Vec<u8>> = broker
-        .drain_shards(&topology)
-        .await
-        .into_iter()
-        .map(|(_, d)| d.data)
-        .collect();
+    let queued = broker.queued_bodies(&topology).await;
     assert!(
         queued.contains(&body) && queued.contains(&later),
         "both 200s are queued"
@@ -167,10 +157,7 @@ async fn ingress_answers_503_at_once_when_no_broker_listens() {
 #[tokio::test]
 async fn a_message_that_cannot_be_routed_gets_503_not_200() {
     let broker = TestBroker::new().await;
-    let config = broker.config();
-    let topology = Topology::new(&config.topology);
-    let ingress = spawn_ingress(config).await;
-    ingress.wait_ready().await;
+    let (topology, ingress) = ready_ingress(broker.config()).await;
     let body = sample("012_subscr_signup.txt");
     let shard = PayPal.order_key(&body).shard(topology.shards());
     let channel = broker.channel().await;
@@ -230,9 +217,7 @@ async fn bad_input_gets_its_status_and_publishes_nothing() {
     config.ingress.max_body_bytes = std::num::NonZeroUsize::new(1024).expect("non-zero");
     config.ingress.body_read_timeout = Duration::from_millis(500);
     config.ingress.header_read_timeout = Duration::from_millis(500);
-    let topology = Topology::new(&config.topology);
-    let ingress = spawn_ingress(config).await;
-    ingress.wait_ready().await;
+    let (topology, ingress) = ready_ingress(config).await;
     let client = reqwest::Client::new();
     let form = "application/x-www-form-urlencoded";
     let body = sample("001_web_accept.txt");
@@ -342,9 +327,7 @@ async fn shutdown_lets_requests_in_flight_finish_with_their_confirms() {
     let proxy = Proxy::start().await;
     let mut config = broker.config_via(proxy.address());
     config.ingress.confirm_timeout = Duration::from_secs(8);
-    let topology = Topology::new(&config.topology);
-    let mut ingress = spawn_ingress(config).await;
-    ingress.wait_ready().await;
+    let (topology, mut ingress) = ready_ingress(config).await;
 
     // Hold the broker's confirms so every request is provably in flight when shutdown begins.
     proxy.hold_replies();
@@ -378,12 +361,7 @@ async fn shutdown_lets_requests_in_flight_finish_with_their_confirms() {
     }
     ingress.stop().await;
 
-    let queued: Vec<Vec<u8>> = broker
-        .drain_shards(&topology)
-        .await
-        .into_iter()
-        .map(|(_, d)| d.data)
-        .collect();
+    let queued = broker.queued_bodies(&topology).await;
     for (body, status) in bodies.iter().zip(&answered) {
         assert!(*status == 200 || *status == 503, "{status}");
         if *status == 200 {
@@ -403,8 +381,7 @@ async fn post_form_owned(url: String, body: Vec<u8>) -> u16 {
 #[tokio::test]
 async fn health_and_metrics_describe_the_server() {
     let broker = TestBroker::new().await;
-    let ingress = spawn_ingress(broker.config()).await;
-    ingress.wait_ready().await;
+    let (_, ingress) = ready_ingress(broker.config()).await;
     assert_eq!(
         post_form(&ingress.url, sample("001_web_accept.txt"))
             .await
@@ -444,8 +421,7 @@ async fn ingress_answers_503_at_once_while_a_resource_alarm_blocks_publishing() 
     let broker = TestBroker::exclusive().await;
     let config = broker.config();
     let confirm_timeout = config.ingress.confirm_timeout;
-    let ingress = spawn_ingress(config).await;
-    ingress.wait_ready().await;
+    let (_, ingress) = ready_ingress(config).await;
     assert_eq!(
         post_form(&ingress.url, sample("001_web_accept.txt"))
             .await

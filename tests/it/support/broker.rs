@@ -171,6 +171,15 @@ impl TestBroker {
         all
     }
 
+    /// Takes every message from every shard queue; returns their bodies.
+    pub async fn queued_bodies(&self, topology: &Topology) -> Vec<Vec<u8>> {
+        let drained = self.drain_shards(topology).await;
+        drained
+            .into_iter()
+            .map(|(_, delivery)| delivery.data)
+            .collect()
+    }
+
     /// Messages ready in `queue` (the queue must exist).
     pub async fn count(&self, channel: &Channel, queue: &str) -> u32 {
         let options = QueueDeclareOptions {

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 
 use ipn_bridge::config::Config;
+use ipn_bridge::topology::Topology;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -37,6 +38,14 @@ pub async fn spawn_ingress(config: Config) -> RunningIngress {
         shutdown: Some(shutdown),
         task,
     }
+}
+
+/// Starts the ingress and waits until it is ready; also returns the topology it publishes to.
+pub async fn ready_ingress(config: Config) -> (Topology, RunningIngress) {
+    let topology = Topology::new(&config.topology);
+    let ingress = spawn_ingress(config).await;
+    ingress.wait_ready().await;
+    (topology, ingress)
 }
 
 impl RunningIngress {
