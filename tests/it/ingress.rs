@@ -181,6 +181,40 @@ async fn a_message_that_cannot_be_routed_gets_503_not_200() {
     ingress.stop().await;
 }
 
+#[tokio::test]
+async fn a_message_the_broker_nacks_gets_503_not_200() {
+    let broker = TestBroker::new().await;
+    let (topology, ingress) = ready_ingress(broker.config()).await;
+    // A full queue with `x-overflow=reject-publish` makes the broker nack every publish.
+    let full = serde_json::json!({ "max-length": 0 });
+    broker
+        .set_queue_policy("full", "^ipn\\.inbound\\.", full)
+        .await;
+    let mut stored = 0;
+    let refused = async {
+        loop {
+            let (status, reason) = post_form(&ingress.url, sample("001_web_accept.txt")).await;
+            if status != 200 {
+                return (status, reason);
+            }
+            stored += 1;
+            // The policy takes a moment to reach the queues; until then the IPN is stored.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (status, reason) = tokio::time::timeout(PATIENCE, refused)
+        .await
+        .expect("policy applied");
+    assert_eq!((status, reason.trim()), (503, "broker refused the message"));
+    let channel = broker.channel().await;
+    let shard = PayPal
+        .order_key(&sample("001_web_accept.txt"))
+        .shard(topology.shards());
+    let queued = broker.count(&channel, &topology.shard_queue(shard)).await;
+    assert_eq!(queued, stored, "only the IPNs answered 200 are stored");
+    ingress.stop().await;
+}
+
 /// Sends raw bytes and returns what the server answered before closing (or the first
 /// response, whichever comes first).
 async fn raw_exchange(address: std::net::SocketAddr, request: &[u8]) -> String {
@@ -350,7 +384,7 @@ async fn shutdown_lets_requests_in_flight_finish_with_their_confirms() {
         .expect("10 requests in flight");
     assert!(
         requests.iter().all(|r| !r.is_finished()),
-        "no answer before the confirm"
+        "no answer while the broker is silent"
     );
 
     ingress.begin_shutdown();

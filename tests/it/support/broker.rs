@@ -78,6 +78,25 @@ impl TestBroker {
         TestBroker { vhost, _turn: turn }
     }
 
+    /// Applies a policy to the queues of this vhost whose names match `pattern`.
+    pub async fn set_queue_policy(&self, name: &str, pattern: &str, definition: serde_json::Value) {
+        let url = format!("{MANAGEMENT}/policies/{}/{name}", self.vhost);
+        let body = serde_json::json!({ "pattern": pattern, "definition": definition, "apply-to": "queues" });
+        let response = reqwest::Client::new()
+            .put(url)
+            .basic_auth("guest", Some("guest"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("management API reachable");
+        assert!(
+            response.status().is_success(),
+            "policy {name}: {}",
+            response.status()
+        );
+    }
+
     /// The management API's description of `queue` in this vhost (type, arguments, ...).
     pub async fn queue_info(&self, queue: &str) -> serde_json::Value {
         let url = format!("{MANAGEMENT}/queues/{}/{queue}", self.vhost);
