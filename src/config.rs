@@ -96,6 +96,7 @@ impl Default for Amqp {
 #[serde(default, deny_unknown_fields)]
 pub struct Topology {
     /// Prefix of every exchange and queue name.
+    #[serde(deserialize_with = "text_or_number")]
     pub prefix: String,
     /// Number of shard queues. Fixed per deployment: changing it is a drained migration.
     pub shards: NonZeroU16,
@@ -331,6 +332,20 @@ fn overlay(table: &mut toml::Table, name: &str, path: &str, value: &str) -> Resu
     Ok(())
 }
 
+/// Environment values that look like numbers arrive as numbers; a text key takes them as text.
+fn text_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        Text(String),
+        Number(i64),
+    }
+    Ok(match Text::deserialize(deserializer)? {
+        Text::Text(text) => text,
+        Text::Number(number) => number.to_string(),
+    })
+}
+
 fn env_value(value: &str) -> toml::Value {
     if let Ok(n) = value.parse::<i64>() {
         toml::Value::Integer(n)
@@ -405,6 +420,12 @@ mod tests {
         assert!(err.to_string().contains("amqp.url"), "{err}");
         let err = Config::load(None, &env(&[("IPN_INGRESS__PATH", "ipn")])).unwrap_err();
         assert!(err.to_string().contains("ingress.path"), "{err}");
+    }
+
+    #[test]
+    fn a_numeric_prefix_from_the_environment_stays_text() {
+        let config = Config::load(None, &env(&[("IPN_TOPOLOGY__PREFIX", "2024")])).expect("loads");
+        assert_eq!(config.topology.prefix, "2024");
     }
 
     #[test]
