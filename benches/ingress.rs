@@ -120,7 +120,9 @@ fn seq_of(body: &[u8]) -> Option<u64> {
     std::str::from_utf8(&body[at + 11..]).ok()?.parse().ok()
 }
 
-#[tokio::main]
+// One thread for the load generator: it shares the two cores with the broker and the ingress,
+// and should take as little of them as it can.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let prefix = format!("bench-{}", uuid::Uuid::now_v7().simple());
