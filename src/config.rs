@@ -55,8 +55,57 @@ pub struct Config {
     pub topology: Topology,
     /// The HTTP intake.
     pub ingress: Ingress,
+    /// PayPal verification.
+    pub paypal: Paypal,
     /// Logs.
     pub telemetry: Telemetry,
+}
+
+/// Which PayPal environment verifies IPNs, and how.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Paypal {
+    /// `live` or `sandbox`: picks the postback URL (and, later, the `test_ipn` policy).
+    pub environment: Environment,
+    /// Overrides the environment's postback URL (tests, local demos with `ipnctl fake-paypal`).
+    pub verify_url: Option<url::Url>,
+    /// One postback gives up after this long (connect included); the outcome is then transient.
+    #[serde(with = "humantime_serde")]
+    pub verify_timeout: Duration,
+}
+
+impl Default for Paypal {
+    fn default() -> Self {
+        Self {
+            environment: Environment::Live,
+            verify_url: None,
+            verify_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A PayPal environment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    /// Real money: `https://ipnpb.paypal.com/cgi-bin/webscr`.
+    #[default]
+    Live,
+    /// The sandbox: `https://ipnpb.sandbox.paypal.com/cgi-bin/webscr`.
+    Sandbox,
+}
+
+impl Paypal {
+    /// The URL postbacks go to: the override, or the environment's own.
+    pub fn postback_url(&self) -> url::Url {
+        let fallback = match self.environment {
+            Environment::Live => "https://ipnpb.paypal.com/cgi-bin/webscr",
+            Environment::Sandbox => "https://ipnpb.sandbox.paypal.com/cgi-bin/webscr",
+        };
+        self.verify_url.clone().unwrap_or_else(|| {
+            url::Url::parse(fallback).unwrap_or_else(|_| unreachable!("constant URLs parse"))
+        })
+    }
 }
 
 /// Broker connection settings.
@@ -420,6 +469,32 @@ mod tests {
         assert!(err.to_string().contains("amqp.url"), "{err}");
         let err = Config::load(None, &env(&[("IPN_INGRESS__PATH", "ipn")])).unwrap_err();
         assert!(err.to_string().contains("ingress.path"), "{err}");
+    }
+
+    #[test]
+    fn the_postback_url_follows_the_environment_unless_overridden() {
+        let live = Config::load(None, &env(&[])).expect("loads");
+        assert_eq!(
+            live.paypal.postback_url().as_str(),
+            "https://ipnpb.paypal.com/cgi-bin/webscr"
+        );
+        let sandbox =
+            Config::load(None, &env(&[("IPN_PAYPAL__ENVIRONMENT", "sandbox")])).expect("loads");
+        assert_eq!(
+            sandbox.paypal.postback_url().as_str(),
+            "https://ipnpb.sandbox.paypal.com/cgi-bin/webscr"
+        );
+        let local = env(&[(
+            "IPN_PAYPAL__VERIFY_URL",
+            "http://127.0.0.1:9090/cgi-bin/webscr",
+        )]);
+        let local = Config::load(None, &local).expect("loads");
+        assert_eq!(
+            local.paypal.postback_url().as_str(),
+            "http://127.0.0.1:9090/cgi-bin/webscr"
+        );
+        let err = Config::load(None, &env(&[("IPN_PAYPAL__ENVIRONMENT", "staging")])).unwrap_err();
+        assert!(err.to_string().contains("paypal.environment"), "{err}");
     }
 
     #[test]

@@ -59,3 +59,22 @@ pub async fn send(url: &str, body: Vec<u8>) -> anyhow::Result<(u16, String)> {
     let text = response.text().await.unwrap_or_default();
     Ok((status, text))
 }
+
+/// Runs a fake PayPal postback endpoint on `listen` until SIGINT/SIGTERM.
+pub async fn fake_paypal(
+    listen: std::net::SocketAddr,
+    answer: crate::fake_paypal::Answer,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let fake = crate::fake_paypal::FakePaypal::start(listener, answer)?;
+    println!("fake PayPal answering {answer:?} at {}", fake.url());
+    println!(
+        "point the worker at it: IPN_PAYPAL__VERIFY_URL={}",
+        fake.url()
+    );
+    crate::shutdown::signal().await;
+    fake.stop().await;
+    Ok(())
+}

@@ -6,6 +6,8 @@
 //! - [`topology`]: every exchange and queue name, and their declaration.
 //! - [`amqp`]: connections and the self-healing confirm-mode publisher.
 //! - [`ingress`]: the HTTP server that answers 200 only after the broker confirmed.
+//! - [`verify`]: PayPal's postback, `cmd=_notify-validate&` + the exact bytes.
+//! - [`fake_paypal`]: a fake postback endpoint for tests and local demos.
 //! - [`ctl`]: what `ipnctl` does.
 //! - [`telemetry`], [`shutdown`]: logs and signals for the binaries.
 #![forbid(unsafe_code)]
@@ -13,9 +15,11 @@
 pub mod amqp;
 pub mod config;
 pub mod ctl;
+pub mod fake_paypal;
 pub mod ingress;
 pub mod ipn;
 pub mod provider;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;
+pub mod verify;

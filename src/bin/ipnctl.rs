@@ -33,6 +33,15 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Run a fake PayPal postback endpoint (for local demos and tests) until Ctrl-C.
+    FakePaypal {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: std::net::SocketAddr,
+        /// verified, invalid, 500, garbage, silent or slow:<duration>.
+        #[arg(long, default_value = "verified")]
+        answer: ipn_bridge::fake_paypal::Answer,
+    },
 }
 
 #[derive(Subcommand)]
@@ -63,6 +72,10 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<ExitCode> {
             action: TopologyAction::Declare,
         } => {
             println!("{}", ctl::declare_topology(config).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::FakePaypal { listen, answer } => {
+            ctl::fake_paypal(listen, answer).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Send { file, url } => {

@@ -6,3 +6,4 @@ mod cli;
 mod ingress;
 mod support;
 mod topology;
+mod verify;
