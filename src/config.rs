@@ -57,8 +57,101 @@ pub struct Config {
     pub ingress: Ingress,
     /// PayPal verification.
     pub paypal: Paypal,
+    /// The worker's PostgreSQL database.
+    pub database: Database,
     /// Logs.
     pub telemetry: Telemetry,
+}
+
+/// The worker's PostgreSQL database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Database {
+    /// `postgres://user:pass@host:port/db`; the database is created if missing. Never printed
+    /// with its password.
+    pub url: DatabaseUrl,
+    /// Connections in the pool.
+    pub max_connections: std::num::NonZeroU32,
+    /// Longest wait for a free connection.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    /// Dedup records are kept at least this long after their event was published.
+    #[serde(with = "humantime_serde")]
+    pub dedup_retention: Duration,
+}
+
+impl Default for Database {
+    fn default() -> Self {
+        Self {
+            url: DatabaseUrl::from_str("postgres://postgres@127.0.0.1:5432/ipn_bridge")
+                .unwrap_or_else(|_| unreachable!("the default URL parses")),
+            max_connections: std::num::NonZeroU32::new(8).unwrap_or(std::num::NonZeroU32::MIN),
+            acquire_timeout: Duration::from_secs(5),
+            dedup_retention: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// A PostgreSQL URL, checked when loaded, whose password never appears in `Debug` or `Display`.
+#[derive(Clone, Deserialize)]
+#[serde(try_from = "String")]
+pub struct DatabaseUrl {
+    text: String,
+    parsed: sqlx::postgres::PgConnectOptions,
+}
+
+impl DatabaseUrl {
+    /// Connection options for sqlx.
+    pub fn options(&self) -> sqlx::postgres::PgConnectOptions {
+        self.parsed.clone()
+    }
+}
+
+impl FromStr for DatabaseUrl {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
+            return Err("must start with postgres:// or postgresql://".to_owned());
+        }
+        let parsed = sqlx::postgres::PgConnectOptions::from_str(text)
+            .map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
+        Ok(Self {
+            text: text.to_owned(),
+            parsed,
+        })
+    }
+}
+
+impl TryFrom<String> for DatabaseUrl {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redacted(&self.text))
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({self})")
+    }
+}
+
+/// A URL with its password replaced by `***`.
+fn redacted(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut url) if url.password().is_some() => {
+            // Only fails for URLs that cannot carry a password, which this one does.
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        Ok(url) => url.to_string(),
+        Err(_) => "<unprintable url>".to_owned(),
+    }
 }
 
 /// Which PayPal environment verifies IPNs, and how.
@@ -255,15 +348,7 @@ impl TryFrom<String> for AmqpUrl {
 
 impl fmt::Display for AmqpUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match url::Url::parse(&self.text) {
-            Ok(mut url) if url.password().is_some() => {
-                // Only fails for URLs that cannot carry a password, which this one does.
-                let _ = url.set_password(Some("***"));
-                f.write_str(url.as_str())
-            }
-            Ok(url) => f.write_str(url.as_str()),
-            Err(_) => f.write_str("<unprintable amqp url>"),
-        }
+        f.write_str(&redacted(&self.text))
     }
 }
 
@@ -516,6 +601,16 @@ mod tests {
         let shown = format!("{config:?} {}", config.amqp.url);
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("app:***@broker"), "{shown}");
+    }
+
+    #[test]
+    fn the_database_password_never_prints() {
+        let vars = env(&[("IPN_DATABASE__URL", "postgres://ipn:hunter2@db:5432/ipn")]);
+        let config = Config::load(None, &vars).expect("loads");
+        let shown = format!("{config:?} {}", config.database.url);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        let err = Config::load(None, &env(&[("IPN_DATABASE__URL", "mysql://x")])).unwrap_err();
+        assert!(err.to_string().contains("database.url"), "{err}");
     }
 
     #[test]

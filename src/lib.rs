@@ -6,6 +6,7 @@
 //! - [`topology`]: every exchange and queue name, and their declaration.
 //! - [`amqp`]: connections and the self-healing confirm-mode publisher.
 //! - [`ingress`]: the HTTP server that answers 200 only after the broker confirmed.
+//! - [`store`]: PostgreSQL: dedup records and per-key sequences, claimed before publishing.
 //! - [`verify`]: PayPal's postback, `cmd=_notify-validate&` + the exact bytes.
 //! - [`fake_paypal`]: a fake postback endpoint for tests and local demos.
 //! - [`ctl`]: what `ipnctl` does.
@@ -20,6 +21,7 @@ pub mod ingress;
 pub mod ipn;
 pub mod provider;
 pub mod shutdown;
+pub mod store;
 pub mod telemetry;
 pub mod topology;
 pub mod verify;

@@ -47,6 +47,31 @@ impl fmt::Display for OrderKey {
     }
 }
 
+/// What identifies an IPN for deduplication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DedupKeys {
+    /// Lower-case hex SHA-256 of the raw body.
+    pub body_sha256: String,
+    /// `ipn_track_id|txn_type|txn_id|payment_status`, when the IPN has an `ipn_track_id`.
+    pub semantic: Option<String>,
+}
+
+impl DedupKeys {
+    /// The stable event id: a UUIDv5 of the semantic key when there is one (so a manual resend,
+    /// whose bytes differ, gets the same id), else of the body hash.
+    pub fn event_id(&self) -> uuid::Uuid {
+        let name = match &self.semantic {
+            Some(semantic) => format!("semantic:{semantic}"),
+            None => format!("body:{}", self.body_sha256),
+        };
+        uuid::Uuid::new_v5(&EVENT_NAMESPACE, name.as_bytes())
+    }
+}
+
+/// Namespace of event ids (a fixed random UUID: changing it would change every event id).
+const EVENT_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6c1f_7d8e_2b3a_4f55_9a61_0e4d_c2b7_a913);
+
 /// Lower-case hex SHA-256 of a body: its identity as a transport duplicate.
 pub fn body_hash(body: &[u8]) -> String {
     hex::encode(Sha256::digest(body))
@@ -100,6 +125,38 @@ mod tests {
             counts[usize::from(key.shard(shards(8)))] += 1;
         }
         assert!(counts.iter().all(|c| (800..1200).contains(c)), "{counts:?}");
+    }
+
+    #[test]
+    fn event_ids_are_stable_and_follow_the_semantic_key() {
+        let semantic = DedupKeys {
+            body_sha256: body_hash(b"a"),
+            semantic: Some("t|web_accept|X|Completed".to_owned()),
+        };
+        let resend = DedupKeys {
+            body_sha256: body_hash(b"a&resend=true"),
+            ..semantic.clone()
+        };
+        assert_eq!(
+            semantic.event_id(),
+            resend.event_id(),
+            "a manual resend keeps the id"
+        );
+        let bytes_only = DedupKeys {
+            body_sha256: body_hash(b"a"),
+            semantic: None,
+        };
+        assert_ne!(semantic.event_id(), bytes_only.event_id());
+        // Pinned: event ids must never change for the same IPN.
+        assert_eq!(
+            bytes_only.event_id().to_string(),
+            uuid::Uuid::new_v5(
+                &EVENT_NAMESPACE,
+                format!("body:{}", body_hash(b"a")).as_bytes()
+            )
+            .to_string()
+        );
+        assert_eq!(bytes_only.event_id().get_version_num(), 5);
     }
 
     #[test]

@@ -8,7 +8,7 @@ mod form;
 mod key;
 
 pub use form::{Charset, Form, fields};
-pub use key::{OrderKey, body_hash};
+pub use key::{DedupKeys, OrderKey, body_hash};
 
 use crate::provider::Provider;
 
@@ -33,6 +33,28 @@ impl PayPal {
     /// (masspay and other messages that order with nothing).
     pub fn order_key_of(form: &Form, body: &[u8]) -> OrderKey {
         key_from(KEY_FIELDS.iter().map(|(field, _)| form.text(field)), body)
+    }
+}
+
+impl PayPal {
+    /// The dedup keys of a parsed IPN: its body hash, and the semantic key
+    /// `ipn_track_id|txn_type|txn_id|payment_status` when it has an `ipn_track_id` (`resend` and
+    /// every other field ignored). `ipn_track_id` alone is not unique: a signup and its first
+    /// payment share it, and so does an eCheck's Pending and Completed, which differ in status.
+    pub fn dedup_keys(form: &Form, body: &[u8]) -> DedupKeys {
+        let field = |name| form.text(name).unwrap_or_default();
+        let semantic = form.text("ipn_track_id").map(|track| {
+            format!(
+                "{track}|{}|{}|{}",
+                field("txn_type"),
+                field("txn_id"),
+                field("payment_status")
+            )
+        });
+        DedupKeys {
+            body_sha256: body_hash(body),
+            semantic,
+        }
     }
 }
 
@@ -199,6 +221,39 @@ mod tests {
                 .text("payment_date")
                 .is_some_and(|d| d.contains("GMT 0100"))
         );
+    }
+
+    #[test]
+    fn dedup_keys_tell_resends_from_distinct_messages() {
+        let keys = |name: &str| {
+            let body = sample(name);
+            PayPal::dedup_keys(&Form::parse(&body), &body)
+        };
+        // A signup and its first payment share ipn_track_id: distinct.
+        assert_ne!(
+            keys("012_subscr_signup.txt").semantic,
+            keys("013_subscr_payment.txt").semantic
+        );
+        // An eCheck's Pending and Completed share txn_id: distinct.
+        let pending = keys("010_web_accept_echeck_pending.txt");
+        let completed = keys("011_web_accept_echeck_completed.txt");
+        assert_ne!(pending.event_id(), completed.event_id());
+        // A manual resend (`resend=true` added) is the same message.
+        let original = sample("001_web_accept.txt");
+        let mut resent = original.clone();
+        resent.extend_from_slice(b"&resend=true");
+        let original_keys = PayPal::dedup_keys(&Form::parse(&original), &original);
+        let resent_keys = PayPal::dedup_keys(&Form::parse(&resent), &resent);
+        assert_ne!(original_keys.body_sha256, resent_keys.body_sha256);
+        assert_eq!(original_keys.event_id(), resent_keys.event_id());
+        // The simulator sends no ipn_track_id: only its bytes identify it.
+        assert_eq!(keys("043_web_accept_simulator.txt").semantic, None);
+        // Every sample has its own event id.
+        let ids: std::collections::HashSet<_> = samples()
+            .iter()
+            .map(|(_, b)| PayPal::dedup_keys(&Form::parse(b), b).event_id())
+            .collect();
+        assert_eq!(ids.len(), samples().len());
     }
 
     #[test]

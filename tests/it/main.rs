@@ -1,9 +1,10 @@
 //! Integration tests: one binary, against the real RabbitMQ on 127.0.0.1:5672 (management API on
-//! 15672). Each test owns a fresh vhost, removed when the test ends, so tests run in parallel
-//! and twice in a row.
+//! 15672) and PostgreSQL on 127.0.0.1:5432. Each test owns a fresh vhost or database, removed
+//! when the test ends, so tests run in parallel and twice in a row.
 
 mod cli;
 mod ingress;
+mod store;
 mod support;
 mod topology;
 mod verify;

@@ -1,10 +1,12 @@
 //! Shared test fixtures: a vhost per test, a cuttable TCP proxy, an in-process ingress.
 
 pub mod broker;
+pub mod db;
 pub mod ingress;
 pub mod proxy;
 
 pub use broker::{DiskAlarm, TestBroker};
+pub use db::TestDb;
 pub use ingress::{post_form, ready_ingress, spawn_ingress};
 pub use proxy::Proxy;
 

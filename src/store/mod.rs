@@ -1,0 +1,199 @@
+//! PostgreSQL: the worker's state that must survive crashes and be shared by all workers.
+//!
+//! Keeps the third promise (each IPN reaches business services once, under a stable event id)
+//! with a reservation protocol:
+//!
+//! 1. [`Store::claim`], in one transaction: find the IPN's row by body hash or semantic key;
+//!    without one, take the key's next sequence number and insert a `pending` row with the event
+//!    id. A `done` row means a duplicate (ack, publish nothing); a `pending` row means an earlier
+//!    attempt crashed somewhere after claiming: publish again with the *same* id and sequence.
+//! 2. publish the event and wait for the broker's confirm;
+//! 3. [`Store::mark_done`];
+//! 4. ack the inbound message.
+//!
+//! A crash between any two steps leads to redelivery and a republish under the same id and
+//! number (which downstream deduplicates by event id), never to a lost event or a second id.
+//! Unique constraints on the body hash, the semantic key and (key, sequence) make the database,
+//! not our code, the judge of races. Migrations in `migrations/` run at connect.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::config;
+use crate::ipn::DedupKeys;
+
+/// The database could not do what was asked; the caller should retry later.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Cannot connect, or cannot create the database.
+    #[error("cannot connect to PostgreSQL")]
+    Connect(#[source] sqlx::Error),
+    /// A migration failed.
+    #[error("cannot migrate the database")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    /// A query failed.
+    #[error("database query failed")]
+    Query(#[from] sqlx::Error),
+}
+
+/// The event id and per-key sequence number an IPN publishes under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    /// Stable event id.
+    pub event_id: Uuid,
+    /// 1, 2, 3... within the order key.
+    pub sequence: i64,
+}
+
+/// What [`Store::claim`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// First time: publish under this reservation.
+    New(Reservation),
+    /// Claimed before but not confirmed (a crash or a failed publish): publish again, same ids.
+    Pending(Reservation),
+    /// Already published: a duplicate; publish nothing.
+    Done(Reservation),
+}
+
+/// A pool of connections to the worker's database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects (creating the database if it does not exist yet) and applies the migrations.
+    pub async fn connect(config: &config::Database) -> Result<Store, Error> {
+        let options: PgConnectOptions = config.url.options();
+        ensure_database(&options).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections.get())
+            .acquire_timeout(config.acquire_timeout)
+            .connect_with(options)
+            .await
+            .map_err(Error::Connect)?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .map_err(Error::Migrate)?;
+        Ok(Store { pool })
+    }
+
+    /// Finds or reserves the row of an IPN; see the module docs for the protocol.
+    pub async fn claim(&self, keys: &DedupKeys, order_key: &str) -> Result<Claim, Error> {
+        let mut transaction = self.pool.begin().await?;
+        let existing = sqlx::query(
+            "SELECT event_id, sequence, state FROM ipn_event
+             WHERE body_sha256 = $1 OR semantic_key = $2
+             ORDER BY created_at LIMIT 1 FOR UPDATE",
+        )
+        .bind(&keys.body_sha256)
+        .bind(&keys.semantic)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        if let Some(row) = existing {
+            let reservation = Reservation {
+                event_id: row.try_get("event_id")?,
+                sequence: row.try_get("sequence")?,
+            };
+            let state: String = row.try_get("state")?;
+            transaction.commit().await?;
+            return Ok(if state == "done" {
+                Claim::Done(reservation)
+            } else {
+                Claim::Pending(reservation)
+            });
+        }
+        let sequence: i64 = sqlx::query_scalar(
+            "INSERT INTO ipn_key_sequence (order_key, last_sequence) VALUES ($1, 1)
+             ON CONFLICT (order_key) DO UPDATE SET last_sequence = ipn_key_sequence.last_sequence + 1
+             RETURNING last_sequence",
+        )
+        .bind(order_key)
+        .fetch_one(&mut *transaction)
+        .await?;
+        let event_id = keys.event_id();
+        sqlx::query(
+            "INSERT INTO ipn_event (event_id, body_sha256, semantic_key, order_key, sequence, state)
+             VALUES ($1, $2, $3, $4, $5, 'pending')",
+        )
+        .bind(event_id)
+        .bind(&keys.body_sha256)
+        .bind(&keys.semantic)
+        .bind(order_key)
+        .bind(sequence)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(Claim::New(Reservation { event_id, sequence }))
+    }
+
+    /// Records that the broker confirmed the event (idempotent).
+    pub async fn mark_done(&self, event_id: Uuid) -> Result<(), Error> {
+        sqlx::query("UPDATE ipn_event SET state = 'done', done_at = now() WHERE event_id = $1 AND state = 'pending'")
+            .bind(event_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes dedup records of events confirmed longer than `retention` ago; returns how many.
+    /// Sequence counters are kept, so numbering continues after a purge.
+    pub async fn purge_older_than(&self, retention: Duration) -> Result<u64, Error> {
+        let seconds = retention.as_secs_f64();
+        let result = sqlx::query(
+            "DELETE FROM ipn_event WHERE state = 'done' AND done_at < now() - make_interval(secs => $1)",
+        )
+        .bind(seconds)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Creates the configured database when PostgreSQL says it does not exist (SQLSTATE 3D000).
+async fn ensure_database(options: &PgConnectOptions) -> Result<(), Error> {
+    let error = match options.connect().await {
+        Ok(connection) => {
+            // Only probing; a failing close changes nothing.
+            let _ = connection.close().await;
+            return Ok(());
+        }
+        Err(error) => error,
+    };
+    let missing = error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "3D000");
+    let Some(name) = options.get_database().filter(|_| missing) else {
+        return Err(Error::Connect(error));
+    };
+    let maintenance = options.clone().database("postgres");
+    let mut connection = maintenance.connect().await.map_err(Error::Connect)?;
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    // The name is quoted as an identifier above; CREATE DATABASE takes no bind parameters.
+    let created = sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
+        .execute(&mut connection)
+        .await;
+    // Another worker may have created it at the same moment (42P04): that is fine.
+    match created {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| c == "42P04") =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(Error::Connect(e)),
+    }
+}

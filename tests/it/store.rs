@@ -1,0 +1,155 @@
+//! The PostgreSQL store against a real server: migrations, claims, sequences, purge.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ipn_bridge::ipn::{DedupKeys, body_hash};
+use ipn_bridge::store::{Claim, Store};
+
+use crate::support::TestDb;
+
+fn keys(body: &str, semantic: Option<&str>) -> DedupKeys {
+    DedupKeys {
+        body_sha256: body_hash(body.as_bytes()),
+        semantic: semantic.map(str::to_owned),
+    }
+}
+
+#[tokio::test]
+async fn connecting_creates_the_database_and_migrating_again_is_harmless() {
+    let db = TestDb::new();
+    let first = Store::connect(&db.config())
+        .await
+        .expect("creates and migrates");
+    first.close().await;
+    let second = Store::connect(&db.config())
+        .await
+        .expect("connects and migrates again");
+    second.close().await;
+}
+
+#[tokio::test]
+async fn a_claim_reserves_once_and_a_redelivery_gets_the_same_id_and_number() {
+    let db = TestDb::new();
+    let store = Store::connect(&db.config()).await.expect("store");
+    let first = keys(
+        "txn_id=A&payment_status=Pending",
+        Some("t1|web_accept|A|Pending"),
+    );
+
+    let Claim::New(reserved) = store.claim(&first, "txn:A").await.expect("claim") else {
+        panic!("a first claim is new");
+    };
+    assert_eq!(reserved.sequence, 1);
+    assert_eq!(reserved.event_id, first.event_id());
+    // Crash before mark_done: the redelivery republishes under the same id and number.
+    assert_eq!(
+        store.claim(&first, "txn:A").await.expect("claim"),
+        Claim::Pending(reserved)
+    );
+    store.mark_done(reserved.event_id).await.expect("done");
+    store
+        .mark_done(reserved.event_id)
+        .await
+        .expect("done twice is harmless");
+    // PayPal's identical resend, and a manual resend with other bytes: duplicates.
+    assert_eq!(
+        store.claim(&first, "txn:A").await.expect("claim"),
+        Claim::Done(reserved)
+    );
+    let manual = keys(
+        "txn_id=A&payment_status=Pending&resend=true",
+        Some("t1|web_accept|A|Pending"),
+    );
+    assert_eq!(
+        store.claim(&manual, "txn:A").await.expect("claim"),
+        Claim::Done(reserved)
+    );
+
+    // The next message of the key gets 2; another key starts at 1.
+    let completed = keys(
+        "txn_id=A&payment_status=Completed",
+        Some("t2|web_accept|A|Completed"),
+    );
+    let Claim::New(second) = store.claim(&completed, "txn:A").await.expect("claim") else {
+        panic!("Completed after Pending is not a duplicate");
+    };
+    assert_eq!(second.sequence, 2);
+    let other = keys("txn_id=B", None);
+    let Claim::New(other) = store.claim(&other, "txn:B").await.expect("claim") else {
+        panic!("new key");
+    };
+    assert_eq!(other.sequence, 1);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn concurrent_claims_number_each_key_without_gaps() {
+    let db = TestDb::new();
+    let store = Store::connect(&db.config()).await.expect("store");
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = format!("profile:P{}", i % 4);
+            let claim = store
+                .claim(&keys(&format!("body {i}"), None), &key)
+                .await
+                .expect("claim");
+            (key, claim)
+        }));
+    }
+    let mut numbers: HashMap<String, Vec<i64>> = HashMap::new();
+    for task in tasks {
+        let (key, claim) = task.await.expect("task");
+        let Claim::New(reserved) = claim else {
+            panic!("all distinct bodies are new")
+        };
+        numbers.entry(key).or_default().push(reserved.sequence);
+    }
+    assert_eq!(numbers.len(), 4);
+    for (key, mut sequence) in numbers {
+        sequence.sort_unstable();
+        assert_eq!(sequence, (1..=15).collect::<Vec<i64>>(), "{key}");
+    }
+    store.close().await;
+}
+
+#[tokio::test]
+async fn purging_removes_only_old_done_records_and_numbering_continues() {
+    let db = TestDb::new();
+    let store = Store::connect(&db.config()).await.expect("store");
+    let done = keys("done", None);
+    let pending = keys("pending", None);
+    let Claim::New(reserved) = store.claim(&done, "txn:K").await.expect("claim") else {
+        panic!("new")
+    };
+    store.mark_done(reserved.event_id).await.expect("done");
+    store.claim(&pending, "txn:K").await.expect("claim");
+
+    assert_eq!(
+        store
+            .purge_older_than(Duration::from_secs(3600))
+            .await
+            .expect("purge"),
+        0
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        store
+            .purge_older_than(Duration::from_millis(1))
+            .await
+            .expect("purge"),
+        1
+    );
+    assert!(matches!(
+        store.claim(&pending, "txn:K").await.expect("claim"),
+        Claim::Pending(_)
+    ));
+    // A purged message is forgotten; its key keeps counting.
+    let Claim::New(again) = store.claim(&done, "txn:K").await.expect("claim") else {
+        panic!("new")
+    };
+    assert_eq!(again.sequence, 3);
+    store.close().await;
+}

@@ -1,0 +1,59 @@
+//! A PostgreSQL database of its own for one test, dropped on drop.
+
+use ipn_bridge::config;
+use sqlx::{ConnectOptions, Connection};
+
+/// Server the tests use (trust auth, user postgres).
+const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+
+/// A database name no other test uses; the store creates it on first connect.
+pub struct TestDb {
+    name: String,
+}
+
+impl TestDb {
+    /// Picks a fresh name (the database itself is created by `Store::connect`).
+    pub fn new() -> TestDb {
+        TestDb {
+            name: format!("it_{}", uuid::Uuid::now_v7().simple()),
+        }
+    }
+
+    /// A database config pointing at this test's database.
+    pub fn config(&self) -> config::Database {
+        config::Database {
+            url: format!("{SERVER}/{}", self.name)
+                .parse()
+                .expect("valid url"),
+            max_connections: std::num::NonZeroU32::new(4).expect("non-zero"),
+            ..config::Database::default()
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop cannot await: use a thread with a runtime of its own, as TestBroker does.
+        let dropped = std::thread::spawn(move || -> Result<(), sqlx::Error> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(sqlx::Error::Io)?;
+            runtime.block_on(async {
+                let options: sqlx::postgres::PgConnectOptions =
+                    format!("{SERVER}/postgres").parse()?;
+                let mut connection = options.connect().await?;
+                let statement = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                sqlx::query(sqlx::AssertSqlSafe(statement))
+                    .execute(&mut connection)
+                    .await?;
+                connection.close().await
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test database {}", self.name);
+        }
+    }
+}
