@@ -6,6 +6,7 @@
 //! - [`topology`]: every exchange and queue name, and their declaration.
 //! - [`amqp`]: connections and the self-healing confirm-mode publisher.
 //! - [`ingress`]: the HTTP server that answers 200 only after the broker confirmed.
+//! - [`event`]: the JSON event a verified IPN becomes, and its routing key.
 //! - [`store`]: PostgreSQL: dedup records and per-key sequences, claimed before publishing.
 //! - [`verify`]: PayPal's postback, `cmd=_notify-validate&` + the exact bytes.
 //! - [`fake_paypal`]: a fake postback endpoint for tests and local demos.
@@ -16,6 +17,7 @@
 pub mod amqp;
 pub mod config;
 pub mod ctl;
+pub mod event;
 pub mod fake_paypal;
 pub mod ingress;
 pub mod ipn;

@@ -105,7 +105,7 @@ impl Provider for PayPal {
 /// The sample bodies in tests/samples/, loaded the same way the integration tests load them.
 #[cfg(test)]
 #[path = "../../tests/samples.rs"]
-mod samples_dir;
+pub(crate) mod samples_dir;
 
 #[cfg(test)]
 mod tests {
