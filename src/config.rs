@@ -165,6 +165,14 @@ pub struct Paypal {
     /// One postback gives up after this long (connect included); the outcome is then transient.
     #[serde(with = "humantime_serde")]
     pub verify_timeout: Duration,
+    /// The merchant's PayPal account ids; when set (with or without emails), an IPN for another
+    /// account is quarantined. Environment: comma-separated.
+    #[serde(deserialize_with = "list")]
+    pub receiver_ids: Vec<String>,
+    /// The merchant's PayPal account emails (compared case-insensitively). Environment:
+    /// comma-separated.
+    #[serde(deserialize_with = "list")]
+    pub receiver_emails: Vec<String>,
 }
 
 impl Default for Paypal {
@@ -173,6 +181,8 @@ impl Default for Paypal {
             environment: Environment::Live,
             verify_url: None,
             verify_timeout: Duration::from_secs(10),
+            receiver_ids: Vec::new(),
+            receiver_emails: Vec::new(),
         }
     }
 }
@@ -480,6 +490,25 @@ fn text_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<S
     })
 }
 
+/// A list from TOML (`["a", "b"]`) or from the environment (`a,b`); blanks are dropped.
+fn list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum List {
+        Items(Vec<String>),
+        Text(String),
+    }
+    let items = match List::deserialize(deserializer)? {
+        List::Items(items) => items,
+        List::Text(text) => text.split(',').map(str::to_owned).collect(),
+    };
+    Ok(items
+        .into_iter()
+        .map(|item| item.trim().to_owned())
+        .filter(|item| !item.is_empty())
+        .collect())
+}
+
 fn env_value(value: &str) -> toml::Value {
     if let Ok(n) = value.parse::<i64>() {
         toml::Value::Integer(n)
@@ -580,6 +609,21 @@ mod tests {
         );
         let err = Config::load(None, &env(&[("IPN_PAYPAL__ENVIRONMENT", "staging")])).unwrap_err();
         assert!(err.to_string().contains("paypal.environment"), "{err}");
+    }
+
+    #[test]
+    fn receiver_lists_come_from_toml_arrays_or_comma_separated_variables() {
+        let file = "[paypal]\nreceiver_ids = [\"K8L3Z5QH2W9PA\"]\n";
+        let vars = env(&[(
+            "IPN_PAYPAL__RECEIVER_EMAILS",
+            "billing@a.example, Shop@B.example,",
+        )]);
+        let config = Config::load(Some(file), &vars).expect("loads");
+        assert_eq!(config.paypal.receiver_ids, ["K8L3Z5QH2W9PA"]);
+        assert_eq!(
+            config.paypal.receiver_emails,
+            ["billing@a.example", "Shop@B.example"]
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: defaults, TOML file, `IPN_*` environment; pure loading.
 //! - [`ipn`]: the IPN body read byte-exactly, charset-aware fields, order keys and shards.
+//! - [`policy`]: what a VERIFIED IPN must also be (environment, receiver), else quarantine.
 //! - [`provider`]: the seam that keeps PayPal specifics out of the pipeline.
 //! - [`topology`]: every exchange and queue name, and their declaration.
 //! - [`amqp`]: connections and the self-healing confirm-mode publisher.
@@ -21,6 +22,7 @@ pub mod event;
 pub mod fake_paypal;
 pub mod ingress;
 pub mod ipn;
+pub mod policy;
 pub mod provider;
 pub mod shutdown;
 pub mod store;
