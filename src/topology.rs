@@ -4,6 +4,8 @@
 //! <p>.inbound (direct) --rk = shard n--> <p>.inbound.<n>  quorum, single active consumer,
 //!                                                         x-delivery-limit, dead-letters
 //!                                                         (at-least-once) to <p>.dead
+//! <p>.quarantine                                           quorum; reason in x-ipn-reason
+//! <p>.events (topic) --rk = <txn_type>.<payment_status>--> business services' queues
 //! ```
 //! Quorum queues are always persisted and, with `x-delivery-limit` set, put a requeued message
 //! back at the head (without a limit, RabbitMQ 3.10 puts it at the back, breaking order).
@@ -61,12 +63,24 @@ impl Topology {
         format!("{}.dead", self.prefix)
     }
 
+    /// `<p>.quarantine`: forgeries, policy failures and unreadable bodies, with the reason in
+    /// `x-ipn-reason`.
+    pub fn quarantine_queue(&self) -> String {
+        format!("{}.quarantine", self.prefix)
+    }
+
+    /// `<p>.events`: the topic exchange business services bind their queues to.
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
     /// Every queue name, for tools that list or remove them.
     pub fn queues(&self) -> Vec<String> {
         let mut queues: Vec<String> = (0..self.shards.get())
             .map(|n| self.shard_queue(n))
             .collect();
         queues.push(self.dead_queue());
+        queues.push(self.quarantine_queue());
         queues
     }
 
@@ -77,18 +91,29 @@ impl Topology {
             durable: true,
             ..QueueDeclareOptions::default()
         };
+        for queue in [self.dead_queue(), self.quarantine_queue()] {
+            channel
+                .queue_declare(queue.into(), durable, quorum_args())
+                .await?;
+        }
+        let durable_exchange = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
         channel
-            .queue_declare(self.dead_queue().into(), durable, quorum_args())
+            .exchange_declare(
+                self.events_exchange().into(),
+                ExchangeKind::Topic,
+                durable_exchange,
+                FieldTable::default(),
+            )
             .await?;
         let exchange = self.inbound_exchange();
         channel
             .exchange_declare(
                 exchange.clone().into(),
                 ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
+                durable_exchange,
                 FieldTable::default(),
             )
             .await?;
@@ -158,13 +183,15 @@ mod tests {
         };
         let topology = Topology::new(&config);
         assert_eq!(topology.inbound_exchange(), "acme.inbound");
+        assert_eq!(topology.events_exchange(), "acme.events");
         assert_eq!(
             topology.queues(),
             [
                 "acme.inbound.0",
                 "acme.inbound.1",
                 "acme.inbound.2",
-                "acme.dead"
+                "acme.dead",
+                "acme.quarantine"
             ]
         );
         assert_eq!(Topology::shard_routing_key(2), "2");

@@ -40,6 +40,7 @@ async fn ipnctl_declares_the_topology_idempotently_with_the_promised_arguments()
         assert_eq!(arguments["x-dead-letter-routing-key"], "ipn.dead");
     }
     assert_eq!(broker.queue_info("ipn.dead").await["type"], "quorum");
+    assert_eq!(broker.queue_info("ipn.quarantine").await["type"], "quorum");
 }
 
 #[tokio::test]
