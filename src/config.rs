@@ -59,8 +59,34 @@ pub struct Config {
     pub paypal: Paypal,
     /// The worker's PostgreSQL database.
     pub database: Database,
+    /// The worker's processing.
+    pub worker: Worker,
     /// Logs.
     pub telemetry: Telemetry,
+}
+
+/// How the worker processes each IPN.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Worker {
+    /// Postbacks tried in-process before the failure counts as transient for the message.
+    pub verify_attempts: std::num::NonZeroU32,
+    /// Wait before the second attempt; doubles for each further one.
+    #[serde(with = "humantime_serde")]
+    pub verify_backoff: Duration,
+    /// Longest wait for the broker's confirm of an event or quarantine publish.
+    #[serde(with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+}
+
+impl Default for Worker {
+    fn default() -> Self {
+        Self {
+            verify_attempts: std::num::NonZeroU32::new(3).unwrap_or(std::num::NonZeroU32::MIN),
+            verify_backoff: Duration::from_millis(500),
+            confirm_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// The worker's PostgreSQL database.

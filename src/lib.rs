@@ -11,6 +11,7 @@
 //! - [`store`]: PostgreSQL: dedup records and per-key sequences, claimed before publishing.
 //! - [`verify`]: PayPal's postback, `cmd=_notify-validate&` + the exact bytes.
 //! - [`fake_paypal`]: a fake postback endpoint for tests and local demos.
+//! - [`worker`]: from raw IPN to confirmed event (the per-IPN pipeline so far).
 //! - [`ctl`]: what `ipnctl` does.
 //! - [`telemetry`], [`shutdown`]: logs and signals for the binaries.
 #![forbid(unsafe_code)]
@@ -29,3 +30,4 @@ pub mod store;
 pub mod telemetry;
 pub mod topology;
 pub mod verify;
+pub mod worker;

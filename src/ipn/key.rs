@@ -27,6 +27,11 @@ impl OrderKey {
         OrderKey::new("msg", &body_hash(body))
     }
 
+    /// A key as the ingress wrote it in `x-ipn-order-key`.
+    pub fn from_header(text: &str) -> OrderKey {
+        OrderKey(text.to_owned())
+    }
+
     /// The key as text.
     pub fn as_str(&self) -> &str {
         &self.0

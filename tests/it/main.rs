@@ -8,3 +8,4 @@ mod store;
 mod support;
 mod topology;
 mod verify;
+mod worker;

@@ -1,0 +1,206 @@
+//! One inbound IPN, step by step: readable → verify (with in-process retries) → policy →
+//! claim → publish the event → confirm → mark done. The caller acks only after `Ok(_)`.
+//!
+//! Every `Ok` outcome leaves nothing to redo: the event is confirmed and recorded, or the IPN is
+//! a recorded duplicate, or it is confirmed in `<p>.quarantine`. `Err` means "not finished":
+//! the caller must not ack (retry later); a redelivery then resumes safely because a claimed but
+//! unconfirmed IPN is republished under the same event id and sequence number.
+
+use std::time::SystemTime;
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use tracing::{info, warn};
+
+use crate::amqp::{Outgoing, PublishError, Publisher};
+use crate::config::{self, Config};
+use crate::event::{Context, Event};
+use crate::ipn::{Form, OrderKey, PayPal};
+use crate::policy::{self, Reason};
+use crate::store::{self, Claim, Store};
+use crate::topology::Topology;
+use crate::verify::{self, Verdict, Verifier};
+
+/// An inbound message as the worker received it.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// The raw IPN bytes.
+    pub body: Vec<u8>,
+    /// `x-ipn-order-key`, when the ingress set it.
+    pub order_key: Option<String>,
+    /// `x-ipn-received-at`, when the ingress set it.
+    pub received_at: Option<SystemTime>,
+    /// `x-ipn-attempt`.
+    pub attempt: i64,
+    /// The message's properties, kept on a quarantined copy.
+    pub properties: BasicProperties,
+}
+
+/// What became of an IPN; each is final, so the caller acks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The event is published and confirmed.
+    Published {
+        /// Its event id.
+        event_id: uuid::Uuid,
+        /// Its sequence number within the order key.
+        sequence: i64,
+    },
+    /// Already published before (a resend); nothing published now.
+    Duplicate,
+    /// Confirmed in `<p>.quarantine` with this reason.
+    Quarantined(Reason),
+}
+
+/// Why an IPN is not finished yet; all of these are transient.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// PayPal could not be asked, after every in-process attempt.
+    #[error("PayPal verification unavailable")]
+    Verify(#[source] verify::Error),
+    /// The database failed.
+    #[error("state store unavailable")]
+    Store(#[from] store::Error),
+    /// The broker did not confirm the event or the quarantined copy.
+    #[error("publish not confirmed")]
+    Publish(#[from] PublishError),
+}
+
+/// Everything one IPN needs; shared by all of a worker's tasks.
+#[derive(Debug)]
+pub struct Pipeline {
+    paypal: config::Paypal,
+    worker: config::Worker,
+    topology: Topology,
+    verifier: Verifier,
+    store: Store,
+    publisher: Publisher,
+}
+
+impl Pipeline {
+    /// Assembles the pipeline from its parts (the caller owns their lifetimes).
+    pub fn new(
+        config: &Config,
+        verifier: Verifier,
+        store: Store,
+        publisher: Publisher,
+    ) -> Pipeline {
+        Pipeline {
+            paypal: config.paypal.clone(),
+            worker: config.worker.clone(),
+            topology: Topology::new(&config.topology),
+            verifier,
+            store,
+            publisher,
+        }
+    }
+
+    /// Takes one IPN as far as it can go; see the module docs.
+    pub async fn handle(&self, inbound: &Inbound) -> Result<Outcome, Error> {
+        if let Err(reason) = policy::readable(&inbound.body) {
+            return self.quarantine(inbound, reason).await;
+        }
+        let form = Form::parse(&inbound.body);
+        let verified_at = match self.verify(&inbound.body).await? {
+            Verdict::Invalid => return self.quarantine(inbound, Reason::Invalid).await,
+            Verdict::Verified => SystemTime::now(),
+        };
+        if let Err(reason) = policy::check(&form, &self.paypal) {
+            return self.quarantine(inbound, reason).await;
+        }
+        let order_key = match &inbound.order_key {
+            Some(key) => OrderKey::from_header(key),
+            None => PayPal::order_key_of(&form, &inbound.body),
+        };
+        let keys = PayPal::dedup_keys(&form, &inbound.body);
+        let reservation = match self.store.claim(&keys, order_key.as_str()).await? {
+            Claim::Done(_) => return Ok(Outcome::Duplicate),
+            Claim::New(reservation) | Claim::Pending(reservation) => reservation,
+        };
+        let context = Context {
+            order_key: &order_key,
+            reservation,
+            received_at: inbound.received_at.unwrap_or(verified_at),
+            verified_at,
+        };
+        let event = Event::new(&form, &inbound.body, &context);
+        self.publish_event(&event).await?;
+        self.store.mark_done(reservation.event_id).await?;
+        info!(ipn.order_key = %order_key, sequence = reservation.sequence, "event published");
+        Ok(Outcome::Published {
+            event_id: reservation.event_id,
+            sequence: reservation.sequence,
+        })
+    }
+
+    /// Postbacks with in-process retries: `verify_attempts`, waiting `verify_backoff`, doubling.
+    async fn verify(&self, body: &[u8]) -> Result<Verdict, Error> {
+        let mut wait = self.worker.verify_backoff;
+        let mut attempt = 1;
+        loop {
+            match self.verifier.verify(body).await {
+                Ok(verdict) => return Ok(verdict),
+                Err(error) if attempt >= self.worker.verify_attempts.get() => {
+                    return Err(Error::Verify(error));
+                }
+                Err(error) => warn!(%error, attempt, "verification failed; retrying"),
+            }
+            tokio::time::sleep(wait).await;
+            wait = wait.saturating_mul(2);
+            attempt += 1;
+        }
+    }
+
+    async fn publish_event(&self, event: &Event) -> Result<(), Error> {
+        let mut headers = FieldTable::default();
+        headers.insert("x-ipn-order-key".into(), text(&event.order_key));
+        headers.insert(
+            "x-ipn-sequence".into(),
+            AMQPValue::LongLongInt(event.sequence),
+        );
+        let properties = BasicProperties::default()
+            .with_content_type(ShortString::from("application/json"))
+            .with_message_id(ShortString::from(event.event_id.as_str()))
+            .with_app_id(ShortString::from("ipn-worker"))
+            .with_headers(headers);
+        let exchange = self.topology.events_exchange();
+        let routing_key = event.routing_key();
+        let body = event.to_json();
+        let message = Outgoing {
+            exchange: &exchange,
+            routing_key: &routing_key,
+            body: &body,
+            properties,
+        };
+        Ok(self
+            .publisher
+            .publish(message, self.worker.confirm_timeout)
+            .await?)
+    }
+
+    /// Puts the raw IPN in `<p>.quarantine` with its reason, and waits for the confirm.
+    async fn quarantine(&self, inbound: &Inbound, reason: Reason) -> Result<Outcome, Error> {
+        let mut headers = inbound.properties.headers().clone().unwrap_or_default();
+        headers.insert("x-ipn-reason".into(), text(reason.as_str()));
+        headers.insert(
+            "x-ipn-attempt".into(),
+            AMQPValue::LongLongInt(inbound.attempt),
+        );
+        let queue = self.topology.quarantine_queue();
+        let message = Outgoing {
+            exchange: "",
+            routing_key: &queue,
+            body: &inbound.body,
+            properties: inbound.properties.clone().with_headers(headers),
+        };
+        self.publisher
+            .publish(message, self.worker.confirm_timeout)
+            .await?;
+        warn!(reason = reason.as_str(), "ipn quarantined");
+        Ok(Outcome::Quarantined(reason))
+    }
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
