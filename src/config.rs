@@ -118,55 +118,6 @@ impl Default for Database {
     }
 }
 
-/// A PostgreSQL URL, checked when loaded, whose password never appears in `Debug` or `Display`.
-#[derive(Clone, Deserialize)]
-#[serde(try_from = "String")]
-pub struct DatabaseUrl {
-    text: String,
-    parsed: sqlx::postgres::PgConnectOptions,
-}
-
-impl DatabaseUrl {
-    /// Connection options for sqlx.
-    pub fn options(&self) -> sqlx::postgres::PgConnectOptions {
-        self.parsed.clone()
-    }
-}
-
-impl FromStr for DatabaseUrl {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
-        if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
-            return Err("must start with postgres:// or postgresql://".to_owned());
-        }
-        let parsed = sqlx::postgres::PgConnectOptions::from_str(text)
-            .map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
-        Ok(Self {
-            text: text.to_owned(),
-            parsed,
-        })
-    }
-}
-
-impl TryFrom<String> for DatabaseUrl {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
-        text.parse()
-    }
-}
-
-impl fmt::Display for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redacted(&self.text))
-    }
-}
-
-impl fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DatabaseUrl({self})")
-    }
-}
-
 /// A URL with its password replaced by `***`.
 fn redacted(text: &str) -> String {
     match url::Url::parse(text) {
@@ -349,13 +300,50 @@ pub enum LogFormat {
     Json,
 }
 
-/// An AMQP URL, checked when loaded, whose password never appears in `Debug` or `Display`.
-#[derive(Clone, Deserialize)]
-#[serde(try_from = "String")]
-pub struct AmqpUrl {
+/// A URL checked when loaded, whose password never appears in `Debug` or `Display`.
+pub struct SecretUrl<K: UrlKind> {
     text: String,
-    parsed: AMQPUri,
+    parsed: K::Parsed,
 }
+
+/// What a [`SecretUrl`] must parse as.
+pub trait UrlKind {
+    /// The parsed form clients connect with.
+    type Parsed: Clone;
+    /// Parses, or says in a few words what is wrong.
+    fn parse(text: &str) -> Result<Self::Parsed, String>;
+}
+
+/// `amqp://` or `amqps://`, parsed by lapin.
+#[derive(Debug, Clone, Copy)]
+pub struct AmqpKind;
+
+impl UrlKind for AmqpKind {
+    type Parsed = AMQPUri;
+    fn parse(text: &str) -> Result<AMQPUri, String> {
+        AMQPUri::from_str(text).map_err(|e| format!("not an AMQP URL: {e}"))
+    }
+}
+
+/// `postgres://` or `postgresql://`, parsed by sqlx.
+#[derive(Debug, Clone, Copy)]
+pub struct PostgresKind;
+
+impl UrlKind for PostgresKind {
+    type Parsed = sqlx::postgres::PgConnectOptions;
+    fn parse(text: &str) -> Result<Self::Parsed, String> {
+        if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
+            return Err("must start with postgres:// or postgresql://".to_owned());
+        }
+        sqlx::postgres::PgConnectOptions::from_str(text)
+            .map_err(|e| format!("not a PostgreSQL URL: {e}"))
+    }
+}
+
+/// The broker's URL.
+pub type AmqpUrl = SecretUrl<AmqpKind>;
+/// The worker database's URL.
+pub type DatabaseUrl = SecretUrl<PostgresKind>;
 
 impl AmqpUrl {
     /// The parsed URI, for connecting.
@@ -364,33 +352,48 @@ impl AmqpUrl {
     }
 }
 
-impl FromStr for AmqpUrl {
+impl DatabaseUrl {
+    /// Connection options for sqlx.
+    pub fn options(&self) -> sqlx::postgres::PgConnectOptions {
+        self.parsed.clone()
+    }
+}
+
+impl<K: UrlKind> Clone for SecretUrl<K> {
+    fn clone(&self) -> Self {
+        Self {
+            text: self.text.clone(),
+            parsed: self.parsed.clone(),
+        }
+    }
+}
+
+impl<K: UrlKind> FromStr for SecretUrl<K> {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
-        let parsed = AMQPUri::from_str(text).map_err(|e| format!("not an AMQP URL: {e}"))?;
         Ok(Self {
             text: text.to_owned(),
-            parsed,
+            parsed: K::parse(text)?,
         })
     }
 }
 
-impl TryFrom<String> for AmqpUrl {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
-        text.parse()
+impl<'de, K: UrlKind> Deserialize<'de> for SecretUrl<K> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
-impl fmt::Display for AmqpUrl {
+impl<K: UrlKind> fmt::Display for SecretUrl<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&redacted(&self.text))
     }
 }
 
-impl fmt::Debug for AmqpUrl {
+impl<K: UrlKind> fmt::Debug for SecretUrl<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AmqpUrl({self})")
+        write!(f, "SecretUrl({self})")
     }
 }
 
