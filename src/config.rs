@@ -61,8 +61,26 @@ pub struct Config {
     pub database: Database,
     /// The worker's processing.
     pub worker: Worker,
+    /// Queues of business services, declared and bound to `<prefix>.events` at start-up.
+    /// File only (`[[downstream]]` entries), not settable from the environment.
+    pub downstream: Vec<Downstream>,
     /// Logs.
     pub telemetry: Telemetry,
+}
+
+/// A business service's queue on `<prefix>.events`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Downstream {
+    /// Queue name (a durable quorum queue, created if missing).
+    pub queue: String,
+    /// Topic patterns on `<txn_type>.<payment_status>`, e.g. `subscr_*.#`, `#.refunded`.
+    #[serde(default = "all_events")]
+    pub bindings: Vec<String>,
+}
+
+fn all_events() -> Vec<String> {
+    vec!["#".to_owned()]
 }
 
 /// How the worker processes each IPN.
@@ -474,6 +492,20 @@ impl Config {
                 "must be 1-200 characters of letters, digits, `-`, `_` or `.`",
             ));
         }
+        for (index, downstream) in self.downstream.iter().enumerate() {
+            let name_ok = !downstream.queue.is_empty() && downstream.queue.len() <= 255;
+            if !name_ok
+                || downstream
+                    .bindings
+                    .iter()
+                    .any(|b| b.is_empty() || b.len() > 255)
+            {
+                return Err(invalid(
+                    &format!("downstream[{index}]"),
+                    "queue and bindings must be 1-255 characters",
+                ));
+            }
+        }
         if self.amqp.reconnect_min.is_zero() || self.amqp.reconnect_min > self.amqp.reconnect_max {
             return Err(invalid(
                 "amqp.reconnect_min",
@@ -653,6 +685,17 @@ mod tests {
             config.paypal.receiver_emails,
             ["billing@a.example", "Shop@B.example"]
         );
+    }
+
+    #[test]
+    fn downstream_queues_come_from_the_file_with_all_events_by_default() {
+        let file = "[[downstream]]\nqueue = \"billing\"\nbindings = [\"subscr_*.#\"]\n\n[[downstream]]\nqueue = \"audit\"\n";
+        let config = Config::load(Some(file), &env(&[])).expect("loads");
+        assert_eq!(config.downstream.len(), 2);
+        assert_eq!(config.downstream[0].bindings, ["subscr_*.#"]);
+        assert_eq!(config.downstream[1].bindings, ["#"]);
+        let err = Config::load(Some("[[downstream]]\nqueue = \"\"\n"), &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("downstream[0]"), "{err}");
     }
 
     #[test]

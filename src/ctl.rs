@@ -12,7 +12,7 @@ pub const PAYPAL_USER_AGENT: &str = "PayPal IPN ( https://www.paypal.com/ipn )";
 
 /// Declares the whole topology (idempotent) and describes what now exists.
 pub async fn declare_topology(config: &Config) -> anyhow::Result<String> {
-    let topology = Topology::new(&config.topology);
+    let topology = Topology::of(config);
     let connection = crate::amqp::connect(&config.amqp, "ipnctl")
         .await
         .with_context(|| format!("cannot connect to {}", config.amqp.url))?;

@@ -26,6 +26,7 @@ pub struct Topology {
     prefix: String,
     shards: NonZeroU16,
     delivery_limit: NonZeroU16,
+    downstream: Vec<config::Downstream>,
 }
 
 impl Topology {
@@ -35,6 +36,15 @@ impl Topology {
             prefix: config.prefix.clone(),
             shards: config.shards,
             delivery_limit: config.delivery_limit,
+            downstream: Vec::new(),
+        }
+    }
+
+    /// The topology of a whole configuration: also the business services' queues.
+    pub fn of(config: &config::Config) -> Topology {
+        Topology {
+            downstream: config.downstream.clone(),
+            ..Topology::new(&config.topology)
         }
     }
 
@@ -108,6 +118,7 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
+        self.declare_downstream(channel).await?;
         let exchange = self.inbound_exchange();
         channel
             .exchange_declare(
@@ -131,6 +142,31 @@ impl Topology {
                     FieldTable::default(),
                 )
                 .await?;
+        }
+        Ok(())
+    }
+
+    async fn declare_downstream(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        for downstream in &self.downstream {
+            let queue = downstream.queue.as_str();
+            channel
+                .queue_declare(queue.into(), durable, quorum_args())
+                .await?;
+            for pattern in &downstream.bindings {
+                channel
+                    .queue_bind(
+                        queue.into(),
+                        self.events_exchange().into(),
+                        pattern.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
         }
         Ok(())
     }

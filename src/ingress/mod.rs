@@ -44,7 +44,7 @@ struct App {
 /// Connects to the broker in the background: until connected, IPNs get 503 and `/readyz` says
 /// not ready.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let topology = Topology::new(&config.topology);
+    let topology = Topology::of(&config);
     let publisher = Publisher::start(&config.amqp, topology.clone(), "ipn-ingress");
     let app = Arc::new(App {
         config: config.ingress,

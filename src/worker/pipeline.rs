@@ -88,7 +88,7 @@ impl Pipeline {
         Pipeline {
             paypal: config.paypal.clone(),
             worker: config.worker.clone(),
-            topology: Topology::new(&config.topology),
+            topology: Topology::of(config),
             verifier,
             store,
             publisher,

@@ -113,3 +113,28 @@ async fn a_message_past_its_delivery_limit_is_dead_lettered_not_dropped() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].data, b"txn_id=POISON");
 }
+
+#[tokio::test]
+async fn downstream_queues_from_the_config_are_declared_and_bound_to_the_events() {
+    let broker = TestBroker::new().await;
+    let mut config = broker.config();
+    config.downstream = vec![
+        ipn_bridge::config::Downstream {
+            queue: "billing".to_owned(),
+            bindings: vec!["subscr_*.#".to_owned(), "#.refunded".to_owned()],
+        },
+        ipn_bridge::config::Downstream {
+            queue: "audit".to_owned(),
+            bindings: vec!["#".to_owned()],
+        },
+    ];
+    ctl::declare_topology(&config).await.expect("declared");
+    ctl::declare_topology(&config)
+        .await
+        .expect("declared again");
+    assert_eq!(broker.queue_info("billing").await["type"], "quorum");
+    let mut billing = broker.binding_keys("billing", "ipn.events").await;
+    billing.sort();
+    assert_eq!(billing, ["#.refunded", "subscr_*.#"]);
+    assert_eq!(broker.binding_keys("audit", "ipn.events").await, ["#"]);
+}

@@ -97,21 +97,36 @@ impl TestBroker {
         );
     }
 
+    /// The routing keys binding `queue` to `exchange` in this vhost.
+    pub async fn binding_keys(&self, queue: &str, exchange: &str) -> Vec<String> {
+        let bindings = self
+            .management_get(&format!("bindings/{}/e/{exchange}/q/{queue}", self.vhost))
+            .await;
+        let list = bindings.as_array().expect("a list");
+        list.iter()
+            .filter_map(|b| b["routing_key"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// The management API's description of `queue` in this vhost (type, arguments, ...).
     pub async fn queue_info(&self, queue: &str) -> serde_json::Value {
-        let url = format!("{MANAGEMENT}/queues/{}/{queue}", self.vhost);
+        self.management_get(&format!("queues/{}/{queue}", self.vhost))
+            .await
+    }
+
+    async fn management_get(&self, path: &str) -> serde_json::Value {
         let response = reqwest::Client::new()
-            .get(url)
+            .get(format!("{MANAGEMENT}/{path}"))
             .basic_auth("guest", Some("guest"))
             .send()
             .await
             .expect("management API reachable");
         assert!(
             response.status().is_success(),
-            "queue {queue}: {}",
+            "GET {path}: {}",
             response.status()
         );
-        serde_json::from_str(&response.text().await.expect("body")).expect("queue JSON")
+        serde_json::from_str(&response.text().await.expect("body")).expect("JSON")
     }
 
     /// The AMQP URL of this vhost through `address` (the broker itself, or a proxy).
