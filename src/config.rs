@@ -95,6 +95,20 @@ pub struct Worker {
     /// Longest wait for the broker's confirm of an event or quarantine publish.
     #[serde(with = "humantime_serde")]
     pub confirm_timeout: Duration,
+    /// Unacked deliveries per shard queue (AMQP prefetch).
+    pub prefetch: std::num::NonZeroU16,
+    /// IPNs processed at once by this worker, across shards and keys.
+    pub concurrency: std::num::NonZeroUsize,
+    /// After a transient failure, an IPN is tried again after this long, doubling up to
+    /// `retry_max`; later IPNs of its key wait behind it, other keys go on.
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    /// Longest wait between tries of one IPN.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// On SIGTERM, IPNs in progress get this long to finish (publish, confirm, ack).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Worker {
@@ -103,6 +117,11 @@ impl Default for Worker {
             verify_attempts: std::num::NonZeroU32::new(3).unwrap_or(std::num::NonZeroU32::MIN),
             verify_backoff: Duration::from_millis(500),
             confirm_timeout: Duration::from_secs(10),
+            prefetch: std::num::NonZeroU16::new(64).unwrap_or(std::num::NonZeroU16::MIN),
+            concurrency: std::num::NonZeroUsize::new(64).unwrap_or(std::num::NonZeroUsize::MIN),
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(15),
         }
     }
 }

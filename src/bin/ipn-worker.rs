@@ -1,11 +1,38 @@
-//! `ipn-worker`: verifies and republishes IPNs. Not built yet: see the worker issue.
+//! `ipn-worker`: verifies raw IPNs with PayPal and publishes each as one event, in order per key.
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-fn main() -> ExitCode {
-    eprintln!(
-        "ipn-worker: not yet implemented; IPNs accepted by ipn-ingress wait safely in the \
-         <prefix>.inbound.<n> queues until it is"
-    );
-    // EX_UNAVAILABLE: a supervisor should not mistake this for a clean run.
-    ExitCode::from(69)
+use clap::Parser;
+use ipn_bridge::config::Config;
+use ipn_bridge::{shutdown, telemetry, worker};
+
+/// Verifies IPNs from the shard queues and publishes them as events on <prefix>.events.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// TOML config file (see config/example.toml); IPN_* variables override it.
+    #[arg(long, env = "IPN_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match Config::for_binary("ipn-worker", args.config.as_deref()) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    telemetry::init(config.telemetry.format);
+    match worker::run(config, shutdown::signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!(
+                "ipn-worker: {error}: {}",
+                std::error::Error::source(&error)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            );
+            ExitCode::FAILURE
+        }
+    }
 }

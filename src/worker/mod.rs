@@ -1,9 +1,11 @@
 //! `ipn-worker`: turns raw IPNs from the shard queues into verified, deduplicated business
-//! events on `<p>.events`, each exactly once under a stable id.
+//! events on `<p>.events`, each exactly once under a stable id, in order per key.
 //!
-//! Built so far: [`pipeline`], the per-IPN steps. The consume loop (shard subscriptions, lanes
-//! per order key, acks, shutdown) is the next step of the worker issue.
+//! - [`pipeline`]: the steps of one IPN (verify, policy, claim, publish, confirm, mark done).
+//! - [`consume`]: subscriptions to every shard queue, lanes per order key, acks, shutdown.
 
+pub mod consume;
 pub mod pipeline;
 
+pub use consume::run;
 pub use pipeline::{Inbound, Outcome, Pipeline};

@@ -4,6 +4,7 @@
 
 mod cli;
 mod ingress;
+mod pipeline_e2e;
 mod store;
 mod support;
 mod topology;

@@ -1,0 +1,282 @@
+//! The consume loop: every shard queue, lanes per order key, ack only after the pipeline
+//! finished an IPN.
+//!
+//! Keeps the fourth promise within a shard: messages of one order key are handled strictly one
+//! after another in delivery order (a lane), different keys concurrently (bounded by
+//! `worker.concurrency`). A transient failure keeps the IPN at the head of its lane and retries it
+//! with backoff, unacked, so the key's later IPNs cannot overtake it; other keys go on. (Issue 4
+//! replaces long waits with delayed-retry tiers and parking.) Single active consumer on each shard
+//! queue makes this worker the only one processing a shard while it lives.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, Consumer};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::pipeline::{Inbound, Pipeline};
+use crate::amqp::{self, Publisher};
+use crate::config::{self, Config};
+use crate::store::{self, Store};
+use crate::topology::Topology;
+use crate::verify::{self, Verifier};
+
+/// The worker cannot start or lost its broker connection; a supervisor should restart it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// PostgreSQL.
+    #[error("state store")]
+    Store(#[from] store::Error),
+    /// The HTTP client for PayPal.
+    #[error("PayPal client")]
+    Verify(#[from] verify::Error),
+    /// The consume connection.
+    #[error("broker")]
+    Broker(#[from] amqp::Error),
+    /// A consumer ended: the connection or channel broke.
+    #[error("consumer of shard {0} stopped: broker connection lost")]
+    ConsumerLost(u16),
+}
+
+impl From<lapin::Error> for Error {
+    fn from(error: lapin::Error) -> Self {
+        Error::Broker(amqp::Error::Broker(error))
+    }
+}
+
+/// Runs the worker until `shutdown` resolves (then drains within `worker.shutdown_grace`) or the
+/// consume connection is lost (then returns the error, leaving unfinished IPNs unacked).
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let store = Store::connect(&config.database).await?;
+    let verifier = Verifier::new(&config.paypal)?;
+    let topology = Topology::of(&config);
+    let publisher = Publisher::start(&config.amqp, topology.clone(), "ipn-worker-publish");
+    let pipeline = Arc::new(Pipeline::new(&config, verifier, store.clone(), publisher));
+    let connection = amqp::connect(&config.amqp, "ipn-worker-consume").await?;
+    topology
+        .declare(&connection.create_channel().await?)
+        .await?;
+    let stop = CancellationToken::new();
+    let limit = Arc::new(Semaphore::new(config.worker.concurrency.get()));
+    let mut shards = JoinSet::new();
+    for shard in 0..topology.shards().get() {
+        let consumer = subscribe(&connection, &topology, shard, &config.worker).await?;
+        let lanes = Lanes::new(
+            shard,
+            Arc::clone(&pipeline),
+            Arc::clone(&limit),
+            &config.worker,
+            stop.clone(),
+        );
+        shards.spawn(lanes.run(consumer));
+    }
+    info!(shards = topology.shards().get(), "ipn-worker consuming");
+    let result = tokio::select! {
+        () = shutdown => Ok(()),
+        Some(ended) = shards.join_next() => Err(ended.unwrap_or(Error::ConsumerLost(u16::MAX))),
+    };
+    stop.cancel();
+    let grace = config.worker.shutdown_grace;
+    if tokio::time::timeout(grace, async { while shards.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        warn!(
+            ?grace,
+            "grace period over; unfinished IPNs stay unacked and will be redelivered"
+        );
+        shards.abort_all();
+    }
+    // Closing returns whatever is still unacked to the queues, in order.
+    let _ = connection.close(200, "worker stopping".into()).await;
+    store.close().await;
+    info!("ipn-worker stopped");
+    result
+}
+
+async fn subscribe(
+    connection: &Connection,
+    topology: &Topology,
+    shard: u16,
+    worker: &config::Worker,
+) -> Result<Consumer, Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(worker.prefetch.get(), BasicQosOptions::default())
+        .await?;
+    let queue = topology.shard_queue(shard);
+    let consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(consumer)
+}
+
+/// One shard's lanes: a queue of waiting deliveries per order key.
+struct Lanes {
+    shard: u16,
+    pipeline: Arc<Pipeline>,
+    limit: Arc<Semaphore>,
+    retry_min: Duration,
+    retry_max: Duration,
+    stop: CancellationToken,
+    waiting: HashMap<String, VecDeque<Delivery>>,
+    busy: HashSet<String>,
+}
+
+impl Lanes {
+    fn new(
+        shard: u16,
+        pipeline: Arc<Pipeline>,
+        limit: Arc<Semaphore>,
+        worker: &config::Worker,
+        stop: CancellationToken,
+    ) -> Lanes {
+        Lanes {
+            shard,
+            pipeline,
+            limit,
+            retry_min: worker.retry_min,
+            retry_max: worker.retry_max,
+            stop,
+            waiting: HashMap::new(),
+            busy: HashSet::new(),
+        }
+    }
+
+    /// Feeds deliveries into lanes until stopped; then lets the running IPNs finish. Returns
+    /// the error that ended the consumer, or `ConsumerLost` when it ended without one.
+    async fn run(mut self, mut consumer: Consumer) -> Error {
+        let mut running: JoinSet<String> = JoinSet::new();
+        let ended = loop {
+            tokio::select! {
+                () = self.stop.cancelled() => break None,
+                Some(done) = running.join_next() => {
+                    if let Ok(key) = done {
+                        self.next_in_lane(key, &mut running);
+                    }
+                }
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(delivery)) => self.admit(delivery, &mut running),
+                    Some(Err(error)) => break Some(Error::from(error)),
+                    None => break Some(Error::ConsumerLost(self.shard)),
+                },
+            }
+        };
+        // Finish what is running; deliveries still waiting stay unacked for redelivery.
+        while running.join_next().await.is_some() {}
+        ended.unwrap_or(Error::ConsumerLost(self.shard))
+    }
+
+    fn admit(&mut self, delivery: Delivery, running: &mut JoinSet<String>) {
+        let key = order_key(&delivery);
+        if self.busy.contains(&key) {
+            self.waiting.entry(key).or_default().push_back(delivery);
+        } else {
+            self.busy.insert(key.clone());
+            running.spawn(self.process(key, delivery));
+        }
+    }
+
+    fn next_in_lane(&mut self, key: String, running: &mut JoinSet<String>) {
+        let next = self.waiting.get_mut(&key).and_then(VecDeque::pop_front);
+        if self.waiting.get(&key).is_some_and(VecDeque::is_empty) {
+            self.waiting.remove(&key);
+        }
+        match next {
+            Some(delivery) if !self.stop.is_cancelled() => {
+                running.spawn(self.process(key, delivery));
+            }
+            _ => {
+                self.busy.remove(&key);
+            }
+        }
+    }
+
+    /// Handles one delivery until it is finished and acked, retrying transient failures; gives
+    /// up (unacked) only when the worker stops.
+    fn process(&self, key: String, delivery: Delivery) -> impl Future<Output = String> + use<> {
+        let (pipeline, limit, stop) = (
+            Arc::clone(&self.pipeline),
+            Arc::clone(&self.limit),
+            self.stop.clone(),
+        );
+        let (mut wait, retry_max) = (self.retry_min, self.retry_max);
+        async move {
+            let inbound = inbound(&delivery);
+            loop {
+                let outcome = {
+                    let Ok(_permit) = limit.acquire().await else {
+                        return key;
+                    };
+                    pipeline.handle(&inbound).await
+                };
+                match outcome {
+                    Ok(_) => {
+                        if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
+                            // Finished but not acked: the redelivery will be a duplicate.
+                            warn!(%error, ipn.order_key = %key, "cannot ack a finished ipn");
+                        }
+                        return key;
+                    }
+                    Err(error) => {
+                        warn!(%error, ipn.order_key = %key, retry_in = ?wait, "ipn not finished; retrying");
+                    }
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return key,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(retry_max);
+            }
+        }
+    }
+}
+
+fn header<'a>(delivery: &'a Delivery, name: &str) -> Option<&'a AMQPValue> {
+    delivery.properties.headers().as_ref()?.inner().get(name)
+}
+
+fn header_text(delivery: &Delivery, name: &str) -> Option<String> {
+    match header(delivery, name)? {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
+/// The lane of a delivery: its `x-ipn-order-key`, or (without one) the key the body gives.
+fn order_key(delivery: &Delivery) -> String {
+    header_text(delivery, "x-ipn-order-key").unwrap_or_else(|| {
+        let form = crate::ipn::Form::parse(&delivery.data);
+        crate::ipn::PayPal::order_key_of(&form, &delivery.data).to_string()
+    })
+}
+
+fn inbound(delivery: &Delivery) -> Inbound {
+    let received_at = header_text(delivery, "x-ipn-received-at")
+        .and_then(|text| humantime::parse_rfc3339(&text).ok());
+    let attempt = match header(delivery, "x-ipn-attempt") {
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        _ => 0,
+    };
+    Inbound {
+        body: delivery.data.clone(),
+        order_key: header_text(delivery, "x-ipn-order-key"),
+        received_at,
+        attempt,
+        properties: delivery.properties.clone(),
+    }
+}

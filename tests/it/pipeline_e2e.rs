@@ -1,0 +1,224 @@
+//! End to end: PayPal-shaped POSTs → ingress → shard queues → worker → a downstream queue, with
+//! the real broker, real PostgreSQL and the fake PayPal.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use base64::Engine;
+use ipn_bridge::config::{Config, Downstream};
+use ipn_bridge::fake_paypal::{Answer, FakePaypal};
+use ipn_bridge::ipn::Form;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::support::{PATIENCE, TestBroker, TestDb, post_form, ready_ingress, sample, samples};
+
+/// A worker running in-process exactly as the binary runs it.
+struct RunningWorker {
+    shutdown: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), ipn_bridge::worker::consume::Error>>,
+}
+
+impl RunningWorker {
+    fn spawn(config: Config) -> RunningWorker {
+        let (shutdown, signal) = oneshot::channel::<()>();
+        let task = tokio::spawn(ipn_bridge::worker::run(config, async {
+            let _ = signal.await;
+        }));
+        RunningWorker { shutdown, task }
+    }
+
+    async fn stop(self) {
+        let _ = self.shutdown.send(());
+        let result = tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("worker stopped in time");
+        result
+            .expect("worker task did not panic")
+            .expect("worker ended cleanly");
+    }
+}
+
+struct Stack {
+    broker: TestBroker,
+    _db: TestDb,
+    paypal: FakePaypal,
+    config: Config,
+}
+
+impl Stack {
+    async fn new() -> Stack {
+        let broker = TestBroker::new().await;
+        let db = TestDb::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let paypal = FakePaypal::start(listener, Answer::Verified).expect("fake paypal");
+        let mut config = broker.config();
+        config.database = db.config();
+        config.paypal.verify_url = Some(paypal.url());
+        config.worker.retry_min = Duration::from_millis(20);
+        config.downstream = vec![Downstream {
+            queue: "downstream".to_owned(),
+            bindings: vec!["#".to_owned()],
+        }];
+        Stack {
+            broker,
+            _db: db,
+            paypal,
+            config,
+        }
+    }
+
+    /// Waits until the downstream queue holds `n` events, then takes them in queue order.
+    async fn events(&self, n: u32) -> Vec<serde_json::Value> {
+        let channel = self.broker.channel().await;
+        let filled = async {
+            while self.broker.count(&channel, "downstream").await < n {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, filled)
+            .await
+            .expect("events arrived in time");
+        let deliveries = self.broker.drain(&channel, "downstream").await;
+        deliveries
+            .iter()
+            .map(|d| serde_json::from_slice(&d.data).expect("event JSON"))
+            .collect()
+    }
+}
+
+fn raw(event: &serde_json::Value) -> Vec<u8> {
+    let text = event["raw_body_base64"].as_str().expect("raw body");
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .expect("base64")
+}
+
+fn live_samples() -> Vec<Vec<u8>> {
+    samples()
+        .into_iter()
+        .map(|(_, body)| body)
+        .filter(|body| Form::parse(body).text("test_ipn").as_deref() != Some("1"))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_live_sample_posted_to_the_ingress_reaches_the_downstream_queue_once_in_order() {
+    let stack = Stack::new().await;
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let worker = RunningWorker::spawn(stack.config.clone());
+    let live = live_samples();
+    for body in &live {
+        assert_eq!(post_form(&ingress.url, body.clone()).await.0, 200);
+    }
+    // PayPal's identical resend of one of them changes nothing downstream.
+    assert_eq!(post_form(&ingress.url, live[0].clone()).await.0, 200);
+
+    let events = stack
+        .events(u32::try_from(live.len()).expect("small"))
+        .await;
+    assert_eq!(events.len(), live.len());
+    let mut by_key: HashMap<String, Vec<(i64, Vec<u8>)>> = HashMap::new();
+    for event in &events {
+        let key = event["order_key"].as_str().expect("key").to_owned();
+        by_key
+            .entry(key)
+            .or_default()
+            .push((event["sequence"].as_i64().expect("sequence"), raw(event)));
+    }
+    for (key, received) in by_key {
+        let numbers: Vec<i64> = received.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            numbers,
+            (1..=numbers.len() as i64).collect::<Vec<_>>(),
+            "{key}"
+        );
+        let posted: Vec<&Vec<u8>> = live
+            .iter()
+            .filter(|b| received.iter().any(|(_, r)| r == *b))
+            .collect();
+        let arrived: Vec<&Vec<u8>> = received.iter().map(|(_, r)| r).collect();
+        assert_eq!(arrived, posted, "{key}: posting order");
+    }
+    // The resend was verified too; once the worker has finished (stop drains it), it must have
+    // been recognised as a duplicate: no further event.
+    let resend_verified = async {
+        while stack.paypal.postbacks().len() < live.len() + 1 {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, resend_verified)
+        .await
+        .expect("resend verified");
+    worker.stop().await;
+    ingress.stop().await;
+    let channel = stack.broker.channel().await;
+    assert_eq!(
+        stack.broker.count(&channel, "downstream").await,
+        0,
+        "no event for the resend"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_verification_holds_back_its_own_key_only() {
+    let stack = Stack::new().await;
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let worker = RunningWorker::spawn(stack.config.clone());
+    let signup = sample("012_subscr_signup.txt");
+    let first_payment = sample("013_subscr_payment.txt");
+    let second_payment = sample("014_subscr_payment.txt");
+    let other_key = sample("001_web_accept.txt");
+    stack
+        .paypal
+        .script(&signup, [Answer::Slow(Duration::from_millis(1500))]);
+    for body in [&signup, &first_payment, &second_payment, &other_key] {
+        assert_eq!(post_form(&ingress.url, body.clone()).await.0, 200);
+    }
+    let events = stack.events(4).await;
+    let arrived: Vec<Vec<u8>> = events.iter().map(raw).collect();
+    assert_eq!(
+        arrived[0], other_key,
+        "another key is not serialized behind the slow one"
+    );
+    assert_eq!(
+        arrived[1..],
+        [signup, first_payment, second_payment],
+        "the key's own order holds"
+    );
+    let sequences: Vec<i64> = events[1..]
+        .iter()
+        .map(|e| e["sequence"].as_i64().expect("n"))
+        .collect();
+    assert_eq!(sequences, [1, 2, 3]);
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn a_transient_paypal_failure_holds_the_key_and_is_retried_until_it_succeeds() {
+    let mut stack = Stack::new().await;
+    stack.config.worker.verify_attempts = std::num::NonZeroU32::new(1).expect("1");
+    stack.config.paypal.verify_timeout = Duration::from_millis(300);
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let worker = RunningWorker::spawn(stack.config.clone());
+    let pending = sample("010_web_accept_echeck_pending.txt");
+    let completed = sample("011_web_accept_echeck_completed.txt");
+    stack.paypal.script(
+        &pending,
+        [Answer::ServerError, Answer::Silent, Answer::ServerError],
+    );
+    for body in [&pending, &completed] {
+        assert_eq!(post_form(&ingress.url, body.clone()).await.0, 200);
+    }
+    let events = stack.events(2).await;
+    assert_eq!(raw(&events[0]), pending);
+    assert_eq!(raw(&events[1]), completed);
+    assert!(
+        stack.paypal.postbacks().len() >= 5,
+        "three failures, then two successes"
+    );
+    worker.stop().await;
+    ingress.stop().await;
+}
