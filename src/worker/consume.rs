@@ -79,6 +79,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
         shards.spawn(lanes.run(consumer));
     }
+    let purge = tokio::spawn(purge_periodically(
+        store.clone(),
+        config.database.dedup_retention,
+        stop.clone(),
+    ));
     info!(shards = topology.shards().get(), "ipn-worker consuming");
     let result = tokio::select! {
         () = shutdown => Ok(()),
@@ -96,11 +101,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
         shards.abort_all();
     }
+    // Ends at once: it watches `stop`.
+    let _ = purge.await;
     // Closing returns whatever is still unacked to the queues, in order.
     let _ = connection.close(200, "worker stopping".into()).await;
     store.close().await;
     info!("ipn-worker stopped");
     result
+}
+
+/// Deletes dedup records past the retention once an hour (every worker does; the deletes are
+/// idempotent), until `stop`.
+async fn purge_periodically(store: Store, retention: Duration, stop: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match store.purge_older_than(retention).await {
+            Ok(0) => {}
+            Ok(purged) => info!(purged, "old dedup records purged"),
+            Err(error) => warn!(%error, "cannot purge old dedup records; will try again"),
+        }
+    }
 }
 
 async fn subscribe(

@@ -222,3 +222,71 @@ async fn a_transient_paypal_failure_holds_the_key_and_is_retried_until_it_succee
     worker.stop().await;
     ingress.stop().await;
 }
+
+#[tokio::test]
+async fn stopping_the_worker_mid_stream_and_starting_it_again_loses_and_repeats_nothing() {
+    let stack = Stack::new().await;
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    // Unique IPNs over a few keys; PayPal is slow enough that the stop lands mid-stream.
+    stack
+        .paypal
+        .set_default(Answer::Slow(Duration::from_millis(30)));
+    let mut bodies = Vec::new();
+    for i in 0..40 {
+        let body = format!(
+            "txn_type=web_accept&payment_status=Completed&txn_id=T{}&ipn_track_id=track{i}&n={i}",
+            i % 5
+        );
+        assert_eq!(
+            post_form(&ingress.url, body.clone().into_bytes()).await.0,
+            200
+        );
+        bodies.push(body.into_bytes());
+    }
+    let worker = RunningWorker::spawn(stack.config.clone());
+    let some_done = async {
+        while stack.paypal.postbacks().len() < 10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, some_done)
+        .await
+        .expect("worker started processing");
+    worker.stop().await;
+    let channel = stack.broker.channel().await;
+    let before_restart = stack.broker.count(&channel, "downstream").await;
+    assert!(
+        before_restart < 40,
+        "stopped mid-stream ({before_restart} events so far)"
+    );
+    let restarted = RunningWorker::spawn(stack.config.clone());
+    let events = stack.events(40).await;
+    restarted.stop().await;
+    ingress.stop().await;
+
+    assert_eq!(events.len(), 40, "one event per IPN");
+    assert_eq!(
+        stack.broker.count(&channel, "downstream").await,
+        0,
+        "and no second one"
+    );
+    let mut by_key: HashMap<String, Vec<(i64, Vec<u8>)>> = HashMap::new();
+    for event in &events {
+        let key = event["order_key"].as_str().expect("key").to_owned();
+        by_key
+            .entry(key)
+            .or_default()
+            .push((event["sequence"].as_i64().expect("n"), raw(event)));
+    }
+    assert_eq!(by_key.len(), 5);
+    for (key, received) in by_key {
+        let numbers: Vec<i64> = received.iter().map(|(n, _)| *n).collect();
+        assert_eq!(numbers, (1..=8).collect::<Vec<i64>>(), "{key}");
+        let posted: Vec<&Vec<u8>> = bodies
+            .iter()
+            .filter(|b| received.iter().any(|(_, r)| r == *b))
+            .collect();
+        let arrived: Vec<&Vec<u8>> = received.iter().map(|(_, r)| r).collect();
+        assert_eq!(arrived, posted, "{key}: posting order across the restart");
+    }
+}
