@@ -109,6 +109,8 @@ pub struct Worker {
     /// On SIGTERM, IPNs in progress get this long to finish (publish, confirm, ack).
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Address of the worker's `/healthz`, `/readyz` and `/metrics`.
+    pub listen: SocketAddr,
 }
 
 impl Default for Worker {
@@ -122,6 +124,7 @@ impl Default for Worker {
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(15),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
         }
     }
 }

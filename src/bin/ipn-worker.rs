@@ -23,7 +23,15 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     telemetry::init(config.telemetry.format);
-    match worker::run(config, shutdown::signal()).await {
+    let address = config.worker.listen;
+    let health = match tokio::net::TcpListener::bind(address).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("ipn-worker: cannot listen on {address}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match worker::run(config, health, shutdown::signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!(

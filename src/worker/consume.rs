@@ -13,18 +13,27 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, Consumer};
+use lapin::{Connection, ConnectionStatus, Consumer};
+use std::convert::Infallible;
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::pipeline::{Inbound, Pipeline};
-use crate::amqp::{self, Publisher};
+use crate::amqp::{self, Publisher, State};
 use crate::config::{self, Config};
 use crate::store::{self, Store};
 use crate::topology::Topology;
@@ -55,7 +64,12 @@ impl From<lapin::Error> for Error {
 
 /// Runs the worker until `shutdown` resolves (then drains within `worker.shutdown_grace`) or the
 /// consume connection is lost (then returns the error, leaving unfinished IPNs unacked).
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+/// `/healthz`, `/readyz` and `/metrics` are served on `health`.
+pub async fn run(
+    config: Config,
+    health: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
     let store = Store::connect(&config.database).await?;
     let verifier = Verifier::new(&config.paypal)?;
     let topology = Topology::of(&config);
@@ -79,6 +93,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
         shards.spawn(lanes.run(consumer));
     }
+    let probes = tokio::spawn(serve_health(
+        health,
+        Arc::clone(&pipeline),
+        connection.status().clone(),
+        stop.clone(),
+    ));
     let purge = tokio::spawn(purge_periodically(
         store.clone(),
         config.database.dedup_retention,
@@ -101,13 +121,75 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
         shards.abort_all();
     }
-    // Ends at once: it watches `stop`.
+    // Both end at once: they watch `stop`.
     let _ = purge.await;
+    let _ = probes.await;
     // Closing returns whatever is still unacked to the queues, in order.
     let _ = connection.close(200, "worker stopping".into()).await;
     store.close().await;
     info!("ipn-worker stopped");
     result
+}
+
+/// Serves the probes and metrics until `stop`.
+async fn serve_health(
+    listener: TcpListener,
+    pipeline: Arc<Pipeline>,
+    consuming: ConnectionStatus,
+    stop: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+        };
+        let (pipeline, consuming, stopping) =
+            (Arc::clone(&pipeline), consuming.clone(), stop.clone());
+        let service = service_fn(move |request: Request<Incoming>| {
+            let response = probe(request.uri().path(), &pipeline, &consuming, &stopping);
+            async move { Ok::<_, Infallible>(response) }
+        });
+        tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+    }
+}
+
+/// `/readyz` is ready when both connections are up, publishing is not blocked, and the worker is
+/// not stopping.
+fn probe(
+    path: &str,
+    pipeline: &Pipeline,
+    consuming: &ConnectionStatus,
+    stopping: &CancellationToken,
+) -> Response<Full<Bytes>> {
+    let (status, body) = match path {
+        "/healthz" => (StatusCode::OK, "ok".to_owned()),
+        "/metrics" => (StatusCode::OK, pipeline.metrics().render()),
+        "/readyz" if stopping.is_cancelled() => {
+            (StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_owned())
+        }
+        "/readyz" if !consuming.connected() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker unavailable".to_owned(),
+        ),
+        "/readyz" => match pipeline.publisher_state() {
+            State::Ready => (StatusCode::OK, "ready".to_owned()),
+            State::Blocked => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "broker blocked publishing".to_owned(),
+            ),
+            State::Down => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "broker unavailable".to_owned(),
+            ),
+        },
+        _ => (StatusCode::NOT_FOUND, "not found".to_owned()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body + "\n")));
+    *response.status_mut() = status;
+    response
 }
 
 /// Deletes dedup records past the retention once an hour (every worker does; the deletes are

@@ -2,9 +2,12 @@
 //! events on `<p>.events`, each exactly once under a stable id, in order per key.
 //!
 //! - [`pipeline`]: the steps of one IPN (verify, policy, claim, publish, confirm, mark done).
-//! - [`consume`]: subscriptions to every shard queue, lanes per order key, acks, shutdown.
+//! - [`consume`]: subscriptions to every shard queue, lanes per order key, acks, shutdown, and
+//!   `/healthz`, `/readyz`, `/metrics` on `worker.listen`.
+//! - [`metrics`]: the worker's Prometheus metrics.
 
 pub mod consume;
+pub mod metrics;
 pub mod pipeline;
 
 pub use consume::run;

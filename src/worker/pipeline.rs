@@ -12,7 +12,8 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use tracing::{info, warn};
 
-use crate::amqp::{Outgoing, PublishError, Publisher};
+use super::metrics::{Metrics, OutcomeLabel, ReasonLabel};
+use crate::amqp::{Outgoing, PublishError, Publisher, State};
 use crate::config::{self, Config};
 use crate::event::{Context, Event};
 use crate::ipn::{Form, OrderKey, PayPal};
@@ -75,6 +76,7 @@ pub struct Pipeline {
     verifier: Verifier,
     store: Store,
     publisher: Publisher,
+    metrics: Metrics,
 }
 
 impl Pipeline {
@@ -92,7 +94,18 @@ impl Pipeline {
             verifier,
             store,
             publisher,
+            metrics: Metrics::new(),
         }
+    }
+
+    /// This pipeline's counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Whether events can be published now.
+    pub fn publisher_state(&self) -> State {
+        self.publisher.state()
     }
 
     /// Takes one IPN as far as it can go; see the module docs.
@@ -114,7 +127,10 @@ impl Pipeline {
         };
         let keys = PayPal::dedup_keys(&form, &inbound.body);
         let reservation = match self.store.claim(&keys, order_key.as_str()).await? {
-            Claim::Done(_) => return Ok(Outcome::Duplicate),
+            Claim::Done(_) => {
+                self.metrics.duplicates.inc();
+                return Ok(Outcome::Duplicate);
+            }
             Claim::New(reservation) | Claim::Pending(reservation) => reservation,
         };
         let context = Context {
@@ -126,6 +142,7 @@ impl Pipeline {
         let event = Event::new(&form, &inbound.body, &context);
         self.publish_event(&event).await?;
         self.store.mark_done(reservation.event_id).await?;
+        self.metrics.events.inc();
         info!(ipn.order_key = %order_key, sequence = reservation.sequence, "event published");
         Ok(Outcome::Published {
             event_id: reservation.event_id,
@@ -138,7 +155,21 @@ impl Pipeline {
         let mut wait = self.worker.verify_backoff;
         let mut attempt = 1;
         loop {
-            match self.verifier.verify(body).await {
+            let started = std::time::Instant::now();
+            let result = self.verifier.verify(body).await;
+            self.metrics
+                .verify_seconds
+                .observe(started.elapsed().as_secs_f64());
+            let outcome = match &result {
+                Ok(Verdict::Verified) => "verified",
+                Ok(Verdict::Invalid) => "invalid",
+                Err(_) => "error",
+            };
+            self.metrics
+                .verifications
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc();
+            match result {
                 Ok(verdict) => return Ok(verdict),
                 Err(error) if attempt >= self.worker.verify_attempts.get() => {
                     return Err(Error::Verify(error));
@@ -196,6 +227,10 @@ impl Pipeline {
         self.publisher
             .publish(message, self.worker.confirm_timeout)
             .await?;
+        let label = ReasonLabel {
+            reason: reason.as_str(),
+        };
+        self.metrics.quarantined.get_or_create(&label).inc();
         warn!(reason = reason.as_str(), "ipn quarantined");
         Ok(Outcome::Quarantined(reason))
     }

@@ -16,17 +16,33 @@ use crate::support::{PATIENCE, TestBroker, TestDb, post_form, ready_ingress, sam
 
 /// A worker running in-process exactly as the binary runs it.
 struct RunningWorker {
+    /// Where `/healthz`, `/readyz` and `/metrics` answer.
+    address: std::net::SocketAddr,
     shutdown: oneshot::Sender<()>,
     task: JoinHandle<Result<(), ipn_bridge::worker::consume::Error>>,
 }
 
 impl RunningWorker {
-    fn spawn(config: Config) -> RunningWorker {
+    async fn spawn(config: Config) -> RunningWorker {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
         let (shutdown, signal) = oneshot::channel::<()>();
-        let task = tokio::spawn(ipn_bridge::worker::run(config, async {
+        let task = tokio::spawn(ipn_bridge::worker::run(config, listener, async {
             let _ = signal.await;
         }));
-        RunningWorker { shutdown, task }
+        RunningWorker {
+            address,
+            shutdown,
+            task,
+        }
+    }
+
+    /// One metric's value from `/metrics` (the first line starting with `name`).
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let url = format!("http://{}/metrics", self.address);
+        let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+        let line = text.lines().find(|line| line.starts_with(name))?;
+        line.rsplit(' ').next()?.parse().ok()
     }
 
     async fn stop(self) {
@@ -107,7 +123,7 @@ fn live_samples() -> Vec<Vec<u8>> {
 async fn every_live_sample_posted_to_the_ingress_reaches_the_downstream_queue_once_in_order() {
     let stack = Stack::new().await;
     let (_, ingress) = ready_ingress(stack.config.clone()).await;
-    let worker = RunningWorker::spawn(stack.config.clone());
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
     let live = live_samples();
     for body in &live {
         assert_eq!(post_form(&ingress.url, body.clone()).await.0, 200);
@@ -151,6 +167,24 @@ async fn every_live_sample_posted_to_the_ingress_reaches_the_downstream_queue_on
     tokio::time::timeout(PATIENCE, resend_verified)
         .await
         .expect("resend verified");
+    let duplicate_counted = async {
+        while worker.metric("ipn_worker_duplicates_total").await != Some(1.0) {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, duplicate_counted)
+        .await
+        .expect("duplicate counted");
+    let published = worker.metric("ipn_worker_events_published_total").await;
+    assert_eq!(published, Some(live.len() as f64));
+    let verified = worker
+        .metric("ipn_worker_verifications_total{outcome=\"verified\"}")
+        .await;
+    assert_eq!(verified, Some(live.len() as f64 + 1.0));
+    let ready = reqwest::get(format!("http://{}/readyz", worker.address))
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 200);
     worker.stop().await;
     ingress.stop().await;
     let channel = stack.broker.channel().await;
@@ -165,7 +199,7 @@ async fn every_live_sample_posted_to_the_ingress_reaches_the_downstream_queue_on
 async fn a_slow_verification_holds_back_its_own_key_only() {
     let stack = Stack::new().await;
     let (_, ingress) = ready_ingress(stack.config.clone()).await;
-    let worker = RunningWorker::spawn(stack.config.clone());
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
     let signup = sample("012_subscr_signup.txt");
     let first_payment = sample("013_subscr_payment.txt");
     let second_payment = sample("014_subscr_payment.txt");
@@ -202,7 +236,7 @@ async fn a_transient_paypal_failure_holds_the_key_and_is_retried_until_it_succee
     stack.config.worker.verify_attempts = std::num::NonZeroU32::new(1).expect("1");
     stack.config.paypal.verify_timeout = Duration::from_millis(300);
     let (_, ingress) = ready_ingress(stack.config.clone()).await;
-    let worker = RunningWorker::spawn(stack.config.clone());
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
     let pending = sample("010_web_accept_echeck_pending.txt");
     let completed = sample("011_web_accept_echeck_completed.txt");
     stack.paypal.script(
@@ -243,7 +277,7 @@ async fn stopping_the_worker_mid_stream_and_starting_it_again_loses_and_repeats_
         );
         bodies.push(body.into_bytes());
     }
-    let worker = RunningWorker::spawn(stack.config.clone());
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
     let some_done = async {
         while stack.paypal.postbacks().len() < 10 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -259,7 +293,7 @@ async fn stopping_the_worker_mid_stream_and_starting_it_again_loses_and_repeats_
         before_restart < 40,
         "stopped mid-stream ({before_restart} events so far)"
     );
-    let restarted = RunningWorker::spawn(stack.config.clone());
+    let restarted = RunningWorker::spawn(stack.config.clone()).await;
     let events = stack.events(40).await;
     restarted.stop().await;
     ingress.stop().await;

@@ -1,0 +1,105 @@
+//! The worker's Prometheus metrics, in a registry of its own.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label of the verification counter: `verified`, `invalid` or `error`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// The postback's outcome.
+    pub outcome: &'static str,
+}
+
+/// Label of the quarantine counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `invalid`, `wrong-environment`, `foreign-receiver`, `unreadable`.
+    pub reason: &'static str,
+}
+
+/// Counters, histogram and gauge of one worker.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Postbacks by outcome.
+    pub verifications: Family<OutcomeLabel, Counter>,
+    /// Seconds per postback.
+    pub verify_seconds: Histogram,
+    /// Events published and confirmed.
+    pub events: Counter,
+    /// Resends recognised and dropped.
+    pub duplicates: Counter,
+    /// IPNs quarantined, by reason.
+    pub quarantined: Family<ReasonLabel, Counter>,
+    /// IPNs being processed now.
+    pub in_flight: Gauge,
+}
+
+impl Metrics {
+    /// Fresh metrics, all zero.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("ipn_worker");
+        let metrics = Metrics {
+            verifications: Family::default(),
+            // 5 ms .. ~80 s
+            verify_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 15)),
+            events: Counter::default(),
+            duplicates: Counter::default(),
+            quarantined: Family::default(),
+            in_flight: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "verifications",
+            "PayPal postbacks by outcome",
+            metrics.verifications.clone(),
+        );
+        registry.register(
+            "verify_seconds",
+            "Seconds per PayPal postback",
+            metrics.verify_seconds.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Events published and confirmed",
+            metrics.events.clone(),
+        );
+        registry.register(
+            "duplicates",
+            "Resends recognised and not published again",
+            metrics.duplicates.clone(),
+        );
+        registry.register(
+            "quarantined",
+            "IPNs quarantined, by reason",
+            metrics.quarantined.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "IPNs being processed",
+            metrics.in_flight.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
