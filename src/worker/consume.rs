@@ -75,6 +75,10 @@ pub async fn run(
     let topology = Topology::of(&config);
     let publisher = Publisher::start(&config.amqp, topology.clone(), "ipn-worker-publish");
     let pipeline = Arc::new(Pipeline::new(&config, verifier, store.clone(), publisher));
+    // Consuming before events can be published would only fail and retry every IPN.
+    if !pipeline.wait_publisher(config.amqp.connect_timeout).await {
+        warn!("publisher not connected yet; IPNs will be retried until it is");
+    }
     let connection = amqp::connect(&config.amqp, "ipn-worker-consume").await?;
     topology
         .declare(&connection.create_channel().await?)

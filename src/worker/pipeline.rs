@@ -103,6 +103,11 @@ impl Pipeline {
         &self.metrics
     }
 
+    /// Waits until the publisher is connected, at most `limit`; true when it is.
+    pub async fn wait_publisher(&self, limit: std::time::Duration) -> bool {
+        self.publisher.wait_connected(limit).await
+    }
+
     /// Whether events can be published now.
     pub fn publisher_state(&self) -> State {
         self.publisher.state()

@@ -180,7 +180,8 @@ async fn every_live_sample_posted_to_the_ingress_reaches_the_downstream_queue_on
     let verified = worker
         .metric("ipn_worker_verifications_total{outcome=\"verified\"}")
         .await;
-    assert_eq!(verified, Some(live.len() as f64 + 1.0));
+    // At least one postback per IPN and the resend; a transient failure would add retries.
+    assert!(verified >= Some(live.len() as f64 + 1.0), "{verified:?}");
     let ready = reqwest::get(format!("http://{}/readyz", worker.address))
         .await
         .expect("readyz");
