@@ -12,7 +12,9 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::support::{PATIENCE, TestBroker, TestDb, post_form, ready_ingress, sample, samples};
+use crate::support::{
+    PATIENCE, Services, TestBroker, TestDb, post_form, ready_ingress, sample, samples,
+};
 
 /// A worker running in-process exactly as the binary runs it.
 struct RunningWorker {
@@ -65,14 +67,12 @@ struct Stack {
 
 impl Stack {
     async fn new() -> Stack {
-        let broker = TestBroker::new().await;
-        let db = TestDb::new();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let paypal = FakePaypal::start(listener, Answer::Verified).expect("fake paypal");
-        let mut config = broker.config();
-        config.database = db.config();
-        config.paypal.verify_url = Some(paypal.url());
-        config.worker.retry_min = Duration::from_millis(20);
+        let Services {
+            broker,
+            db,
+            paypal,
+            mut config,
+        } = Services::start().await;
         config.downstream = vec![Downstream {
             queue: "downstream".to_owned(),
             bindings: vec!["#".to_owned()],

@@ -1,7 +1,6 @@
 //! The worker's per-IPN pipeline against the real broker, real PostgreSQL and the fake PayPal.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use base64::Engine;
 use ipn_bridge::amqp::Publisher;
@@ -17,9 +16,8 @@ use ipn_bridge::worker::{Inbound, Outcome, Pipeline};
 use lapin::BasicProperties;
 use lapin::options::QueueBindOptions;
 use lapin::types::{AMQPValue, FieldTable};
-use tokio::net::TcpListener;
 
-use crate::support::{PATIENCE, TestBroker, TestDb, sample, samples};
+use crate::support::{PATIENCE, Services, TestBroker, TestDb, sample, samples};
 
 /// A pipeline on a vhost and a database of its own, with a downstream queue `downstream`
 /// bound to every event.
@@ -34,14 +32,12 @@ struct Rig {
 
 impl Rig {
     async fn start(adjust: impl FnOnce(&mut Config)) -> Rig {
-        let broker = TestBroker::new().await;
-        let db = TestDb::new();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let paypal = FakePaypal::start(listener, Answer::Verified).expect("fake paypal");
-        let mut config = broker.config();
-        config.database = db.config();
-        config.paypal.verify_url = Some(paypal.url());
-        config.worker.verify_backoff = Duration::from_millis(10);
+        let Services {
+            broker,
+            db,
+            paypal,
+            mut config,
+        } = Services::start().await;
         adjust(&mut config);
         let topology = Topology::new(&config.topology);
         let publisher = Publisher::start(&config.amqp, topology.clone(), "ipn-worker-test");

@@ -4,11 +4,13 @@ pub mod broker;
 pub mod db;
 pub mod ingress;
 pub mod proxy;
+pub mod services;
 
 pub use broker::{DiskAlarm, TestBroker};
 pub use db::TestDb;
 pub use ingress::{post_form, ready_ingress, spawn_ingress};
 pub use proxy::Proxy;
+pub use services::Services;
 
 #[path = "../../samples.rs"]
 mod samples_dir;
