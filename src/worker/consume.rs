@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionStatus, Consumer};
+use lapin::{Connection, Consumer};
 use std::convert::Infallible;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -62,8 +63,9 @@ impl From<lapin::Error> for Error {
     }
 }
 
-/// Runs the worker until `shutdown` resolves (then drains within `worker.shutdown_grace`) or the
-/// consume connection is lost (then returns the error, leaving unfinished IPNs unacked).
+/// Runs the worker until `shutdown` resolves, then drains within `worker.shutdown_grace`.
+/// A lost broker connection is re-established with backoff (`amqp.reconnect_min`..`max`); what
+/// was unacked then returns to the queues and is redelivered (a finished IPN as a duplicate).
 /// `/healthz`, `/readyz` and `/metrics` are served on `health`.
 pub async fn run(
     config: Config,
@@ -79,28 +81,12 @@ pub async fn run(
     if !pipeline.wait_publisher(config.amqp.connect_timeout).await {
         warn!("publisher not connected yet; IPNs will be retried until it is");
     }
-    let connection = amqp::connect(&config.amqp, "ipn-worker-consume").await?;
-    topology
-        .declare(&connection.create_channel().await?)
-        .await?;
     let stop = CancellationToken::new();
-    let limit = Arc::new(Semaphore::new(config.worker.concurrency.get()));
-    let mut shards = JoinSet::new();
-    for shard in 0..topology.shards().get() {
-        let consumer = subscribe(&connection, &topology, shard, &config.worker).await?;
-        let lanes = Lanes::new(
-            shard,
-            Arc::clone(&pipeline),
-            Arc::clone(&limit),
-            &config.worker,
-            stop.clone(),
-        );
-        shards.spawn(lanes.run(consumer));
-    }
+    let consuming = Arc::new(AtomicBool::new(false));
     let probes = tokio::spawn(serve_health(
         health,
         Arc::clone(&pipeline),
-        connection.status().clone(),
+        Arc::clone(&consuming),
         stop.clone(),
     ));
     let purge = tokio::spawn(purge_periodically(
@@ -108,38 +94,114 @@ pub async fn run(
         config.database.dedup_retention,
         stop.clone(),
     ));
-    info!(shards = topology.shards().get(), "ipn-worker consuming");
-    let result = tokio::select! {
-        () = shutdown => Ok(()),
-        Some(ended) = shards.join_next() => Err(ended.unwrap_or(Error::ConsumerLost(u16::MAX))),
+    let session = Session {
+        config: &config,
+        topology: &topology,
+        pipeline: &pipeline,
+        limit: Arc::new(Semaphore::new(config.worker.concurrency.get())),
+        consuming: &consuming,
+        stop: &stop,
     };
-    stop.cancel();
-    let grace = config.worker.shutdown_grace;
-    if tokio::time::timeout(grace, async { while shards.join_next().await.is_some() {} })
-        .await
-        .is_err()
-    {
-        warn!(
-            ?grace,
-            "grace period over; unfinished IPNs stay unacked and will be redelivered"
-        );
-        shards.abort_all();
-    }
-    // Both end at once: they watch `stop`.
+    // Shutdown only cancels `stop`; the session sees it, drains within the grace period and
+    // closes its connection, then `keep_consuming` returns.
+    let stopping = async {
+        shutdown.await;
+        stop.cancel();
+    };
+    tokio::join!(stopping, session.keep_consuming());
+    // Both background tasks end at once: they watch `stop`.
     let _ = purge.await;
     let _ = probes.await;
-    // Closing returns whatever is still unacked to the queues, in order.
-    let _ = connection.close(200, "worker stopping".into()).await;
     store.close().await;
     info!("ipn-worker stopped");
-    result
+    Ok(())
+}
+
+/// What one consume connection needs.
+struct Session<'a> {
+    config: &'a Config,
+    topology: &'a Topology,
+    pipeline: &'a Arc<Pipeline>,
+    limit: Arc<Semaphore>,
+    consuming: &'a AtomicBool,
+    stop: &'a CancellationToken,
+}
+
+impl Session<'_> {
+    /// Connects and consumes; after a loss, waits and does it again; returns when stopped.
+    async fn keep_consuming(&self) {
+        let amqp = &self.config.amqp;
+        let mut wait = amqp.reconnect_min;
+        while !self.stop.is_cancelled() {
+            match self.consume().await {
+                Ok(()) => return,
+                Err(error) => {
+                    self.consuming.store(false, Ordering::Relaxed);
+                    warn!(%error, retry_in = ?wait, "not consuming; reconnecting");
+                }
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(amqp.reconnect_max);
+        }
+    }
+
+    /// One connection's life: subscribe to every shard, run the lanes until `stop` (drain within
+    /// the grace period, `Ok`) or until a consumer ends (`Err`).
+    async fn consume(&self) -> Result<(), Error> {
+        let connection = amqp::connect(&self.config.amqp, "ipn-worker-consume").await?;
+        self.topology
+            .declare(&connection.create_channel().await?)
+            .await?;
+        let session_stop = self.stop.child_token();
+        let mut shards = JoinSet::new();
+        for shard in 0..self.topology.shards().get() {
+            let consumer =
+                subscribe(&connection, self.topology, shard, &self.config.worker).await?;
+            let pipeline = Arc::clone(self.pipeline);
+            let lanes = Lanes::new(
+                shard,
+                pipeline,
+                Arc::clone(&self.limit),
+                &self.config.worker,
+                session_stop.clone(),
+            );
+            shards.spawn(lanes.run(consumer));
+        }
+        self.consuming.store(true, Ordering::Relaxed);
+        info!(
+            shards = self.topology.shards().get(),
+            "ipn-worker consuming"
+        );
+        let lost = tokio::select! {
+            () = self.stop.cancelled() => None,
+            Some(ended) = shards.join_next() => Some(ended.unwrap_or(Error::ConsumerLost(u16::MAX))),
+        };
+        session_stop.cancel();
+        self.consuming.store(false, Ordering::Relaxed);
+        let grace = self.config.worker.shutdown_grace;
+        let drained =
+            tokio::time::timeout(grace, async { while shards.join_next().await.is_some() {} });
+        if drained.await.is_err() {
+            warn!(
+                ?grace,
+                "grace period over; unfinished IPNs stay unacked and will be redelivered"
+            );
+            shards.abort_all();
+        }
+        // Closing returns whatever is still unacked to the queues, in order.
+        let _ = connection.close(200, "worker stopping".into()).await;
+        lost.map_or(Ok(()), Err)
+    }
 }
 
 /// Serves the probes and metrics until `stop`.
 async fn serve_health(
     listener: TcpListener,
     pipeline: Arc<Pipeline>,
-    consuming: ConnectionStatus,
+    consuming: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
     loop {
@@ -151,7 +213,7 @@ async fn serve_health(
             },
         };
         let (pipeline, consuming, stopping) =
-            (Arc::clone(&pipeline), consuming.clone(), stop.clone());
+            (Arc::clone(&pipeline), Arc::clone(&consuming), stop.clone());
         let service = service_fn(move |request: Request<Incoming>| {
             let response = probe(request.uri().path(), &pipeline, &consuming, &stopping);
             async move { Ok::<_, Infallible>(response) }
@@ -165,7 +227,7 @@ async fn serve_health(
 fn probe(
     path: &str,
     pipeline: &Pipeline,
-    consuming: &ConnectionStatus,
+    consuming: &AtomicBool,
     stopping: &CancellationToken,
 ) -> Response<Full<Bytes>> {
     let (status, body) = match path {
@@ -174,7 +236,7 @@ fn probe(
         "/readyz" if stopping.is_cancelled() => {
             (StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_owned())
         }
-        "/readyz" if !consuming.connected() => (
+        "/readyz" if !consuming.load(Ordering::Relaxed) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "broker unavailable".to_owned(),
         ),
@@ -286,6 +348,11 @@ impl Lanes {
                 },
             }
         };
+        if ended.is_some() {
+            // The session is over (its `stop` is this session's own token): IPNs retrying in
+            // place must give up now, unacked, instead of waiting for a broker that is gone.
+            self.stop.cancel();
+        }
         // Finish what is running; deliveries still waiting stay unacked for redelivery.
         while running.join_next().await.is_some() {}
         ended.unwrap_or(Error::ConsumerLost(self.shard))

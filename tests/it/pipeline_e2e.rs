@@ -325,3 +325,76 @@ async fn stopping_the_worker_mid_stream_and_starting_it_again_loses_and_repeats_
         assert_eq!(arrived, posted, "{key}: posting order across the restart");
     }
 }
+
+#[tokio::test]
+async fn the_worker_reconnects_after_losing_the_broker_and_goes_on() {
+    let stack = Stack::new().await;
+    let proxy = crate::support::Proxy::start().await;
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let mut worker_config = stack.config.clone();
+    worker_config.amqp.url = stack.broker.url_via(proxy.address()).parse().expect("url");
+    let worker = RunningWorker::spawn(worker_config).await;
+    let readyz = format!("http://{}/readyz", worker.address);
+    let ready_is = |expected: u16| {
+        let readyz = readyz.clone();
+        async move {
+            while reqwest::get(&readyz)
+                .await
+                .map(|r| r.status().as_u16())
+                .ok()
+                != Some(expected)
+            {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, ready_is(200))
+        .await
+        .expect("worker ready");
+    let before = sample("001_web_accept.txt");
+    assert_eq!(post_form(&ingress.url, before.clone()).await.0, 200);
+    assert_eq!(raw(&stack.events(1).await[0]), before);
+
+    // One IPN is being verified (slowly) when the connection is cut.
+    let in_flight = sample("012_subscr_signup.txt");
+    stack
+        .paypal
+        .script(&in_flight, [Answer::Slow(Duration::from_millis(800))]);
+    let postbacks = stack.paypal.postbacks().len();
+    assert_eq!(post_form(&ingress.url, in_flight.clone()).await.0, 200);
+    let verifying = async {
+        while stack.paypal.postbacks().len() == postbacks {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, verifying)
+        .await
+        .expect("postback started");
+    proxy.cut();
+    tokio::time::timeout(PATIENCE, ready_is(503))
+        .await
+        .expect("worker reports the loss");
+    let during = sample("042_send_money.txt");
+    assert_eq!(
+        post_form(&ingress.url, during.clone()).await.0,
+        200,
+        "the ingress is not behind the proxy"
+    );
+    proxy.restore();
+    tokio::time::timeout(PATIENCE, ready_is(200))
+        .await
+        .expect("worker reconnected");
+    let mut after: Vec<Vec<u8>> = stack.events(2).await.iter().map(raw).collect();
+    after.sort();
+    let mut expected = vec![in_flight, during];
+    expected.sort();
+    assert_eq!(after, expected, "both published after the reconnect");
+    worker.stop().await;
+    ingress.stop().await;
+    let channel = stack.broker.channel().await;
+    assert_eq!(
+        stack.broker.count(&channel, "downstream").await,
+        0,
+        "and only once"
+    );
+}
