@@ -53,6 +53,20 @@ pub enum Outcome {
     Quarantined(Reason),
 }
 
+/// A point between two steps of the exactly-once chain, where a crash can be injected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The IPN is claimed (id and sequence reserved); nothing published yet.
+    Claimed,
+    /// The event is published and confirmed; not yet marked done.
+    Published,
+    /// Marked done; not yet acked.
+    MarkedDone,
+}
+
+/// Decides, at each [`Step`], whether to stop there as if the process had crashed.
+pub type FaultInjector = Box<dyn Fn(Step) -> bool + Send + Sync>;
+
 /// Why an IPN is not finished yet; all of these are transient.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -65,10 +79,12 @@ pub enum Error {
     /// The broker did not confirm the event or the quarantined copy.
     #[error("publish not confirmed")]
     Publish(#[from] PublishError),
+    /// A fault injector stopped the IPN here (tests of crash safety only).
+    #[error("fault injected after {0:?}")]
+    Injected(Step),
 }
 
 /// Everything one IPN needs; shared by all of a worker's tasks.
-#[derive(Debug)]
 pub struct Pipeline {
     paypal: config::Paypal,
     worker: config::Worker,
@@ -77,6 +93,15 @@ pub struct Pipeline {
     store: Store,
     publisher: Publisher,
     metrics: Metrics,
+    fault: Option<FaultInjector>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("topology", &self.topology)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Pipeline {
@@ -95,6 +120,22 @@ impl Pipeline {
             store,
             publisher,
             metrics: Metrics::new(),
+            fault: None,
+        }
+    }
+
+    /// Stops an IPN at the steps `fault` picks, as if the process had crashed there: what came
+    /// before is done, nothing after it happens, and `handle` returns `Err(Injected)` so the
+    /// caller does not ack. For crash-safety tests.
+    pub fn with_fault_injection(mut self, fault: FaultInjector) -> Pipeline {
+        self.fault = Some(fault);
+        self
+    }
+
+    fn crash_point(&self, step: Step) -> Result<(), Error> {
+        match &self.fault {
+            Some(fault) if fault(step) => Err(Error::Injected(step)),
+            _ => Ok(()),
         }
     }
 
@@ -145,8 +186,11 @@ impl Pipeline {
             verified_at,
         };
         let event = Event::new(&form, &inbound.body, &context);
+        self.crash_point(Step::Claimed)?;
         self.publish_event(&event).await?;
+        self.crash_point(Step::Published)?;
         self.store.mark_done(reservation.event_id).await?;
+        self.crash_point(Step::MarkedDone)?;
         self.metrics.events.inc();
         info!(ipn.order_key = %order_key, sequence = reservation.sequence, "event published");
         Ok(Outcome::Published {

@@ -11,7 +11,7 @@ use ipn_bridge::policy::Reason;
 use ipn_bridge::store::{Claim, Store};
 use ipn_bridge::topology::Topology;
 use ipn_bridge::verify::Verifier;
-use ipn_bridge::worker::pipeline::Error;
+use ipn_bridge::worker::pipeline::{Error, Step};
 use ipn_bridge::worker::{Inbound, Outcome, Pipeline};
 use lapin::BasicProperties;
 use lapin::options::QueueBindOptions;
@@ -28,9 +28,22 @@ struct Rig {
     paypal: FakePaypal,
     store: Store,
     pipeline: Pipeline,
+    config: Config,
 }
 
 impl Rig {
+    /// Another pipeline on the same broker, database and PayPal, as a restarted worker's.
+    async fn another_pipeline(&self) -> Pipeline {
+        let publisher =
+            Publisher::start(&self.config.amqp, self.topology.clone(), "ipn-worker-test");
+        assert!(
+            publisher.wait_connected(PATIENCE).await,
+            "publisher connected"
+        );
+        let verifier = Verifier::new(&self.config.paypal).expect("verifier");
+        Pipeline::new(&self.config, verifier, self.store.clone(), publisher)
+    }
+
     async fn start(adjust: impl FnOnce(&mut Config)) -> Rig {
         let Services {
             broker,
@@ -55,6 +68,7 @@ impl Rig {
             paypal,
             store,
             pipeline,
+            config,
         };
         rig.bind_downstream().await;
         rig
@@ -371,4 +385,69 @@ async fn an_event_no_queue_is_bound_for_is_not_acknowledged_until_it_can_be_rout
         "same number: {outcome:?}"
     );
     assert_eq!(rig.events().await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_crash_between_any_two_steps_yields_one_event_id_and_number_after_the_redelivery() {
+    for step in [Step::Claimed, Step::Published, Step::MarkedDone] {
+        let rig = Rig::start(|_| {}).await;
+        let crashing = rig
+            .another_pipeline()
+            .await
+            .with_fault_injection(Box::new(move |at| at == step));
+        let first = sample("013_subscr_payment.txt");
+        let next = sample("014_subscr_payment.txt");
+        let crashed = crashing.handle(&inbound(&first)).await;
+        assert!(
+            matches!(crashed, Err(Error::Injected(at)) if at == step),
+            "{step:?}: {crashed:?}"
+        );
+
+        // The redelivery, handled by the restarted worker.
+        let redelivered = rig
+            .pipeline
+            .handle(&inbound(&first))
+            .await
+            .expect("finished");
+        match step {
+            Step::MarkedDone => assert_eq!(redelivered, Outcome::Duplicate, "{step:?}"),
+            _ => assert!(
+                matches!(redelivered, Outcome::Published { sequence: 1, .. }),
+                "{step:?}: {redelivered:?}"
+            ),
+        }
+        assert_eq!(
+            rig.pipeline
+                .handle(&inbound(&first))
+                .await
+                .expect("finished"),
+            Outcome::Duplicate
+        );
+        let following = rig
+            .pipeline
+            .handle(&inbound(&next))
+            .await
+            .expect("finished");
+        assert!(
+            matches!(following, Outcome::Published { sequence: 2, .. }),
+            "{step:?}: no gap: {following:?}"
+        );
+
+        let events = rig.events().await;
+        let of_first: Vec<&serde_json::Value> = events
+            .iter()
+            .filter(|e| e["txn_id"] == "1GK360366M840293X")
+            .collect();
+        // A crash after the confirm but before mark_done republishes: a second copy downstream,
+        // with the same id and number, which consumers deduplicate on.
+        let copies = if step == Step::Published { 2 } else { 1 };
+        assert_eq!(of_first.len(), copies, "{step:?}");
+        for copy in &of_first {
+            assert_eq!(
+                copy["event_id"], of_first[0]["event_id"],
+                "{step:?}: one id"
+            );
+            assert_eq!(copy["sequence"], 1, "{step:?}: one number");
+        }
+    }
 }
