@@ -14,7 +14,6 @@
 //! and deletes its queues and exchange at the end.
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -37,6 +36,9 @@ use tokio::sync::Mutex;
 
 #[path = "../tests/samples.rs"]
 mod samples_dir;
+mod support;
+
+use support::{CpuMeter, Length, Phase, collect, cores, histogram, http_phase, record};
 
 #[derive(Parser, Debug, Clone)]
 struct Args {
@@ -55,43 +57,6 @@ struct Args {
     /// Ignored: cargo bench passes it.
     #[arg(long, hide = true)]
     bench: bool,
-}
-
-/// What one phase measured.
-struct Phase {
-    name: &'static str,
-    ok: u64,
-    failed: u64,
-    elapsed: Duration,
-    latency: Histogram<u64>,
-    /// CPU microseconds per confirmed message: broker, ingress, this process (load generator).
-    cpu: [f64; 3],
-}
-
-impl Phase {
-    fn rate(&self) -> f64 {
-        self.ok as f64 / self.elapsed.as_secs_f64()
-    }
-
-    fn ms(&self, quantile: f64) -> f64 {
-        self.latency.value_at_quantile(quantile) as f64 / 1000.0
-    }
-
-    fn row(&self) -> String {
-        format!(
-            "| {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} / {:.0} / {:.0} |",
-            self.name,
-            self.rate(),
-            self.ok,
-            self.failed,
-            self.ms(0.5),
-            self.ms(0.99),
-            self.ms(0.999),
-            self.cpu[0],
-            self.cpu[1],
-            self.cpu[2]
-        )
-    }
 }
 
 /// Sample bodies, each made unique by a trailing `bench_seq` field the order key ignores.
@@ -158,17 +123,22 @@ async fn run(
     // finish so it does not land in the ingress's latency figures.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let accepted = Arc::new(Mutex::new(HashSet::new()));
-    let mut ingress = IngressProcess::start(config, topology).await?;
+    let (mut ingress, url) = support::start_ingress(config).await?;
+    let source: support::BodySource = {
+        let bodies = Arc::clone(bodies);
+        Arc::new(move |seq| bodies.get(seq))
+    };
     let rss_rest = ingress.rss_kib();
     let meter = CpuMeter::start(Some(ingress.child.id()));
     let mut full = http_phase(
         "ingress",
         args.concurrency,
         None,
-        &ingress.url,
-        bodies,
+        &url,
+        &source,
         &accepted,
-        duration,
+        0,
+        Length::Time(duration),
     )
     .await?;
     full.cpu = meter.per_message(full.ok);
@@ -182,10 +152,11 @@ async fn run(
         "ingress at half rate",
         args.concurrency,
         Some(half),
-        &ingress.url,
-        bodies,
+        &url,
+        &source,
         &accepted,
-        duration,
+        500_000_000,
+        Length::Time(duration),
     )
     .await?;
     paced.cpu = meter.per_message(paced.ok);
@@ -295,250 +266,6 @@ async fn raw_worker(
     (ok, failed, latency)
 }
 
-async fn http_phase(
-    name: &'static str,
-    concurrency: usize,
-    rate: Option<f64>,
-    url: &str,
-    bodies: &Arc<Bodies>,
-    accepted: &Arc<Mutex<HashSet<u64>>>,
-    duration: Duration,
-) -> anyhow::Result<Phase> {
-    let address = url
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let (pacer, tickets) = pacer(rate.map(|r| r.max(1.0)));
-    let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
-    let sequence = Arc::new(std::sync::atomic::AtomicU64::new(if rate.is_some() {
-        500_000_000
-    } else {
-        0
-    }));
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let worker = HttpWorker {
-            address: address.clone(),
-            bodies: Arc::clone(bodies),
-            accepted: Arc::clone(accepted),
-            stop: Arc::clone(&stop),
-            sequence: Arc::clone(&sequence),
-            tickets: tickets.clone(),
-        };
-        tasks.push(tokio::spawn(worker.run()));
-    }
-    tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
-    if let Some(pacer) = pacer {
-        pacer.abort();
-    }
-    collect(name, tasks, started).await
-}
-
-/// With a rate, a pacer hands out one ticket per interval; without, tickets are not used.
-fn pacer(rate: Option<f64>) -> (Option<tokio::task::JoinHandle<()>>, Option<Tickets>) {
-    let Some(rate) = rate else {
-        return (None, None);
-    };
-    let (sender, receiver) = tokio::sync::mpsc::channel(1);
-    let pacer = tokio::spawn(async move {
-        let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        loop {
-            interval.tick().await;
-            if sender.send(()).await.is_err() {
-                return;
-            }
-        }
-    });
-    (Some(pacer), Some(Arc::new(Mutex::new(receiver))))
-}
-
-/// Permission to send one request, shared by the workers of a paced phase.
-type Tickets = Arc<Mutex<tokio::sync::mpsc::Receiver<()>>>;
-
-struct HttpWorker {
-    address: String,
-    bodies: Arc<Bodies>,
-    accepted: Arc<Mutex<HashSet<u64>>>,
-    stop: Arc<AtomicBool>,
-    sequence: Arc<std::sync::atomic::AtomicU64>,
-    tickets: Option<Tickets>,
-}
-
-impl HttpWorker {
-    /// One keep-alive HTTP/1.1 connection (hyper's low-level client: a load generator as light
-    /// as we can make it, since it shares the two cores with the ingress and the broker).
-    async fn run(self) -> (u64, u64, Histogram<u64>) {
-        let mut latency = histogram();
-        let (mut ok, mut failed) = (0, 0);
-        let mut mine = Vec::new();
-        let mut sender = None;
-        while !self.stop.load(Ordering::Relaxed) {
-            if let Some(tickets) = &self.tickets {
-                let ticket = tokio::time::timeout(Duration::from_millis(200), async {
-                    tickets.lock().await.recv().await
-                })
-                .await;
-                if !matches!(ticket, Ok(Some(()))) {
-                    continue;
-                }
-            }
-            if sender.is_none() {
-                sender = self.connect().await;
-            }
-            let Some(connection) = sender.as_mut() else {
-                failed += 1;
-                continue;
-            };
-            let seq = self.sequence.fetch_add(1, Ordering::Relaxed);
-            let request = hyper::Request::post("/ipn")
-                .header("host", self.address.as_str())
-                .header("content-type", "application/x-www-form-urlencoded")
-                .body(http_body_util::Full::new(bytes::Bytes::from(
-                    self.bodies.get(seq),
-                )));
-            let started = Instant::now();
-            let response = match request {
-                Ok(request) => connection.send_request(request).await.ok(),
-                Err(_) => None,
-            };
-            let status = match response {
-                Some(response) => {
-                    let status = response.status();
-                    let drained = http_body_util::BodyExt::collect(response.into_body())
-                        .await
-                        .is_ok();
-                    drained.then_some(status)
-                }
-                None => None,
-            };
-            record(&mut latency, started);
-            if status == Some(hyper::StatusCode::OK) {
-                ok += 1;
-                mine.push(seq);
-            } else {
-                failed += 1;
-                sender = None;
-            }
-        }
-        self.accepted.lock().await.extend(mine);
-        (ok, failed, latency)
-    }
-
-    async fn connect(
-        &self,
-    ) -> Option<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>> {
-        let stream = tokio::net::TcpStream::connect(&self.address).await.ok()?;
-        stream.set_nodelay(true).ok()?;
-        let io = hyper_util::rt::TokioIo::new(stream);
-        let (sender, connection) = hyper::client::conn::http1::handshake(io).await.ok()?;
-        tokio::spawn(connection);
-        Some(sender)
-    }
-}
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
-}
-
-fn record(histogram: &mut Histogram<u64>, started: Instant) {
-    let micros = started.elapsed().as_micros().clamp(1, 60_000_000) as u64;
-    histogram.saturating_record(micros);
-}
-
-async fn collect(
-    name: &'static str,
-    tasks: Vec<tokio::task::JoinHandle<(u64, u64, Histogram<u64>)>>,
-    started: Instant,
-) -> anyhow::Result<Phase> {
-    let mut phase = Phase {
-        name,
-        ok: 0,
-        failed: 0,
-        elapsed: Duration::ZERO,
-        latency: histogram(),
-        cpu: [0.0; 3],
-    };
-    for task in tasks {
-        let (ok, failed, latency) = task.await?;
-        phase.ok += ok;
-        phase.failed += failed;
-        phase.latency.add(&latency)?;
-    }
-    phase.elapsed = started.elapsed();
-    eprintln!("{name}: {:.0} msg/s", phase.rate());
-    Ok(phase)
-}
-
-/// The real `ipn-ingress` binary as a child process.
-struct IngressProcess {
-    child: Child,
-    url: String,
-}
-
-impl IngressProcess {
-    async fn start(config: &Config, topology: &Topology) -> anyhow::Result<IngressProcess> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_ipn-ingress"))
-            .env("IPN_AMQP__URL", config.amqp.url.uri().to_string())
-            .env("IPN_TOPOLOGY__PREFIX", &config.topology.prefix)
-            .env("IPN_TOPOLOGY__SHARDS", topology.shards().to_string())
-            .env("IPN_INGRESS__LISTEN", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "warn")
-            .envs(
-                std::env::vars()
-                    .filter(|(k, _)| k.starts_with("BENCH_INGRESS_"))
-                    .map(|(k, v)| (k.trim_start_matches("BENCH_INGRESS_").to_owned(), v)),
-            )
-            .stdout(Stdio::null())
-            .spawn()
-            .context("cannot start ipn-ingress")?;
-        let ingress = IngressProcess {
-            child,
-            url: format!("http://127.0.0.1:{port}/ipn"),
-        };
-        let ready = format!("http://127.0.0.1:{port}/readyz");
-        for _ in 0..300 {
-            if reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200) {
-                return Ok(ingress);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        bail!("ipn-ingress did not become ready in 30 s")
-    }
-
-    fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        line.split_whitespace().nth(1)?.parse().ok()
-    }
-
-    fn stop(&mut self) -> anyhow::Result<()> {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        let status = self.child.wait()?;
-        if !status.success() {
-            bail!("ipn-ingress exited with {status}");
-        }
-        Ok(())
-    }
-}
-
-impl Drop for IngressProcess {
-    fn drop(&mut self) {
-        // Already reaped when stop() ran; otherwise make sure no process outlives the bench.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Reads the queues back and counts the accepted messages that are not there; forgets them.
 async fn missing_from_queues(
     connection: &Connection,
@@ -609,54 +336,4 @@ async fn cleanup(connection: &Connection, topology: &Topology) -> anyhow::Result
         )
         .await?;
     Ok(())
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// CPU time used by the broker, the ingress and this process over one phase.
-struct CpuMeter {
-    pids: [Option<u32>; 3],
-    start: [f64; 3],
-}
-
-impl CpuMeter {
-    fn start(ingress: Option<u32>) -> CpuMeter {
-        let pids = [broker_pid(), ingress, Some(std::process::id())];
-        CpuMeter {
-            pids,
-            start: pids.map(cpu_seconds),
-        }
-    }
-
-    fn per_message(&self, messages: u64) -> [f64; 3] {
-        let end = self.pids.map(cpu_seconds);
-        std::array::from_fn(|i| (end[i] - self.start[i]) * 1e6 / messages.max(1) as f64)
-    }
-}
-
-/// The local RabbitMQ's Erlang VM, if it runs on this machine.
-fn broker_pid() -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(Result::ok)
-        .find_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
-            (comm.trim() == "beam.smp").then_some(pid)
-        })
-}
-
-/// utime + stime of a process, in seconds (clock ticks of 1/100 s, Linux's USER_HZ).
-fn cpu_seconds(pid: Option<u32>) -> f64 {
-    let read = || -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
-        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let ticks: f64 =
-            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-        Some(ticks / 100.0)
-    };
-    read().unwrap_or(0.0)
 }

@@ -6,6 +6,11 @@ use clap::Parser;
 use ipn_bridge::config::Config;
 use ipn_bridge::{shutdown, telemetry, worker};
 
+// mimalloc, as in the ingress: every IPN allocates its form, event JSON and frames; glibc malloc
+// took about a seventh of the worker's CPU in the end-to-end bench (docs/PERFORMANCE.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Verifies IPNs from the shard queues and publishes them as events on <prefix>.events.
 #[derive(Parser)]
 #[command(version)]

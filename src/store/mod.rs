@@ -3,7 +3,7 @@
 //! Keeps the third promise (each IPN reaches business services once, under a stable event id)
 //! with a reservation protocol:
 //!
-//! 1. [`Store::claim`], in one transaction: find the IPN's row by body hash or semantic key;
+//! 1. [`Store::claim`], in one statement: find the IPN's row by body hash or semantic key;
 //!    without one, take the key's next sequence number and insert a `pending` row with the event
 //!    id. A `done` row means a duplicate (ack, publish nothing); a `pending` row means an earlier
 //!    attempt crashed somewhere after claiming: publish again with the *same* id and sequence.
@@ -84,52 +84,49 @@ impl Store {
     }
 
     /// Finds or reserves the row of an IPN; see the module docs for the protocol.
+    ///
+    /// One statement, so one round trip and one commit: it returns the existing row when there
+    /// is one, and otherwise takes the key's next number and inserts the `pending` row. Two
+    /// claims of the same IPN racing each other (only possible across a consumer failover)
+    /// cannot both insert: the loser fails on a unique constraint, its whole statement (the
+    /// number it took included) rolls back, and its retry finds the winner's row.
     pub async fn claim(&self, keys: &DedupKeys, order_key: &str) -> Result<Claim, Error> {
-        let mut transaction = self.pool.begin().await?;
-        let existing = sqlx::query(
-            "SELECT event_id, sequence, state FROM ipn_event
-             WHERE body_sha256 = $1 OR semantic_key = $2
-             ORDER BY created_at LIMIT 1 FOR UPDATE",
+        let row = sqlx::query(
+            "WITH existing AS (
+                 SELECT event_id, sequence, state FROM ipn_event
+                 WHERE body_sha256 = $1 OR semantic_key = $2
+                 ORDER BY created_at LIMIT 1
+             ), next AS (
+                 INSERT INTO ipn_key_sequence (order_key, last_sequence)
+                 SELECT $3, 1 WHERE NOT EXISTS (SELECT 1 FROM existing)
+                 ON CONFLICT (order_key)
+                 DO UPDATE SET last_sequence = ipn_key_sequence.last_sequence + 1
+                 RETURNING last_sequence
+             ), inserted AS (
+                 INSERT INTO ipn_event (event_id, body_sha256, semantic_key, order_key, sequence, state)
+                 SELECT $4, $1, $2, $3, last_sequence, 'pending' FROM next
+                 RETURNING event_id, sequence, state
+             )
+             SELECT event_id, sequence, state, false AS new FROM existing
+             UNION ALL
+             SELECT event_id, sequence, state, true AS new FROM inserted",
         )
         .bind(&keys.body_sha256)
         .bind(&keys.semantic)
-        .fetch_optional(&mut *transaction)
-        .await?;
-        if let Some(row) = existing {
-            let reservation = Reservation {
-                event_id: row.try_get("event_id")?,
-                sequence: row.try_get("sequence")?,
-            };
-            let state: String = row.try_get("state")?;
-            transaction.commit().await?;
-            return Ok(if state == "done" {
-                Claim::Done(reservation)
-            } else {
-                Claim::Pending(reservation)
-            });
-        }
-        let sequence: i64 = sqlx::query_scalar(
-            "INSERT INTO ipn_key_sequence (order_key, last_sequence) VALUES ($1, 1)
-             ON CONFLICT (order_key) DO UPDATE SET last_sequence = ipn_key_sequence.last_sequence + 1
-             RETURNING last_sequence",
-        )
         .bind(order_key)
-        .fetch_one(&mut *transaction)
+        .bind(keys.event_id())
+        .fetch_one(&self.pool)
         .await?;
-        let event_id = keys.event_id();
-        sqlx::query(
-            "INSERT INTO ipn_event (event_id, body_sha256, semantic_key, order_key, sequence, state)
-             VALUES ($1, $2, $3, $4, $5, 'pending')",
-        )
-        .bind(event_id)
-        .bind(&keys.body_sha256)
-        .bind(&keys.semantic)
-        .bind(order_key)
-        .bind(sequence)
-        .execute(&mut *transaction)
-        .await?;
-        transaction.commit().await?;
-        Ok(Claim::New(Reservation { event_id, sequence }))
+        let reservation = Reservation {
+            event_id: row.try_get("event_id")?,
+            sequence: row.try_get("sequence")?,
+        };
+        let (new, state): (bool, String) = (row.try_get("new")?, row.try_get("state")?);
+        Ok(match (new, state.as_str()) {
+            (true, _) => Claim::New(reservation),
+            (false, "done") => Claim::Done(reservation),
+            (false, _) => Claim::Pending(reservation),
+        })
     }
 
     /// Records that the broker confirmed the event (idempotent).

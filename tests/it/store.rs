@@ -116,6 +116,41 @@ async fn concurrent_claims_number_each_key_without_gaps() {
 }
 
 #[tokio::test]
+async fn racing_claims_of_one_ipn_reserve_it_once_and_the_losers_number_is_not_lost() {
+    let db = TestDb::new();
+    let store = Store::connect(&db.config()).await.expect("store");
+    let ipn = keys(
+        "txn_id=R&payment_status=Completed",
+        Some("t9|web_accept|R|Completed"),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (store, ipn) = (store.clone(), ipn.clone());
+        tasks.push(tokio::spawn(
+            async move { store.claim(&ipn, "txn:R").await },
+        ));
+    }
+    let mut new = Vec::new();
+    for task in tasks {
+        // A loser of the race may fail on the unique constraint (the worker retries it) or
+        // find the winner's row; it never reserves a second number.
+        match task.await.expect("task") {
+            Ok(Claim::New(reserved)) => new.push(reserved),
+            Ok(Claim::Pending(reserved)) => assert_eq!(reserved.sequence, 1),
+            Ok(Claim::Done(_)) => panic!("nothing was marked done"),
+            Err(_) => {}
+        }
+    }
+    assert_eq!(new.len(), 1, "exactly one claim reserves the IPN");
+    assert_eq!(new[0].sequence, 1);
+    let next = keys("txn_id=R&payment_status=Refunded", None);
+    let Claim::New(after) = store.claim(&next, "txn:R").await.expect("claim") else {
+        panic!("a new IPN is new");
+    };
+    assert_eq!(after.sequence, 2, "a rolled-back loser leaves no gap");
+    store.close().await;
+}
+#[tokio::test]
 async fn purging_removes_only_old_done_records_and_numbering_continues() {
     let db = TestDb::new();
     let store = Store::connect(&db.config()).await.expect("store");

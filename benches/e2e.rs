@@ -1,0 +1,578 @@
+//! End-to-end throughput and latency (ingress → worker → a downstream queue) beside the relay
+//! ceiling, measured in one run.
+//!
+//! ```sh
+//! cargo bench --bench e2e -- --paypal-delay 0ms
+//! cargo bench --bench e2e -- --paypal-delay 200ms
+//! ```
+//! 1. relay: `--ipns` inbound messages are put in the shard queues, then a plain relay (one
+//!    consumer per shard, no verification, no database) republishes each to `<p>.events` with a
+//!    confirm and acks it: the ceiling of consume → republish → ack on this broker;
+//! 2. drain: as many IPNs are posted through the real `ipn-ingress` with the worker stopped, then
+//!    the real `ipn-worker` (child process) starts and empties the queues, verifying each with the
+//!    in-process fake PayPal (answering after `--paypal-delay`): events/s;
+//! 3. live: IPNs are posted through the ingress at `--live-rate` (default: half the drain rate)
+//!    for `--seconds` while the worker runs: receive-to-publish latency, measured at the
+//!    downstream consumer as its arrival time minus the event's `received_at`.
+//!
+//! Every phase reads every event back from a downstream queue bound to `#`, and the run fails
+//! unless each IPN answered 200 yields exactly one event and each key's sequence numbers are
+//! 1..n without a gap or a repeat. Needs RabbitMQ (guest/guest) and PostgreSQL (user postgres)
+//! on 127.0.0.1. Uses a unique prefix in vhost `/` and a database of its own; removes both.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use ipn_bridge::amqp::{Outgoing, Publisher};
+use ipn_bridge::config::{Config, Downstream};
+use ipn_bridge::fake_paypal::{Answer, FakePaypal};
+use ipn_bridge::ipn::PayPal;
+use ipn_bridge::provider::Provider;
+use ipn_bridge::topology::Topology;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeleteOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use tokio::sync::{Mutex, Semaphore, mpsc};
+
+#[path = "../tests/samples.rs"]
+mod samples_dir;
+mod support;
+
+use support::{BodySource, ChildProcess, Length, cores, free_port, histogram, http_phase};
+
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// IPNs in the relay and drain phases.
+    #[arg(long, default_value_t = 20_000)]
+    ipns: u64,
+    /// Order keys (subscription profiles) the IPNs are spread over.
+    #[arg(long, default_value_t = 2_000)]
+    keys: u64,
+    /// How long the fake PayPal takes to answer VERIFIED.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    paypal_delay: Duration,
+    /// The worker's `worker.concurrency` (IPNs in progress at once), and the relay's.
+    #[arg(long, default_value_t = 512)]
+    concurrency: usize,
+    /// The worker's `worker.prefetch` per shard queue, and the relay's.
+    #[arg(long, default_value_t = 64)]
+    prefetch: u16,
+    /// The worker's `database.max_connections`.
+    #[arg(long, default_value_t = 16)]
+    db_connections: u32,
+    /// IPNs posted per second in the live phase (default: half the drain rate).
+    #[arg(long)]
+    live_rate: Option<f64>,
+    /// Seconds the live phase posts for.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Shard queues.
+    #[arg(long, default_value_t = 32)]
+    shards: u16,
+    /// Broker.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp: String,
+    /// PostgreSQL server (the bench makes a database of its own on it).
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+    postgres: String,
+    /// Ignored: cargo bench passes it.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// Names this run made for itself.
+struct Names<'a> {
+    downstream: &'a str,
+    database_url: &'a str,
+}
+
+/// One event as the downstream consumer saw it.
+struct Arrival {
+    at: SystemTime,
+    order_key: String,
+    sequence: i64,
+    /// The `bench_seq` of the IPN (its `txn_id` is `B<seq>`).
+    seq: u64,
+    received_at: Option<SystemTime>,
+}
+
+/// IPN number `seq`: a real `subscr_payment` shape with its own txn_id and ipn_track_id, for the
+/// profile `seq % keys` (so each key's IPNs are posted in increasing `seq` order).
+fn body_source(keys: u64) -> BodySource {
+    let template = samples_dir::sample("013_subscr_payment.txt");
+    Arc::new(move |seq| {
+        let mut body = Vec::with_capacity(template.len() + 32);
+        for (i, field) in template.split(|b| *b == b'&').enumerate() {
+            if i > 0 {
+                body.push(b'&');
+            }
+            let name = field.split(|b| *b == b'=').next().unwrap_or_default();
+            match name {
+                b"subscr_id" => body.extend(format!("subscr_id=I-BENCH{}", seq % keys).bytes()),
+                b"txn_id" => body.extend(format!("txn_id=B{seq}").bytes()),
+                b"ipn_track_id" => body.extend(format!("ipn_track_id=t{seq}").bytes()),
+                _ => body.extend_from_slice(field),
+            }
+        }
+        body
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let mut config = Config::default();
+    config.amqp.url = args.amqp.parse().map_err(anyhow::Error::msg)?;
+    config.topology.prefix = format!("bench-e2e-{id}");
+    config.topology.shards = std::num::NonZeroU16::new(args.shards).context("shards > 0")?;
+    let downstream = format!("{}.downstream", config.topology.prefix);
+    config.downstream = vec![Downstream {
+        queue: downstream.clone(),
+        bindings: vec!["#".to_owned()],
+    }];
+    let database = format!("bench_e2e_{id}");
+    let database_url = format!("{}/{database}", args.postgres);
+    config.database.url = database_url.parse().map_err(anyhow::Error::msg)?;
+    let topology = Topology::of(&config);
+    let connection = Connection::connect(&args.amqp, ConnectionProperties::default()).await?;
+    topology
+        .declare(&connection.create_channel().await?)
+        .await?;
+    let names = Names {
+        downstream: &downstream,
+        database_url: &database_url,
+    };
+    let result = run(&args, &config, &topology, &connection, &names).await;
+    cleanup(&connection, &topology, &downstream).await?;
+    drop_database(&args.postgres, &database).await?;
+    result
+}
+
+async fn run(
+    args: &Args,
+    config: &Config,
+    topology: &Topology,
+    connection: &Connection,
+    names: &Names<'_>,
+) -> anyhow::Result<()> {
+    let bodies = body_source(args.keys);
+    let mut arrivals = consume_downstream(connection, names.downstream).await?;
+
+    let relay = relay_phase(args, config, topology, &bodies, &mut arrivals).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let answer = match args.paypal_delay {
+        Duration::ZERO => Answer::Verified,
+        delay => Answer::Slow(delay),
+    };
+    let paypal = FakePaypal::start(listener, answer)?;
+
+    let (mut ingress, url) = support::start_ingress(config).await?;
+    let accepted = Arc::new(Mutex::new(HashSet::new()));
+    let posted = http_phase(
+        "post (worker stopped)",
+        64,
+        None,
+        &url,
+        &bodies,
+        &accepted,
+        0,
+        Length::Count(args.ipns),
+    )
+    .await?;
+    let mut ledger = Ledger::default();
+    let mut worker = start_worker(args, config, names.database_url, &paypal).await?;
+    let rss_rest = worker.rss_kib();
+    let drained = take_events(&mut arrivals, &accepted, &mut ledger).await?;
+    let rss_drain = worker.rss_kib();
+    let drain_rate = drained.rate();
+
+    let live_rate = args.live_rate.unwrap_or(drain_rate / 2.0);
+    let posted_live = http_phase(
+        "post (live)",
+        256,
+        Some(live_rate),
+        &url,
+        &bodies,
+        &accepted,
+        args.ipns,
+        Length::Time(Duration::from_secs(args.seconds)),
+    )
+    .await?;
+    let live = take_events(&mut arrivals, &accepted, &mut ledger).await?;
+    worker.stop()?;
+    ingress.stop()?;
+    paypal.stop().await;
+
+    println!(
+        "\nmachine: {} cores; {} IPNs over {} keys; PayPal answers after {:?}; worker concurrency {}, prefetch {}, {} database connections; {} shards",
+        cores(),
+        args.ipns,
+        args.keys,
+        args.paypal_delay,
+        args.concurrency,
+        args.prefetch,
+        args.db_connections,
+        args.shards
+    );
+    println!(
+        "| phase | events/s | events | receive→publish p50 ms | p99 ms |\n|---|---|---|---|---|"
+    );
+    println!(
+        "| relay ceiling (consume → republish → ack) | {:.0} | {} | – | – |",
+        relay.rate(),
+        relay.events
+    );
+    println!(
+        "| worker, draining a backlog | {drain_rate:.0} | {} | – | – |",
+        drained.events
+    );
+    println!(
+        "| worker, live at {live_rate:.0} IPN/s posted | {:.0} | {} | {:.1} | {:.1} |",
+        live.rate(),
+        live.events,
+        live.ms(0.5),
+        live.ms(0.99)
+    );
+    println!(
+        "\nworker / relay: {:.0}%",
+        100.0 * drain_rate / relay.rate()
+    );
+    println!(
+        "worker RSS: {} KiB at rest, {} KiB while draining",
+        rss_rest.unwrap_or(0),
+        rss_drain.unwrap_or(0)
+    );
+    println!(
+        "check: {} IPNs answered 200 ({} failed posts), {} events, {} duplicates, {} missing, {} sequence errors",
+        posted.ok + posted_live.ok,
+        posted.failed + posted_live.failed,
+        ledger.events,
+        ledger.duplicates,
+        accepted.lock().await.len(),
+        ledger.sequence_errors
+    );
+    if ledger.duplicates > 0 || ledger.sequence_errors > 0 || !accepted.lock().await.is_empty() {
+        bail!("the events do not match the IPNs answered 200");
+    }
+    Ok(())
+}
+
+/// What the downstream consumer saw across phases.
+#[derive(Default)]
+struct Ledger {
+    events: u64,
+    duplicates: u64,
+    sequence_errors: u64,
+    last_sequence: HashMap<String, i64>,
+}
+
+/// One phase's events at the downstream queue.
+struct Drained {
+    events: u64,
+    elapsed: Duration,
+    latency: Histogram<u64>,
+}
+
+impl Drained {
+    fn rate(&self) -> f64 {
+        self.events.saturating_sub(1) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn ms(&self, quantile: f64) -> f64 {
+        self.latency.value_at_quantile(quantile) as f64 / 1000.0
+    }
+}
+
+/// Takes events until every IPN in `accepted` has one (each found one leaves the set); the rate
+/// runs from the first event to the last.
+async fn take_events(
+    arrivals: &mut mpsc::UnboundedReceiver<Arrival>,
+    accepted: &Mutex<HashSet<u64>>,
+    ledger: &mut Ledger,
+) -> anyhow::Result<Drained> {
+    let mut latency = histogram();
+    let (mut first, mut last, mut events) = (None, None, 0);
+    while !accepted.lock().await.is_empty() {
+        let arrival = tokio::time::timeout(Duration::from_secs(60), arrivals.recv())
+            .await
+            .context("no event for 60 s")?
+            .context("downstream consumer ended")?;
+        if !accepted.lock().await.remove(&arrival.seq) {
+            ledger.duplicates += 1;
+            continue;
+        }
+        let previous = ledger
+            .last_sequence
+            .insert(arrival.order_key.clone(), arrival.sequence);
+        if arrival.sequence != previous.unwrap_or(0) + 1 {
+            ledger.sequence_errors += 1;
+        }
+        if let Some(received) = arrival.received_at {
+            let waited = arrival.at.duration_since(received).unwrap_or_default();
+            latency.saturating_record(waited.as_micros().max(1) as u64);
+        }
+        first.get_or_insert(arrival.at);
+        last = Some(arrival.at);
+        events += 1;
+        ledger.events += 1;
+    }
+    let elapsed = match (first, last) {
+        (Some(first), Some(last)) => last.duration_since(first).unwrap_or_default(),
+        _ => Duration::ZERO,
+    };
+    Ok(Drained {
+        events,
+        elapsed,
+        latency,
+    })
+}
+
+/// Consumes the downstream queue (no ack: the bench is its only reader) into a channel.
+async fn consume_downstream(
+    connection: &Connection,
+    queue: &str,
+) -> anyhow::Result<mpsc::UnboundedReceiver<Arrival>> {
+    let channel = connection.create_channel().await?;
+    let options = BasicConsumeOptions {
+        no_ack: true,
+        ..BasicConsumeOptions::default()
+    };
+    let mut consumer = channel
+        .basic_consume(queue.into(), "".into(), options, FieldTable::default())
+        .await?;
+    let (sender, receiver) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let at = SystemTime::now();
+            match parse_event(&delivery.data, at) {
+                Some(arrival) => {
+                    if sender.send(arrival).is_err() {
+                        return;
+                    }
+                }
+                None => eprintln!("an event the bench cannot read"),
+            }
+        }
+    });
+    Ok(receiver)
+}
+
+fn parse_event(json: &[u8], at: SystemTime) -> Option<Arrival> {
+    let event: serde_json::Value = serde_json::from_slice(json).ok()?;
+    let txn_id = event.get("txn_id")?.as_str()?;
+    Some(Arrival {
+        at,
+        order_key: event.get("order_key")?.as_str()?.to_owned(),
+        sequence: event.get("sequence")?.as_i64()?,
+        seq: txn_id.strip_prefix('B')?.parse().ok()?,
+        received_at: event
+            .get("received_at")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|text| humantime::parse_rfc3339(text).ok()),
+    })
+}
+
+/// Fills the shard queues with `--ipns` messages shaped as the ingress makes them, then relays
+/// them to `<p>.events` (consume, republish with confirm, ack) and times the events downstream.
+async fn relay_phase(
+    args: &Args,
+    config: &Config,
+    topology: &Topology,
+    bodies: &BodySource,
+    arrivals: &mut mpsc::UnboundedReceiver<Arrival>,
+) -> anyhow::Result<Drained> {
+    let publisher = Publisher::start(&config.amqp, topology.clone(), "bench-relay-publish");
+    if !publisher.wait_connected(Duration::from_secs(10)).await {
+        bail!("the relay's publisher did not connect");
+    }
+    fill(args, topology, bodies, &publisher).await?;
+    let consume = Connection::connect(&args.amqp, ConnectionProperties::default()).await?;
+    let publisher = Arc::new(publisher);
+    let limit = Arc::new(Semaphore::new(args.concurrency));
+    for shard in 0..topology.shards().get() {
+        let channel = consume.create_channel().await?;
+        channel
+            .basic_qos(args.prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                topology.shard_queue(shard).as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let exchange = topology.events_exchange();
+        tokio::spawn(relay(
+            consumer,
+            Arc::clone(&publisher),
+            Arc::clone(&limit),
+            exchange,
+        ));
+    }
+    let accepted = Mutex::new((0..args.ipns).collect::<HashSet<u64>>());
+    let mut ledger = Ledger::default();
+    let drained = take_events(arrivals, &accepted, &mut ledger).await?;
+    consume.close(200, "relay done".into()).await?;
+    publisher.close().await;
+    Ok(drained)
+}
+
+/// Republishes every delivery with a confirm, then acks it; up to `limit` at once.
+async fn relay(
+    mut consumer: lapin::Consumer,
+    publisher: Arc<Publisher>,
+    limit: Arc<Semaphore>,
+    exchange: String,
+) {
+    while let Some(Ok(delivery)) = consumer.next().await {
+        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
+            return;
+        };
+        let (publisher, exchange) = (Arc::clone(&publisher), exchange.clone());
+        tokio::spawn(async move {
+            let event = relayed_event(&delivery.data);
+            let message = Outgoing {
+                exchange: &exchange,
+                routing_key: "subscr_payment.completed",
+                body: &event,
+                properties: BasicProperties::default(),
+            };
+            if publisher
+                .publish(message, Duration::from_secs(30))
+                .await
+                .is_ok()
+            {
+                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// A minimal event for a relayed body: what the downstream check reads, nothing more.
+fn relayed_event(body: &[u8]) -> Vec<u8> {
+    let form = ipn_bridge::ipn::Form::parse(body);
+    let txn_id = form
+        .raw("txn_id")
+        .map(|v| String::from_utf8_lossy(v).into_owned());
+    let seq = txn_id
+        .as_deref()
+        .and_then(|t| t.strip_prefix('B')?.parse::<u64>().ok());
+    serde_json::json!({
+        "txn_id": txn_id,
+        "order_key": format!("relay:{}", seq.unwrap_or(0)),
+        "sequence": 1,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Publishes `--ipns` messages to `<p>.inbound` as the ingress does, 256 confirms in flight.
+async fn fill(
+    args: &Args,
+    topology: &Topology,
+    bodies: &BodySource,
+    publisher: &Publisher,
+) -> anyhow::Result<()> {
+    let exchange = topology.inbound_exchange();
+    let started = Instant::now();
+    let results = futures_util::stream::iter(0..args.ipns)
+        .map(|seq| {
+            let body = bodies(seq);
+            let key = PayPal.order_key(&body);
+            let routing_key = Topology::shard_routing_key(key.shard(topology.shards()));
+            let mut headers = FieldTable::default();
+            let key = AMQPValue::LongString(LongString::from(key.as_str()));
+            headers.insert("x-ipn-order-key".into(), key);
+            let properties = BasicProperties::default().with_headers(headers);
+            let exchange = exchange.clone();
+            async move {
+                let message = Outgoing {
+                    exchange: &exchange,
+                    routing_key: &routing_key,
+                    body: &body,
+                    properties,
+                };
+                publisher.publish(message, Duration::from_secs(30)).await
+            }
+        })
+        .buffer_unordered(256)
+        .collect::<Vec<_>>()
+        .await;
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if failed > 0 {
+        bail!("{failed} of the relay's inbound messages were not confirmed");
+    }
+    eprintln!("filled {} messages in {:?}", args.ipns, started.elapsed());
+    Ok(())
+}
+
+/// The real `ipn-worker` binary for this run's broker, database and fake PayPal.
+async fn start_worker(
+    args: &Args,
+    config: &Config,
+    database_url: &str,
+    paypal: &FakePaypal,
+) -> anyhow::Result<ChildProcess> {
+    let port = free_port()?;
+    let envs = [
+        ("IPN_AMQP__URL", config.amqp.url.uri().to_string()),
+        ("IPN_TOPOLOGY__PREFIX", config.topology.prefix.clone()),
+        ("IPN_TOPOLOGY__SHARDS", config.topology.shards.to_string()),
+        ("IPN_DATABASE__URL", database_url.to_owned()),
+        (
+            "IPN_DATABASE__MAX_CONNECTIONS",
+            args.db_connections.to_string(),
+        ),
+        ("IPN_PAYPAL__VERIFY_URL", paypal.url().to_string()),
+        ("IPN_WORKER__CONCURRENCY", args.concurrency.to_string()),
+        ("IPN_WORKER__PREFETCH", args.prefetch.to_string()),
+        ("IPN_WORKER__LISTEN", format!("127.0.0.1:{port}")),
+        ("RUST_LOG", "warn".to_owned()),
+    ];
+    let envs = envs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    ChildProcess::start("ipn-worker", env!("CARGO_BIN_EXE_ipn-worker"), envs, &ready).await
+}
+
+async fn cleanup(
+    connection: &Connection,
+    topology: &Topology,
+    downstream: &str,
+) -> anyhow::Result<()> {
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_purge(downstream.into(), QueuePurgeOptions::default())
+        .await?;
+    let mut queues = topology.queues();
+    queues.push(downstream.to_owned());
+    for queue in queues {
+        channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    for exchange in [topology.inbound_exchange(), topology.events_exchange()] {
+        channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    Ok(())
+}
+
+async fn drop_database(server: &str, name: &str) -> anyhow::Result<()> {
+    use sqlx::{Connection as _, Executor as _};
+    let mut connection = sqlx::PgConnection::connect(&format!("{server}/postgres")).await?;
+    let statement = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+    connection.execute(sqlx::AssertSqlSafe(statement)).await?;
+    Ok(())
+}

@@ -1,0 +1,409 @@
+//! What the benchmarks share: HTTP load phases, latency histograms, child processes of our
+//! binaries, and CPU accounting from /proc.
+
+#![allow(dead_code)] // each bench uses part of it
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use ipn_bridge::config::Config;
+use tokio::sync::Mutex;
+
+/// The body of request number `seq`.
+pub type BodySource = Arc<dyn Fn(u64) -> Vec<u8> + Send + Sync>;
+
+/// What one phase measured.
+pub struct Phase {
+    pub name: &'static str,
+    pub ok: u64,
+    pub failed: u64,
+    pub elapsed: Duration,
+    pub latency: Histogram<u64>,
+    /// CPU microseconds per confirmed message: broker, ingress, this process (load generator).
+    pub cpu: [f64; 3],
+}
+
+impl Phase {
+    pub fn rate(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn ms(&self, quantile: f64) -> f64 {
+        self.latency.value_at_quantile(quantile) as f64 / 1000.0
+    }
+
+    pub fn row(&self) -> String {
+        format!(
+            "| {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} / {:.0} / {:.0} |",
+            self.name,
+            self.rate(),
+            self.ok,
+            self.failed,
+            self.ms(0.5),
+            self.ms(0.99),
+            self.ms(0.999),
+            self.cpu[0],
+            self.cpu[1],
+            self.cpu[2]
+        )
+    }
+}
+
+/// How many requests a phase sends: for a time, or a fixed number.
+#[derive(Debug, Clone, Copy)]
+pub enum Length {
+    /// Until this much time has passed.
+    Time(Duration),
+    /// Exactly this many requests (sequence numbers `first..first + n`).
+    Count(u64),
+}
+
+/// POSTs bodies to `url` from `concurrency` keep-alive connections, paced to `rate` when given,
+/// numbering them from `first`; the numbers of the requests answered 200 go into `accepted`.
+#[allow(clippy::too_many_arguments)]
+pub async fn http_phase(
+    name: &'static str,
+    concurrency: usize,
+    rate: Option<f64>,
+    url: &str,
+    bodies: &BodySource,
+    accepted: &Arc<Mutex<HashSet<u64>>>,
+    first: u64,
+    length: Length,
+) -> anyhow::Result<Phase> {
+    let address = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let (pacer, tickets) = pacer(rate.map(|r| r.max(1.0)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let sequence = Arc::new(AtomicU64::new(first));
+    let last = match length {
+        Length::Count(n) => first + n,
+        Length::Time(_) => u64::MAX,
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let worker = HttpWorker {
+            address: address.clone(),
+            bodies: Arc::clone(bodies),
+            accepted: Arc::clone(accepted),
+            stop: Arc::clone(&stop),
+            sequence: Arc::clone(&sequence),
+            last,
+            tickets: tickets.clone(),
+        };
+        tasks.push(tokio::spawn(worker.run()));
+    }
+    if let Length::Time(duration) = length {
+        tokio::time::sleep(duration).await;
+        stop.store(true, Ordering::Relaxed);
+    }
+    let phase = collect(name, tasks, started).await;
+    if let Some(pacer) = pacer {
+        pacer.abort();
+    }
+    phase
+}
+
+/// With a rate, a pacer hands out one ticket per interval; without, tickets are not used.
+pub fn pacer(rate: Option<f64>) -> (Option<tokio::task::JoinHandle<()>>, Option<Tickets>) {
+    let Some(rate) = rate else {
+        return (None, None);
+    };
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    let pacer = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        loop {
+            interval.tick().await;
+            if sender.send(()).await.is_err() {
+                return;
+            }
+        }
+    });
+    (Some(pacer), Some(Arc::new(Mutex::new(receiver))))
+}
+
+/// Permission to send one request, shared by the workers of a paced phase.
+pub type Tickets = Arc<Mutex<tokio::sync::mpsc::Receiver<()>>>;
+
+struct HttpWorker {
+    address: String,
+    bodies: BodySource,
+    accepted: Arc<Mutex<HashSet<u64>>>,
+    stop: Arc<AtomicBool>,
+    sequence: Arc<AtomicU64>,
+    last: u64,
+    tickets: Option<Tickets>,
+}
+
+impl HttpWorker {
+    /// One keep-alive HTTP/1.1 connection (hyper's low-level client: a load generator as light
+    /// as we can make it, since it shares the two cores with the ingress and the broker).
+    async fn run(self) -> (u64, u64, Histogram<u64>) {
+        let mut latency = histogram();
+        let (mut ok, mut failed) = (0, 0);
+        let mut mine = Vec::new();
+        let mut sender = None;
+        while !self.stop.load(Ordering::Relaxed) {
+            if let Some(tickets) = &self.tickets {
+                let ticket = tokio::time::timeout(Duration::from_millis(200), async {
+                    tickets.lock().await.recv().await
+                })
+                .await;
+                if !matches!(ticket, Ok(Some(()))) {
+                    continue;
+                }
+            }
+            if sender.is_none() {
+                sender = self.connect().await;
+            }
+            let Some(connection) = sender.as_mut() else {
+                failed += 1;
+                continue;
+            };
+            let seq = self.sequence.fetch_add(1, Ordering::Relaxed);
+            if seq >= self.last {
+                break;
+            }
+            let request = hyper::Request::post("/ipn")
+                .header("host", self.address.as_str())
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(http_body_util::Full::new(bytes::Bytes::from(
+                    (self.bodies)(seq),
+                )));
+            let started = Instant::now();
+            let response = match request {
+                Ok(request) => connection.send_request(request).await.ok(),
+                Err(_) => None,
+            };
+            let status = match response {
+                Some(response) => {
+                    let status = response.status();
+                    let drained = http_body_util::BodyExt::collect(response.into_body())
+                        .await
+                        .is_ok();
+                    drained.then_some(status)
+                }
+                None => None,
+            };
+            record(&mut latency, started);
+            if status == Some(hyper::StatusCode::OK) {
+                ok += 1;
+                mine.push(seq);
+            } else {
+                failed += 1;
+                sender = None;
+            }
+        }
+        self.accepted.lock().await.extend(mine);
+        (ok, failed, latency)
+    }
+
+    async fn connect(
+        &self,
+    ) -> Option<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>> {
+        let stream = tokio::net::TcpStream::connect(&self.address).await.ok()?;
+        stream.set_nodelay(true).ok()?;
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (sender, connection) = hyper::client::conn::http1::handshake(io).await.ok()?;
+        tokio::spawn(connection);
+        Some(sender)
+    }
+}
+
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
+}
+
+pub fn record(histogram: &mut Histogram<u64>, started: Instant) {
+    let micros = started.elapsed().as_micros().clamp(1, 60_000_000) as u64;
+    histogram.saturating_record(micros);
+}
+
+pub async fn collect(
+    name: &'static str,
+    tasks: Vec<tokio::task::JoinHandle<(u64, u64, Histogram<u64>)>>,
+    started: Instant,
+) -> anyhow::Result<Phase> {
+    let mut phase = Phase {
+        name,
+        ok: 0,
+        failed: 0,
+        elapsed: Duration::ZERO,
+        latency: histogram(),
+        cpu: [0.0; 3],
+    };
+    for task in tasks {
+        let (ok, failed, latency) = task.await?;
+        phase.ok += ok;
+        phase.failed += failed;
+        phase.latency.add(&latency)?;
+    }
+    phase.elapsed = started.elapsed();
+    eprintln!("{name}: {:.0} msg/s", phase.rate());
+    Ok(phase)
+}
+
+/// One of our binaries as a child process, killed if still running when dropped.
+pub struct ChildProcess {
+    /// The process.
+    pub child: Child,
+    name: &'static str,
+}
+
+impl ChildProcess {
+    /// Starts `binary` with `envs` and waits (30 s at most) until `ready` answers 200.
+    pub async fn start(
+        name: &'static str,
+        binary: &str,
+        envs: Vec<(String, String)>,
+        ready: &str,
+    ) -> anyhow::Result<ChildProcess> {
+        let child = Command::new(binary)
+            .envs(envs)
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        let process = ChildProcess { child, name };
+        for _ in 0..300 {
+            if reqwest::get(ready).await.is_ok_and(|r| r.status() == 200) {
+                return Ok(process);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("{name} did not become ready in 30 s")
+    }
+
+    /// Resident memory, KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// SIGTERM, then waits; an exit status other than success is an error.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("{} exited with {status}", self.name);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        // Already reaped when stop() ran; otherwise make sure no process outlives the bench.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free port on 127.0.0.1 (free when asked; the child binds it right after).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The real `ipn-ingress` binary for `config`'s broker and topology; returns it and its IPN URL.
+/// `BENCH_INGRESS_<VAR>` variables are passed on as `<VAR>` (e.g. `BENCH_INGRESS_IPN_AMQP__PUBLISHER_CHANNELS`).
+pub async fn start_ingress(config: &Config) -> anyhow::Result<(ChildProcess, String)> {
+    let port = free_port()?;
+    let mut envs = vec![
+        (
+            "IPN_AMQP__URL".to_owned(),
+            config.amqp.url.uri().to_string(),
+        ),
+        (
+            "IPN_TOPOLOGY__PREFIX".to_owned(),
+            config.topology.prefix.clone(),
+        ),
+        (
+            "IPN_TOPOLOGY__SHARDS".to_owned(),
+            config.topology.shards.to_string(),
+        ),
+        (
+            "IPN_INGRESS__LISTEN".to_owned(),
+            format!("127.0.0.1:{port}"),
+        ),
+        ("RUST_LOG".to_owned(), "warn".to_owned()),
+    ];
+    envs.extend(
+        std::env::vars()
+            .filter(|(k, _)| k.starts_with("BENCH_INGRESS_"))
+            .map(|(k, v)| (k.trim_start_matches("BENCH_INGRESS_").to_owned(), v)),
+    );
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    let process = ChildProcess::start(
+        "ipn-ingress",
+        env!("CARGO_BIN_EXE_ipn-ingress"),
+        envs,
+        &ready,
+    )
+    .await?;
+    Ok((process, format!("http://127.0.0.1:{port}/ipn")))
+}
+
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// CPU time used by the broker, the ingress and this process over one phase.
+pub struct CpuMeter {
+    pids: [Option<u32>; 3],
+    start: [f64; 3],
+}
+
+impl CpuMeter {
+    pub fn start(ingress: Option<u32>) -> CpuMeter {
+        let pids = [broker_pid(), ingress, Some(std::process::id())];
+        CpuMeter {
+            pids,
+            start: pids.map(cpu_seconds),
+        }
+    }
+
+    pub fn per_message(&self, messages: u64) -> [f64; 3] {
+        let end = self.pids.map(cpu_seconds);
+        std::array::from_fn(|i| (end[i] - self.start[i]) * 1e6 / messages.max(1) as f64)
+    }
+}
+
+/// The local RabbitMQ's Erlang VM, if it runs on this machine.
+pub fn broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            (comm.trim() == "beam.smp").then_some(pid)
+        })
+}
+
+/// utime + stime of a process, in seconds (clock ticks of 1/100 s, Linux's USER_HZ).
+pub fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let read = || -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
+    };
+    read().unwrap_or(0.0)
+}
