@@ -561,7 +561,7 @@ async fn cleanup(
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await?;
     }
-    for exchange in [topology.inbound_exchange(), topology.events_exchange()] {
+    for exchange in topology.exchanges() {
         channel
             .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
             .await?;

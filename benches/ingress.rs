@@ -329,11 +329,10 @@ async fn cleanup(connection: &Connection, topology: &Topology) -> anyhow::Result
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await?;
     }
-    channel
-        .exchange_delete(
-            topology.inbound_exchange().as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
-        .await?;
+    for exchange in topology.exchanges() {
+        channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
     Ok(())
 }

@@ -61,6 +61,8 @@ pub struct Config {
     pub database: Database,
     /// The worker's processing.
     pub worker: Worker,
+    /// Delayed retries of IPNs PayPal could not verify, and when to give up (park).
+    pub retry: Retry,
     /// Queues of business services, declared and bound to `<prefix>.events` at start-up.
     /// File only (`[[downstream]]` entries), not settable from the environment.
     pub downstream: Vec<Downstream>,
@@ -125,6 +127,41 @@ impl Default for Worker {
             retry_max: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(15),
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+        }
+    }
+}
+
+/// Delayed retries: an IPN that PayPal could not verify (after the in-process attempts) waits in
+/// the tier queue of its attempt, then returns to its shard; past the last tier, or past
+/// `max_age`, it is parked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retry {
+    /// The wait before each further attempt, in order. Equal delays share one queue
+    /// (`<prefix>.wait.<delay>`). Environment: comma-separated, e.g. `10s,1m,10m`.
+    #[serde(deserialize_with = "durations")]
+    pub tiers: Vec<Duration>,
+    /// An IPN failing this long after its first failure is parked even with tiers left.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        let hour = Duration::from_secs(3600);
+        Self {
+            // About PayPal's own resend span (4 days), in growing steps.
+            tiers: vec![
+                Duration::from_secs(10),
+                Duration::from_secs(60),
+                Duration::from_secs(600),
+                hour,
+                6 * hour,
+                24 * hour,
+                24 * hour,
+                24 * hour,
+            ],
+            max_age: 5 * 24 * hour,
         }
     }
 }
@@ -528,6 +565,14 @@ impl Config {
                 ));
             }
         }
+        // A TTL must be a positive whole number of milliseconds below 2^32 (RabbitMQ's limit).
+        let tier_ok = |d: &Duration| d.as_millis() >= 1 && d.as_millis() < u128::from(u32::MAX);
+        if self.retry.tiers.is_empty() || !self.retry.tiers.iter().all(tier_ok) {
+            return Err(invalid(
+                "retry.tiers",
+                "needs at least one delay, each from 1ms to 49 days",
+            ));
+        }
         if self.amqp.reconnect_min.is_zero() || self.amqp.reconnect_min > self.amqp.reconnect_max {
             return Err(invalid(
                 "amqp.reconnect_min",
@@ -590,6 +635,17 @@ fn list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>
         .map(|item| item.trim().to_owned())
         .filter(|item| !item.is_empty())
         .collect())
+}
+
+/// Durations from TOML (`["10s", "1m"]`) or from the environment (`10s,1m`).
+fn durations<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Duration>, D::Error> {
+    list(deserializer)?
+        .iter()
+        .map(|text| {
+            humantime::parse_duration(text)
+                .map_err(|e| serde::de::Error::custom(format!("`{text}`: {e}")))
+        })
+        .collect()
 }
 
 fn env_value(value: &str) -> toml::Value {

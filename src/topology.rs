@@ -5,14 +5,25 @@
 //!                                                         x-delivery-limit, dead-letters
 //!                                                         (at-least-once) to <p>.dead
 //! <p>.quarantine                                           quorum; reason in x-ipn-reason
+//! <p>.retry (headers) --x-ipn-tier = <delay>--> <p>.wait.<delay>  quorum, x-message-ttl,
+//!                                      dead-letters (at-least-once) to <p>.inbound, keeping the
+//!                                      shard routing key the message was published with
+//! <p>.parked                                               quorum; retries exhausted
 //! <p>.events (topic) --rk = <txn_type>.<payment_status>--> business services' queues
 //! ```
+//! Delays are one queue per delay with a queue TTL, never a per-message `expiration`: an expired
+//! message leaves only from the head, so mixed delays in one queue would block each other
+//! (<https://www.rabbitmq.com/docs/ttl#per-message-ttl-caveats>). A wait queue sets no
+//! dead-letter routing key, so the broker reuses the message's own (its shard number): a direct
+//! retry exchange keyed by tier would send it back with the tier as key, which `<p>.inbound`
+//! would drop silently.
 //! Quorum queues are always persisted and, with `x-delivery-limit` set, put a requeued message
 //! back at the head (without a limit, RabbitMQ 3.10 puts it at the back, breaking order).
 //! At-least-once dead-lettering requires `x-overflow=reject-publish`
 //! (<https://www.rabbitmq.com/docs/quorum-queues#dead-lettering>).
 
 use std::num::NonZeroU16;
+use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -26,6 +37,7 @@ pub struct Topology {
     prefix: String,
     shards: NonZeroU16,
     delivery_limit: NonZeroU16,
+    tiers: Vec<Duration>,
     downstream: Vec<config::Downstream>,
 }
 
@@ -36,6 +48,7 @@ impl Topology {
             prefix: config.prefix.clone(),
             shards: config.shards,
             delivery_limit: config.delivery_limit,
+            tiers: config::Retry::default().tiers,
             downstream: Vec::new(),
         }
     }
@@ -44,6 +57,7 @@ impl Topology {
     pub fn of(config: &config::Config) -> Topology {
         Topology {
             downstream: config.downstream.clone(),
+            tiers: config.retry.tiers.clone(),
             ..Topology::new(&config.topology)
         }
     }
@@ -79,6 +93,45 @@ impl Topology {
         format!("{}.quarantine", self.prefix)
     }
 
+    /// `<p>.retry`: the headers exchange that routes a message to the wait queue named by its
+    /// `x-ipn-tier` header. Publish to it with the message's shard number as routing key.
+    pub fn retry_exchange(&self) -> String {
+        format!("{}.retry", self.prefix)
+    }
+
+    /// The `x-ipn-tier` value of a delay: the delay written compactly (`10s`, `1m30s`, `1day`).
+    pub fn tier_name(delay: Duration) -> String {
+        humantime::format_duration(delay)
+            .to_string()
+            .replace(' ', "")
+    }
+
+    /// The configured delays, in the order of attempts.
+    pub fn tiers(&self) -> &[Duration] {
+        &self.tiers
+    }
+
+    /// `<p>.wait.<delay>`: where messages wait out one delay.
+    pub fn wait_queue(&self, delay: Duration) -> String {
+        format!("{}.wait.{}", self.prefix, Self::tier_name(delay))
+    }
+
+    /// `<p>.parked`: IPNs whose retries are exhausted, waiting for an operator.
+    pub fn parked_queue(&self) -> String {
+        format!("{}.parked", self.prefix)
+    }
+
+    /// The distinct delays, in first-use order (equal delays share a wait queue).
+    fn distinct_tiers(&self) -> Vec<Duration> {
+        let mut distinct: Vec<Duration> = Vec::new();
+        for delay in &self.tiers {
+            if !distinct.contains(delay) {
+                distinct.push(*delay);
+            }
+        }
+        distinct
+    }
+
     /// `<p>.events`: the topic exchange business services bind their queues to.
     pub fn events_exchange(&self) -> String {
         format!("{}.events", self.prefix)
@@ -91,7 +144,22 @@ impl Topology {
             .collect();
         queues.push(self.dead_queue());
         queues.push(self.quarantine_queue());
+        queues.push(self.parked_queue());
+        queues.extend(
+            self.distinct_tiers()
+                .into_iter()
+                .map(|d| self.wait_queue(d)),
+        );
         queues
+    }
+
+    /// Every exchange name, for tools that remove them.
+    pub fn exchanges(&self) -> Vec<String> {
+        vec![
+            self.inbound_exchange(),
+            self.retry_exchange(),
+            self.events_exchange(),
+        ]
     }
 
     /// Declares everything; safe to repeat, and fails (with the broker's reason) if an existing
@@ -101,7 +169,11 @@ impl Topology {
             durable: true,
             ..QueueDeclareOptions::default()
         };
-        for queue in [self.dead_queue(), self.quarantine_queue()] {
+        for queue in [
+            self.dead_queue(),
+            self.quarantine_queue(),
+            self.parked_queue(),
+        ] {
             channel
                 .queue_declare(queue.into(), durable, quorum_args())
                 .await?;
@@ -143,7 +215,63 @@ impl Topology {
                 )
                 .await?;
         }
+        self.declare_retry(channel).await
+    }
+
+    /// `<p>.retry` and a wait queue per distinct delay, bound by `x-ipn-tier`; after
+    /// `<p>.inbound` exists, which the wait queues dead-letter to.
+    async fn declare_retry(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let exchange = self.retry_exchange();
+        let durable_exchange = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                exchange.clone().into(),
+                ExchangeKind::Headers,
+                durable_exchange,
+                FieldTable::default(),
+            )
+            .await?;
+        for delay in self.distinct_tiers() {
+            let queue = self.wait_queue(delay);
+            channel
+                .queue_declare(queue.clone().into(), durable, self.wait_args(delay))
+                .await?;
+            let mut binding = FieldTable::default();
+            insert(&mut binding, "x-match", text("all"));
+            insert(&mut binding, "x-ipn-tier", text(&Self::tier_name(delay)));
+            channel
+                .queue_bind(
+                    queue.into(),
+                    exchange.clone().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    binding,
+                )
+                .await?;
+        }
         Ok(())
+    }
+
+    fn wait_args(&self, delay: Duration) -> FieldTable {
+        let mut args = quorum_args();
+        // Validated by config: 1 ms up to u32::MAX ms.
+        let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        insert(&mut args, "x-message-ttl", AMQPValue::LongLongInt(ttl));
+        insert(
+            &mut args,
+            "x-dead-letter-exchange",
+            text(&self.inbound_exchange()),
+        );
+        insert(&mut args, "x-dead-letter-strategy", text("at-least-once"));
+        insert(&mut args, "x-overflow", text("reject-publish"));
+        args
     }
 
     async fn declare_downstream(&self, channel: &Channel) -> Result<(), lapin::Error> {
@@ -227,9 +355,18 @@ mod tests {
                 "acme.inbound.1",
                 "acme.inbound.2",
                 "acme.dead",
-                "acme.quarantine"
+                "acme.quarantine",
+                "acme.parked",
+                "acme.wait.10s",
+                "acme.wait.1m",
+                "acme.wait.10m",
+                "acme.wait.1h",
+                "acme.wait.6h",
+                "acme.wait.1day",
             ]
         );
         assert_eq!(Topology::shard_routing_key(2), "2");
+        assert_eq!(topology.retry_exchange(), "acme.retry");
+        assert_eq!(Topology::tier_name(Duration::from_secs(90)), "1m30s");
     }
 }

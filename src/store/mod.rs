@@ -59,6 +59,56 @@ pub enum Claim {
     Done(Reservation),
 }
 
+/// A key's block, as the worker needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    /// Message id of the IPN the key waits for.
+    pub blocker_id: String,
+    /// The blocker is parked (an operator must act), rather than waiting in a delay tier.
+    pub parked: bool,
+    /// Failed attempts of the blocker so far.
+    pub attempts: i64,
+}
+
+/// A block to record.
+#[derive(Debug, Clone)]
+pub struct Block<'a> {
+    /// The key.
+    pub order_key: &'a str,
+    /// Message id of the IPN it waits for.
+    pub blocker_id: &'a str,
+    /// Parked rather than waiting in a tier.
+    pub parked: bool,
+    /// The key's shard.
+    pub shard: u16,
+    /// Failed attempts so far.
+    pub attempts: i64,
+    /// The last error, for operators.
+    pub last_error: &'a str,
+    /// For operators: the blocker's `txn_type`.
+    pub txn_type: Option<&'a str>,
+    /// For operators: the blocker's `txn_id`.
+    pub txn_id: Option<&'a str>,
+}
+
+/// An IPN held behind its key's blocker: what is needed to process it later as if it had just
+/// been delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// Its key.
+    pub order_key: String,
+    /// Its message id.
+    pub message_id: String,
+    /// The raw IPN bytes.
+    pub body: Vec<u8>,
+    /// Its AMQP content type.
+    pub content_type: Option<String>,
+    /// `x-ipn-received-at`, as written by the ingress.
+    pub received_at: Option<String>,
+    /// `x-ipn-attempt`.
+    pub attempt: i64,
+}
+
 /// A pool of connections to the worker's database.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -149,6 +199,104 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected())
+    }
+
+    /// The block on `order_key`, if the key is blocked.
+    pub async fn blocked(&self, order_key: &str) -> Result<Option<Blocked>, Error> {
+        let row = sqlx::query(
+            "SELECT blocker_id, state, attempts FROM ipn_blocked_key WHERE order_key = $1",
+        )
+        .bind(order_key)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let state: String = row.try_get("state")?;
+        Ok(Some(Blocked {
+            blocker_id: row.try_get("blocker_id")?,
+            parked: state == "parked",
+            attempts: row.try_get("attempts")?,
+        }))
+    }
+
+    /// Blocks `block.order_key` behind `block.blocker_id`, or moves an existing block to it.
+    pub async fn block(&self, block: &Block<'_>) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO ipn_blocked_key
+                 (order_key, blocker_id, state, shard, attempts, last_error, txn_type, txn_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (order_key) DO UPDATE SET
+                 blocker_id = EXCLUDED.blocker_id, state = EXCLUDED.state,
+                 attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error,
+                 txn_type = EXCLUDED.txn_type, txn_id = EXCLUDED.txn_id, updated_at = now()",
+        )
+        .bind(block.order_key)
+        .bind(block.blocker_id)
+        .bind(if block.parked { "parked" } else { "waiting" })
+        .bind(i32::from(block.shard))
+        .bind(block.attempts)
+        .bind(block.last_error)
+        .bind(block.txn_type)
+        .bind(block.txn_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Lifts the block on `order_key` (its held IPNs must all be released first).
+    pub async fn unblock(&self, order_key: &str) -> Result<(), Error> {
+        sqlx::query("DELETE FROM ipn_blocked_key WHERE order_key = $1")
+            .bind(order_key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Holds an IPN behind its key's blocker, after the ones held before it; holding the same
+    /// message twice (a redelivery) keeps the first.
+    pub async fn hold(&self, held: &Held) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO ipn_held (order_key, message_id, body, content_type, received_at, attempt)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (message_id) DO NOTHING",
+        )
+        .bind(&held.order_key)
+        .bind(&held.message_id)
+        .bind(&held.body)
+        .bind(&held.content_type)
+        .bind(&held.received_at)
+        .bind(held.attempt)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The first IPN held for `order_key`, with its row id.
+    pub async fn next_held(&self, order_key: &str) -> Result<Option<(i64, Held)>, Error> {
+        let row = sqlx::query(
+            "SELECT id, message_id, body, content_type, received_at, attempt FROM ipn_held
+             WHERE order_key = $1 ORDER BY id LIMIT 1",
+        )
+        .bind(order_key)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let held = Held {
+            order_key: order_key.to_owned(),
+            message_id: row.try_get("message_id")?,
+            body: row.try_get("body")?,
+            content_type: row.try_get("content_type")?,
+            received_at: row.try_get("received_at")?,
+            attempt: row.try_get("attempt")?,
+        };
+        Ok(Some((row.try_get("id")?, held)))
+    }
+
+    /// Forgets a held IPN once it was released (published, quarantined or deferred).
+    pub async fn remove_held(&self, id: i64) -> Result<(), Error> {
+        sqlx::query("DELETE FROM ipn_held WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Closes every connection.

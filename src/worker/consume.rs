@@ -3,10 +3,12 @@
 //!
 //! Keeps the fourth promise within a shard: messages of one order key are handled strictly one
 //! after another in delivery order (a lane), different keys concurrently (bounded by
-//! `worker.concurrency`). A transient failure keeps the IPN at the head of its lane and retries it
-//! with backoff, unacked, so the key's later IPNs cannot overtake it; other keys go on. (Issue 4
-//! replaces long waits with delayed-retry tiers and parking.) Single active consumer on each shard
-//! queue makes this worker the only one processing a shard while it lives.
+//! `worker.concurrency`). Each delivery goes through the gate (`gate.rs`): PayPal failures are
+//! deferred to delay tiers or parked, with the key blocked and its later IPNs held in order. A
+//! failure of our own database or broker keeps the IPN at the head of its lane and retries it
+//! with backoff, unacked, so the key's later IPNs cannot overtake it; other keys go on. Single
+//! active consumer on each shard queue makes this worker the only one processing a shard while
+//! it lives.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -24,7 +26,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{Connection, Consumer};
 use std::convert::Infallible;
 use tokio::net::TcpListener;
@@ -33,7 +35,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::pipeline::{Inbound, Pipeline};
+use super::pipeline::{Inbound, Pipeline, header_text};
 use crate::amqp::{self, Publisher, State};
 use crate::config::{self, Config};
 use crate::store::{self, Store};
@@ -359,7 +361,7 @@ impl Lanes {
     }
 
     fn admit(&mut self, delivery: Delivery, running: &mut JoinSet<String>) {
-        let key = order_key(&delivery);
+        let key = lane_of(&delivery);
         if self.busy.contains(&key) {
             self.waiting.entry(key).or_default().push_back(delivery);
         } else {
@@ -393,13 +395,13 @@ impl Lanes {
         );
         let (mut wait, retry_max) = (self.retry_min, self.retry_max);
         async move {
-            let inbound = inbound(&delivery);
+            let inbound = Inbound::new(delivery.data.clone(), delivery.properties.clone());
             loop {
                 let outcome = {
                     let Ok(_permit) = limit.acquire().await else {
                         return key;
                     };
-                    pipeline.handle(&inbound).await
+                    pipeline.settle(&inbound).await
                 };
                 match outcome {
                     Ok(_) => {
@@ -423,37 +425,10 @@ impl Lanes {
     }
 }
 
-fn header<'a>(delivery: &'a Delivery, name: &str) -> Option<&'a AMQPValue> {
-    delivery.properties.headers().as_ref()?.inner().get(name)
-}
-
-fn header_text(delivery: &Delivery, name: &str) -> Option<String> {
-    match header(delivery, name)? {
-        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
-        _ => None,
-    }
-}
-
 /// The lane of a delivery: its `x-ipn-order-key`, or (without one) the key the body gives.
-fn order_key(delivery: &Delivery) -> String {
-    header_text(delivery, "x-ipn-order-key").unwrap_or_else(|| {
+fn lane_of(delivery: &Delivery) -> String {
+    header_text(&delivery.properties, "x-ipn-order-key").unwrap_or_else(|| {
         let form = crate::ipn::Form::parse(&delivery.data);
         crate::ipn::PayPal::order_key_of(&form, &delivery.data).to_string()
     })
-}
-
-fn inbound(delivery: &Delivery) -> Inbound {
-    let received_at = header_text(delivery, "x-ipn-received-at")
-        .and_then(|text| humantime::parse_rfc3339(&text).ok());
-    let attempt = match header(delivery, "x-ipn-attempt") {
-        Some(AMQPValue::LongLongInt(n)) => *n,
-        _ => 0,
-    };
-    Inbound {
-        body: delivery.data.clone(),
-        order_key: header_text(delivery, "x-ipn-order-key"),
-        received_at,
-        attempt,
-        properties: delivery.properties.clone(),
-    }
 }

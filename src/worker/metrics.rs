@@ -21,6 +21,13 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Label of the retry counter: the tier's delay (`10s`, `1m`, ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabel {
+    /// The `x-ipn-tier` value.
+    pub tier: String,
+}
+
 /// Counters, histogram and gauge of one worker.
 #[derive(Debug)]
 pub struct Metrics {
@@ -37,6 +44,14 @@ pub struct Metrics {
     pub quarantined: Family<ReasonLabel, Counter>,
     /// IPNs being processed now.
     pub in_flight: Gauge,
+    /// IPNs sent to a delay tier, by tier.
+    pub retries: Family<TierLabel, Counter>,
+    /// IPNs parked after exhausting their tiers.
+    pub parked: Counter,
+    /// IPNs held behind a blocked key.
+    pub held: Counter,
+    /// Held IPNs released (processed) after their key's blocker.
+    pub released: Counter,
 }
 
 impl Metrics {
@@ -51,6 +66,10 @@ impl Metrics {
             duplicates: Counter::default(),
             quarantined: Family::default(),
             in_flight: Gauge::default(),
+            retries: Family::default(),
+            parked: Counter::default(),
+            held: Counter::default(),
+            released: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -82,6 +101,26 @@ impl Metrics {
             "in_flight",
             "IPNs being processed",
             metrics.in_flight.clone(),
+        );
+        registry.register(
+            "retries",
+            "IPNs sent to a delay tier, by tier",
+            metrics.retries.clone(),
+        );
+        registry.register(
+            "parked",
+            "IPNs parked after exhausting their retries",
+            metrics.parked.clone(),
+        );
+        registry.register(
+            "held",
+            "IPNs held behind a blocked key",
+            metrics.held.clone(),
+        );
+        registry.register(
+            "released",
+            "Held IPNs processed after their key's blocker",
+            metrics.released.clone(),
         );
         Metrics {
             registry,

@@ -2,13 +2,16 @@
 //! events on `<p>.events`, each exactly once under a stable id, in order per key.
 //!
 //! - [`pipeline`]: the steps of one IPN (verify, policy, claim, publish, confirm, mark done).
+//! - [`gate`]: order while a key waits: delay tiers, parking, blocked keys and held IPNs.
 //! - [`consume`]: subscriptions to every shard queue, lanes per order key, acks, shutdown, and
 //!   `/healthz`, `/readyz`, `/metrics` on `worker.listen`.
 //! - [`metrics`]: the worker's Prometheus metrics.
 
 pub mod consume;
+pub mod gate;
 pub mod metrics;
 pub mod pipeline;
 
 pub use consume::run;
+pub use gate::Settled;
 pub use pipeline::{Inbound, Outcome, Pipeline};

@@ -31,10 +31,77 @@ pub struct Inbound {
     pub order_key: Option<String>,
     /// `x-ipn-received-at`, when the ingress set it.
     pub received_at: Option<SystemTime>,
-    /// `x-ipn-attempt`.
+    /// `x-ipn-attempt`: failed attempts so far (0 from the ingress).
     pub attempt: i64,
-    /// The message's properties, kept on a quarantined copy.
+    /// `x-ipn-first-failure`: when the first attempt failed, once one did.
+    pub first_failure: Option<SystemTime>,
+    /// The message's identity across tiers, parking and holding: its `message_id`, or
+    /// `sha256:<body hash>` for a message published without one.
+    pub message_id: String,
+    /// `x-ipn-control`: an instruction from `ipnctl` for the key (e.g. `release`), not an IPN.
+    pub control: Option<String>,
+    /// The message's properties, kept on a quarantined, deferred or parked copy.
     pub properties: BasicProperties,
+}
+
+impl Inbound {
+    /// Reads what the worker needs from a message's body and properties (headers per
+    /// DESIGN.md; every one is optional).
+    pub fn new(body: Vec<u8>, properties: BasicProperties) -> Inbound {
+        let received_at = header_text(&properties, "x-ipn-received-at")
+            .and_then(|text| humantime::parse_rfc3339(&text).ok());
+        let first_failure = header_text(&properties, "x-ipn-first-failure")
+            .and_then(|text| humantime::parse_rfc3339(&text).ok());
+        let attempt = match header(&properties, "x-ipn-attempt") {
+            Some(AMQPValue::LongLongInt(n)) => *n,
+            Some(AMQPValue::LongInt(n)) => i64::from(*n),
+            _ => 0,
+        };
+        let message_id = match properties.message_id() {
+            Some(id) if !id.as_str().is_empty() => id.to_string(),
+            _ => format!("sha256:{}", crate::ipn::body_hash(&body)),
+        };
+        Inbound {
+            order_key: header_text(&properties, "x-ipn-order-key"),
+            control: header_text(&properties, "x-ipn-control"),
+            received_at,
+            first_failure,
+            attempt,
+            message_id,
+            body,
+            properties,
+        }
+    }
+
+    /// The key this IPN is ordered by: its `x-ipn-order-key`, or (without one) the key its body
+    /// gives.
+    pub fn key(&self) -> OrderKey {
+        match &self.order_key {
+            Some(key) => OrderKey::from_header(key),
+            None => PayPal::order_key_of(&Form::parse(&self.body), &self.body),
+        }
+    }
+}
+
+/// A header of a message.
+pub fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    properties.headers().as_ref()?.inner().get(name)
+}
+
+/// A text header (an AMQP long string) of a message, decoded lossily.
+pub fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
+    match header(properties, name)? {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
+/// What the checks before claiming decided.
+pub(super) enum Screened {
+    /// Verified by PayPal and within policy: the form and when PayPal said so.
+    Passed(Form, SystemTime),
+    /// To be quarantined for this reason.
+    Rejected(Reason),
 }
 
 /// What became of an IPN; each is final, so the caller acks.
@@ -87,12 +154,13 @@ pub enum Error {
 /// Everything one IPN needs; shared by all of a worker's tasks.
 pub struct Pipeline {
     paypal: config::Paypal,
-    worker: config::Worker,
-    topology: Topology,
+    pub(super) worker: config::Worker,
+    pub(super) retry: config::Retry,
+    pub(super) topology: Topology,
     verifier: Verifier,
-    store: Store,
-    publisher: Publisher,
-    metrics: Metrics,
+    pub(super) store: Store,
+    pub(super) publisher: Publisher,
+    pub(super) metrics: Metrics,
     fault: Option<FaultInjector>,
 }
 
@@ -115,6 +183,7 @@ impl Pipeline {
         Pipeline {
             paypal: config.paypal.clone(),
             worker: config.worker.clone(),
+            retry: config.retry.clone(),
             topology: Topology::of(config),
             verifier,
             store,
@@ -154,23 +223,29 @@ impl Pipeline {
         self.publisher.state()
     }
 
-    /// Takes one IPN as far as it can go; see the module docs.
-    pub async fn handle(&self, inbound: &Inbound) -> Result<Outcome, Error> {
+    /// Readable, verified, within policy: the checks before an IPN may become an event.
+    pub(super) async fn screen(&self, inbound: &Inbound) -> Result<Screened, Error> {
         if let Err(reason) = policy::readable(&inbound.body) {
-            return self.quarantine(inbound, reason).await;
+            return Ok(Screened::Rejected(reason));
         }
         let form = Form::parse(&inbound.body);
         let verified_at = match self.verify(&inbound.body).await? {
-            Verdict::Invalid => return self.quarantine(inbound, Reason::Invalid).await,
+            Verdict::Invalid => return Ok(Screened::Rejected(Reason::Invalid)),
             Verdict::Verified => SystemTime::now(),
         };
-        if let Err(reason) = policy::check(&form, &self.paypal) {
-            return self.quarantine(inbound, reason).await;
-        }
-        let order_key = match &inbound.order_key {
-            Some(key) => OrderKey::from_header(key),
-            None => PayPal::order_key_of(&form, &inbound.body),
+        Ok(match policy::check(&form, &self.paypal) {
+            Ok(()) => Screened::Passed(form, verified_at),
+            Err(reason) => Screened::Rejected(reason),
+        })
+    }
+
+    /// Takes one IPN as far as it can go; see the module docs.
+    pub async fn handle(&self, inbound: &Inbound) -> Result<Outcome, Error> {
+        let (form, verified_at) = match self.screen(inbound).await? {
+            Screened::Passed(form, verified_at) => (form, verified_at),
+            Screened::Rejected(reason) => return self.quarantine(inbound, reason).await,
         };
+        let order_key = inbound.key();
         let keys = PayPal::dedup_keys(&form, &inbound.body);
         let reservation = match self.store.claim(&keys, order_key.as_str()).await? {
             Claim::Done(_) => {
@@ -259,7 +334,11 @@ impl Pipeline {
     }
 
     /// Puts the raw IPN in `<p>.quarantine` with its reason, and waits for the confirm.
-    async fn quarantine(&self, inbound: &Inbound, reason: Reason) -> Result<Outcome, Error> {
+    pub(super) async fn quarantine(
+        &self,
+        inbound: &Inbound,
+        reason: Reason,
+    ) -> Result<Outcome, Error> {
         let mut headers = inbound.properties.headers().clone().unwrap_or_default();
         headers.insert("x-ipn-reason".into(), text(reason.as_str()));
         headers.insert(
@@ -285,6 +364,7 @@ impl Pipeline {
     }
 }
 
-fn text(value: &str) -> AMQPValue {
+/// An AMQP long-string header value.
+pub(super) fn text(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
 }

@@ -114,13 +114,10 @@ fn inbound(body: &[u8]) -> Inbound {
         "x-ipn-order-key".into(),
         AMQPValue::LongString(key.as_str().into()),
     );
-    Inbound {
-        body: body.to_vec(),
-        order_key: Some(key.to_string()),
-        received_at: None,
-        attempt: 0,
-        properties: BasicProperties::default().with_headers(headers),
-    }
+    Inbound::new(
+        body.to_vec(),
+        BasicProperties::default().with_headers(headers),
+    )
 }
 
 fn is_test_ipn(body: &[u8]) -> bool {

@@ -33,6 +33,8 @@ impl Services {
         config.paypal.verify_url = Some(paypal.url());
         config.worker.verify_backoff = Duration::from_millis(10);
         config.worker.retry_min = Duration::from_millis(20);
+        // Delay tiers short enough for a test to watch an IPN walk them all.
+        config.retry.tiers = [50, 100, 200].map(Duration::from_millis).to_vec();
         Services {
             broker,
             db,

@@ -1,0 +1,296 @@
+//! The per-key gate: a key's order holds while one of its IPNs cannot be verified for minutes,
+//! hours or days, and no other key waits for it.
+//!
+//! - An IPN PayPal could not verify (after the in-process attempts) is *deferred*: a copy goes to
+//!   `<p>.retry` with its shard number as routing key and `x-ipn-tier` naming the wait queue of
+//!   its attempt; when the queue's TTL expires the broker dead-letters it back to its own shard.
+//!   Its key becomes *blocked* behind it (PostgreSQL, `ipn_blocked_key`).
+//! - Past the last tier, or `retry.max_age` after the first failure, the IPN is *parked* in
+//!   `<p>.parked` (reason, attempts and last error in headers); its key stays blocked until an
+//!   operator replays it or releases the key (`ipnctl`).
+//! - Every later IPN of a blocked key is *held*: stored in PostgreSQL in arrival order, then
+//!   acked. Behind a parked IPN, held IPNs are verified first, so forgeries are still quarantined.
+//! - When the blocker comes back and finishes, the held IPNs are processed in order; if one of
+//!   them fails in turn, it becomes the blocker. When none is left, the key is unblocked.
+//!
+//! Crash safety: every step publishes (with confirm) before it records, and records before the
+//! caller acks. A crash in between leaves at most a second copy of an IPN in a tier or in
+//! `<p>.parked`, with the same message id; whichever copy finishes first publishes the event,
+//! and the store's dedup makes the other a duplicate. Nothing is acked before it is stored.
+//! Lanes (one key at a time within a shard) and single active consumer make the worker running
+//! a shard the only writer of its keys' blocks.
+
+use std::time::SystemTime;
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use tracing::{info, warn};
+
+use super::metrics::TierLabel;
+use super::pipeline::{Error, Inbound, Outcome, Pipeline, Screened, text};
+use crate::amqp::Outgoing;
+use crate::ipn::{Form, OrderKey};
+use crate::store::{Block, Blocked, Held};
+use crate::topology::Topology;
+
+/// The value of `x-ipn-control` that makes the worker release a key's held IPNs.
+pub const RELEASE: &str = "release";
+
+/// What became of a delivery; each is final, so the caller acks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// The pipeline finished it (published, duplicate or quarantined), then released this many
+    /// held IPNs of its key.
+    Finished {
+        /// What the pipeline did.
+        outcome: Outcome,
+        /// Held IPNs processed after it.
+        released: usize,
+    },
+    /// PayPal could not verify it: a copy waits in this tier; its key is blocked behind it.
+    Deferred {
+        /// The `x-ipn-tier` (the delay, e.g. `10s`).
+        tier: String,
+    },
+    /// Out of retries: in `<p>.parked`; its key is blocked until an operator acts.
+    Parked,
+    /// Its key is blocked: stored behind the blocker, in order.
+    Held,
+    /// An `ipnctl` instruction, carried out: this many held IPNs released.
+    Controlled {
+        /// Held IPNs processed.
+        released: usize,
+    },
+}
+
+impl Pipeline {
+    /// Takes one delivery through the gate: processes it, defers or parks it, or holds it behind
+    /// its key's blocker. `Err` means not finished (database or broker trouble): do not ack.
+    pub async fn settle(&self, inbound: &Inbound) -> Result<Settled, Error> {
+        let key = inbound.key();
+        if let Some(control) = &inbound.control {
+            return self.control(control, &key).await;
+        }
+        match self.store.blocked(key.as_str()).await? {
+            None => self.attempt(inbound, &key).await,
+            Some(blocked) if blocked.blocker_id == inbound.message_id => {
+                match self.attempt(inbound, &key).await? {
+                    Settled::Finished { outcome, .. } => {
+                        let released = self.release(&key).await?;
+                        Ok(Settled::Finished { outcome, released })
+                    }
+                    again => Ok(again),
+                }
+            }
+            Some(blocked) => self.hold(inbound, &key, &blocked).await,
+        }
+    }
+
+    /// The pipeline, with a PayPal failure turned into a deferral.
+    async fn attempt(&self, inbound: &Inbound, key: &OrderKey) -> Result<Settled, Error> {
+        match self.handle(inbound).await {
+            Ok(outcome) => Ok(Settled::Finished {
+                outcome,
+                released: 0,
+            }),
+            Err(Error::Verify(error)) => self.defer(inbound, key, &error_chain(&error)).await,
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Sends the IPN to the tier of its attempt, or parks it; then blocks its key behind it.
+    async fn defer(
+        &self,
+        inbound: &Inbound,
+        key: &OrderKey,
+        error: &str,
+    ) -> Result<Settled, Error> {
+        let attempts = inbound.attempt.saturating_add(1);
+        let now = SystemTime::now();
+        let first_failure = inbound.first_failure.unwrap_or(now);
+        let age = now.duration_since(first_failure).unwrap_or_default();
+        let tier = usize::try_from(inbound.attempt)
+            .ok()
+            .and_then(|n| self.retry.tiers.get(n).copied());
+        let mut headers = inbound.properties.headers().clone().unwrap_or_default();
+        headers.insert("x-ipn-attempt".into(), AMQPValue::LongLongInt(attempts));
+        headers.insert("x-ipn-first-failure".into(), text(&rfc3339(first_failure)));
+        headers.insert("x-ipn-last-error".into(), text(error));
+        let shard = key.shard(self.topology.shards());
+        let settled = match tier.filter(|_| age < self.retry.max_age) {
+            Some(delay) => {
+                let tier = Topology::tier_name(delay);
+                headers.insert("x-ipn-tier".into(), text(&tier));
+                let exchange = self.topology.retry_exchange();
+                let routing_key = Topology::shard_routing_key(shard);
+                self.copy(inbound, &exchange, &routing_key, headers).await?;
+                let label = TierLabel { tier: tier.clone() };
+                self.metrics.retries.get_or_create(&label).inc();
+                warn!(ipn.order_key = %key, attempt = attempts, %tier, error, "ipn not verified; retrying later");
+                Settled::Deferred { tier }
+            }
+            None => {
+                let reason = if tier.is_some() {
+                    "too old"
+                } else {
+                    "retries exhausted"
+                };
+                headers.insert("x-ipn-reason".into(), text(reason));
+                headers.insert("x-ipn-parked-at".into(), text(&rfc3339(now)));
+                self.copy(inbound, "", &self.topology.parked_queue(), headers)
+                    .await?;
+                self.metrics.parked.inc();
+                warn!(ipn.order_key = %key, attempt = attempts, reason, error, "ipn parked; its key is blocked");
+                Settled::Parked
+            }
+        };
+        let form = Form::parse(&inbound.body);
+        let (txn_type, txn_id) = (form.text("txn_type"), form.text("txn_id"));
+        let block = Block {
+            order_key: key.as_str(),
+            blocker_id: &inbound.message_id,
+            parked: settled == Settled::Parked,
+            shard,
+            attempts,
+            last_error: error,
+            txn_type: txn_type.as_deref(),
+            txn_id: txn_id.as_deref(),
+        };
+        self.store.block(&block).await?;
+        Ok(settled)
+    }
+
+    /// Publishes a copy of the IPN (same body, properties and message id) with `headers`, and
+    /// waits for the confirm.
+    async fn copy(
+        &self,
+        inbound: &Inbound,
+        exchange: &str,
+        routing_key: &str,
+        headers: FieldTable,
+    ) -> Result<(), Error> {
+        let properties = inbound
+            .properties
+            .clone()
+            .with_message_id(ShortString::from(inbound.message_id.as_str()))
+            .with_headers(headers);
+        let message = Outgoing {
+            exchange,
+            routing_key,
+            body: &inbound.body,
+            properties,
+        };
+        self.publisher
+            .publish(message, self.worker.confirm_timeout)
+            .await?;
+        Ok(())
+    }
+
+    /// Stores the IPN behind its key's blocker. Behind a parked blocker it is verified first:
+    /// the key may wait for days, and a forgery should be caught (and alerted) now.
+    async fn hold(
+        &self,
+        inbound: &Inbound,
+        key: &OrderKey,
+        blocked: &Blocked,
+    ) -> Result<Settled, Error> {
+        if blocked.parked {
+            match self.screen(inbound).await {
+                Ok(Screened::Rejected(reason)) => {
+                    let outcome = self.quarantine(inbound, reason).await?;
+                    return Ok(Settled::Finished {
+                        outcome,
+                        released: 0,
+                    });
+                }
+                Ok(Screened::Passed(..)) => {}
+                Err(error) => {
+                    warn!(%error, ipn.order_key = %key, "cannot verify an ipn held behind a parked one; it is verified when released");
+                }
+            }
+        }
+        let held = Held {
+            order_key: key.to_string(),
+            message_id: inbound.message_id.clone(),
+            body: inbound.body.clone(),
+            content_type: inbound
+                .properties
+                .content_type()
+                .as_ref()
+                .map(|c| c.to_string()),
+            received_at: inbound.received_at.map(rfc3339),
+            attempt: inbound.attempt,
+        };
+        self.store.hold(&held).await?;
+        self.metrics.held.inc();
+        info!(ipn.order_key = %key, blocker = %blocked.blocker_id, parked = blocked.parked, "ipn held behind its key's blocker");
+        Ok(Settled::Held)
+    }
+
+    /// Processes the key's held IPNs in order; unblocks the key when none is left. Stops early
+    /// when one of them is deferred or parked: it is the key's blocker now.
+    async fn release(&self, key: &OrderKey) -> Result<usize, Error> {
+        let mut released = 0;
+        while let Some((id, held)) = self.store.next_held(key.as_str()).await? {
+            let settled = self.attempt(&held_inbound(held), key).await?;
+            self.store.remove_held(id).await?;
+            self.metrics.released.inc();
+            if !matches!(settled, Settled::Finished { .. }) {
+                return Ok(released);
+            }
+            released += 1;
+        }
+        self.store.unblock(key.as_str()).await?;
+        if released > 0 {
+            info!(ipn.order_key = %key, released, "key released");
+        }
+        Ok(released)
+    }
+
+    async fn control(&self, control: &str, key: &OrderKey) -> Result<Settled, Error> {
+        if control != RELEASE {
+            warn!(control, ipn.order_key = %key, "unknown control message ignored");
+            return Ok(Settled::Controlled { released: 0 });
+        }
+        let released = self.release(key).await?;
+        info!(ipn.order_key = %key, released, "key released by an operator");
+        Ok(Settled::Controlled { released })
+    }
+}
+
+/// A held IPN as if it had just been delivered, with the headers the ingress gave it.
+fn held_inbound(held: Held) -> Inbound {
+    let mut headers = FieldTable::default();
+    headers.insert("x-ipn-order-key".into(), text(&held.order_key));
+    headers.insert("x-ipn-attempt".into(), AMQPValue::LongLongInt(held.attempt));
+    if let Some(received_at) = &held.received_at {
+        headers.insert("x-ipn-received-at".into(), text(received_at));
+    }
+    let mut properties = BasicProperties::default()
+        .with_message_id(ShortString::from(held.message_id.as_str()))
+        .with_headers(headers);
+    if let Some(content_type) = held
+        .content_type
+        .as_deref()
+        .and_then(|c| ShortString::try_new(c).ok())
+    {
+        properties = properties.with_content_type(content_type);
+    }
+    Inbound::new(held.body, properties)
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// An error with its causes, one line, for a header and the operator's listing.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text.chars().take(500).collect()
+}
