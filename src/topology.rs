@@ -243,8 +243,11 @@ impl Topology {
             channel
                 .queue_declare(queue.clone().into(), durable, self.wait_args(delay))
                 .await?;
+            // `all-with-x`: a plain `all` ignores binding arguments that start with `x-`, so a
+            // binding on `x-ipn-tier` alone would match every message and copy it into every
+            // wait queue (seen on 3.10.8). `all-with-x` exists since RabbitMQ 3.10.
             let mut binding = FieldTable::default();
-            insert(&mut binding, "x-match", text("all"));
+            insert(&mut binding, "x-match", text("all-with-x"));
             insert(&mut binding, "x-ipn-tier", text(&Self::tier_name(delay)));
             channel
                 .queue_bind(

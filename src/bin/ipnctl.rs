@@ -6,8 +6,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ipn_bridge::config::Config;
 use ipn_bridge::ctl;
+use ipn_bridge::ctl::parked::{self, Selection};
 
-/// Operate ipn-bridge: declare its topology, send a sample IPN.
+/// Operate ipn-bridge: declare its topology, replay parked IPNs, release blocked keys, send a
+/// sample IPN.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -25,6 +27,16 @@ enum Command {
         #[command(subcommand)]
         action: TopologyAction,
     },
+    /// IPNs parked after exhausting their retries (<prefix>.parked).
+    Parked {
+        #[command(subcommand)]
+        action: ParkedAction,
+    },
+    /// Order keys blocked behind a deferred or parked IPN.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
     /// POST a raw IPN body from FILE the way PayPal does, and print the answer.
     Send {
         /// File holding the raw form body, sent byte for byte.
@@ -41,6 +53,52 @@ enum Command {
         /// verified, invalid, 500, garbage, silent or slow:<duration>.
         #[arg(long, default_value = "verified")]
         answer: ipn_bridge::fake_paypal::Answer,
+    },
+}
+
+#[derive(Subcommand)]
+enum ParkedAction {
+    /// Send parked IPNs back to their shards in their parked order, attempts reset; each
+    /// releases the IPNs held behind it once it succeeds.
+    Replay(Which),
+    /// Delete parked IPNs for good (their keys stay blocked: see `key release`).
+    Purge(Which),
+}
+
+/// Which parked IPNs: exactly one of these.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Which {
+    /// Every parked IPN.
+    #[arg(long)]
+    all: bool,
+    /// Those of one order key, e.g. profile:I-7PX4WQ2N9KD3.
+    #[arg(long)]
+    key: Option<String>,
+    /// The one with this message id.
+    #[arg(long)]
+    id: Option<String>,
+}
+
+impl Which {
+    fn selection(self) -> Selection {
+        match (self.key, self.id) {
+            (Some(key), _) => Selection::Key(key),
+            (None, Some(id)) => Selection::MessageId(id),
+            (None, None) => Selection::All,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Unblock KEY by skipping its blocker: the IPNs held behind it are delivered in order.
+    Release {
+        /// The order key, e.g. profile:I-7PX4WQ2N9KD3.
+        key: String,
+        /// Also delete the blocker from <prefix>.parked (default: keep it there).
+        #[arg(long)]
+        purge_blocker: bool,
     },
 }
 
@@ -73,6 +131,25 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<ExitCode> {
         } => {
             println!("{}", ctl::declare_topology(config).await?);
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Parked { action } => {
+            let pass = match action {
+                ParkedAction::Replay(which) => parked::replay(config, &which.selection()).await?,
+                ParkedAction::Purge(which) => parked::purge(config, &which.selection()).await?,
+            };
+            println!("{} taken, {} left parked", pass.taken, pass.kept);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Key {
+            action: KeyAction::Release { key, purge_blocker },
+        } => {
+            if parked::release(config, &key, purge_blocker).await? {
+                println!("release of {key} sent: its held IPNs are delivered in order");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("{key} is not blocked");
+                Ok(ExitCode::from(2))
+            }
         }
         Command::FakePaypal { listen, answer } => {
             ctl::fake_paypal(listen, answer).await?;

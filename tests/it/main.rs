@@ -3,6 +3,7 @@
 //! when the test ends, so tests run in parallel and twice in a row.
 
 mod cli;
+mod gate;
 mod ingress;
 mod pipeline_e2e;
 mod store;

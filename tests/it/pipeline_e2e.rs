@@ -17,7 +17,7 @@ use crate::support::{
 };
 
 /// A worker running in-process exactly as the binary runs it.
-struct RunningWorker {
+pub(crate) struct RunningWorker {
     /// Where `/healthz`, `/readyz` and `/metrics` answer.
     address: std::net::SocketAddr,
     shutdown: oneshot::Sender<()>,
@@ -25,7 +25,7 @@ struct RunningWorker {
 }
 
 impl RunningWorker {
-    async fn spawn(config: Config) -> RunningWorker {
+    pub(crate) async fn spawn(config: Config) -> RunningWorker {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let (shutdown, signal) = oneshot::channel::<()>();
@@ -40,14 +40,14 @@ impl RunningWorker {
     }
 
     /// One metric's value from `/metrics` (the first line starting with `name`).
-    async fn metric(&self, name: &str) -> Option<f64> {
+    pub(crate) async fn metric(&self, name: &str) -> Option<f64> {
         let url = format!("http://{}/metrics", self.address);
         let text = reqwest::get(url).await.ok()?.text().await.ok()?;
         let line = text.lines().find(|line| line.starts_with(name))?;
         line.rsplit(' ').next()?.parse().ok()
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let _ = self.shutdown.send(());
         let result = tokio::time::timeout(PATIENCE, self.task)
             .await
@@ -58,15 +58,15 @@ impl RunningWorker {
     }
 }
 
-struct Stack {
-    broker: TestBroker,
+pub(crate) struct Stack {
+    pub(crate) broker: TestBroker,
     _db: TestDb,
-    paypal: FakePaypal,
-    config: Config,
+    pub(crate) paypal: FakePaypal,
+    pub(crate) config: Config,
 }
 
 impl Stack {
-    async fn new() -> Stack {
+    pub(crate) async fn new() -> Stack {
         let Services {
             broker,
             db,
@@ -86,7 +86,7 @@ impl Stack {
     }
 
     /// Waits until the downstream queue holds `n` events, then takes them in queue order.
-    async fn events(&self, n: u32) -> Vec<serde_json::Value> {
+    pub(crate) async fn events(&self, n: u32) -> Vec<serde_json::Value> {
         let channel = self.broker.channel().await;
         let filled = async {
             while self.broker.count(&channel, "downstream").await < n {
@@ -104,7 +104,7 @@ impl Stack {
     }
 }
 
-fn raw(event: &serde_json::Value) -> Vec<u8> {
+pub(crate) fn raw(event: &serde_json::Value) -> Vec<u8> {
     let text = event["raw_body_base64"].as_str().expect("raw body");
     base64::engine::general_purpose::STANDARD
         .decode(text)

@@ -138,3 +138,68 @@ async fn downstream_queues_from_the_config_are_declared_and_bound_to_the_events(
     assert_eq!(billing, ["#.refunded", "subscr_*.#"]);
     assert_eq!(broker.binding_keys("audit", "ipn.events").await, ["#"]);
 }
+
+#[tokio::test]
+async fn a_message_sent_to_a_tier_waits_in_that_tier_only_and_returns_to_its_own_shard() {
+    let broker = TestBroker::new().await;
+    let mut config = broker.config();
+    config.retry.tiers = vec![Duration::from_millis(300), Duration::from_secs(600)];
+    let topology = Topology::of(&config);
+    ctl::declare_topology(&config).await.expect("declared");
+    let wait = topology.wait_queue(Duration::from_secs(600));
+    let arguments = &broker.queue_info(&wait).await["arguments"];
+    assert_eq!(arguments["x-message-ttl"], 600_000);
+    assert_eq!(arguments["x-dead-letter-exchange"], "ipn.inbound");
+    assert_eq!(arguments["x-dead-letter-strategy"], "at-least-once");
+    assert!(arguments.get("x-dead-letter-routing-key").is_none());
+
+    let channel = broker.channel().await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    for (tier, body) in [("300ms", "txn_id=SHORT"), ("10m", "txn_id=LONG")] {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-ipn-tier".into(),
+            lapin::types::AMQPValue::LongString(tier.into()),
+        );
+        let confirm = channel
+            .basic_publish(
+                topology.retry_exchange().as_str().into(),
+                "2".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                body.as_bytes(),
+                BasicProperties::default().with_headers(headers),
+            )
+            .await
+            .expect("published");
+        let confirmation = confirm.await.expect("confirmed");
+        assert!(
+            confirmation.is_ack() && confirmation.take_message().is_none(),
+            "routed"
+        );
+    }
+    // The short one comes back to shard 2, by the routing key it was published with.
+    let returned = async {
+        while broker.count(&channel, &topology.shard_queue(2)).await == 0 {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, returned)
+        .await
+        .expect("back in its shard in time");
+    let back = broker.drain(&channel, &topology.shard_queue(2)).await;
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].data, b"txn_id=SHORT");
+    // The long one is in its own tier, and was copied into no other queue.
+    assert_eq!(broker.count(&channel, &wait).await, 1);
+    for queue in topology.queues() {
+        if queue != wait {
+            assert_eq!(broker.count(&channel, &queue).await, 0, "{queue}");
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! When PayPal fails: delay tiers, parking, blocked keys, held IPNs, replay and release, through
+//! the ingress and the real worker, with the real broker, PostgreSQL and the fake PayPal.
+
+use std::num::{NonZeroU16, NonZeroU32};
+use std::time::Duration;
+
+use ipn_bridge::ctl::parked::{self, Selection};
+use ipn_bridge::fake_paypal::Answer;
+use ipn_bridge::ipn::{Form, PayPal};
+use ipn_bridge::store::Store;
+use lapin::types::AMQPValue;
+
+use crate::pipeline_e2e::{RunningWorker, Stack, raw};
+use crate::support::{PATIENCE, post_form, ready_ingress, sample};
+
+/// A stack whose PayPal failures are final at once (one postback per attempt), with one shard,
+/// so that every key shares it.
+async fn stack() -> Stack {
+    let mut stack = Stack::new().await;
+    stack.config.worker.verify_attempts = NonZeroU32::MIN;
+    stack.config.topology.shards = NonZeroU16::MIN;
+    stack
+}
+
+/// Enough failures for `body` to walk every tier (1 + 3 attempts) and be parked.
+const TO_PARKING: [Answer; 4] = [Answer::ServerError; 4];
+
+fn key_of(body: &[u8]) -> String {
+    PayPal::order_key_of(&Form::parse(body), body).to_string()
+}
+
+async fn wait_for(stack: &Stack, queue: &str, n: u32) {
+    let channel = stack.broker.channel().await;
+    let filled = async {
+        while stack.broker.count(&channel, queue).await < n {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, filled)
+        .await
+        .unwrap_or_else(|_| panic!("{n} messages in {queue} in time"));
+}
+
+async fn wait_metric(worker: &RunningWorker, name: &str, value: f64) {
+    let reached = async {
+        while worker.metric(name).await != Some(value) {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, reached)
+        .await
+        .unwrap_or_else(|_| panic!("{name} reached {value} in time"));
+}
+
+fn header_text(delivery: &lapin::message::Delivery, name: &str) -> Option<String> {
+    match delivery.properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn paypal_failing_every_time_walks_the_tiers_then_parks_the_ipn_and_blocks_its_key() {
+    let stack = stack().await;
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
+    let payment = sample("013_subscr_payment.txt");
+    stack.paypal.script(&payment, TO_PARKING);
+    assert_eq!(post_form(&ingress.url, payment.clone()).await.0, 200);
+    wait_for(&stack, "ipn.parked", 1).await;
+    let channel = stack.broker.channel().await;
+    let parked = stack.broker.drain(&channel, "ipn.parked").await;
+    assert_eq!(parked[0].data, payment, "parked byte for byte");
+    assert_eq!(
+        header_text(&parked[0], "x-ipn-reason").as_deref(),
+        Some("retries exhausted")
+    );
+    let attempts = parked[0]
+        .properties
+        .headers()
+        .as_ref()
+        .expect("headers")
+        .inner()["x-ipn-attempt"]
+        .clone();
+    assert_eq!(
+        attempts,
+        AMQPValue::LongLongInt(4),
+        "one first try and three tiers"
+    );
+    let error = header_text(&parked[0], "x-ipn-last-error").expect("last error");
+    assert!(error.contains("500"), "{error}");
+    assert_eq!(stack.paypal.postbacks().len(), 4);
+    for tier in ["50ms", "100ms", "200ms"] {
+        let name = format!("ipn_worker_retries_total{{tier=\"{tier}\"}}");
+        assert_eq!(worker.metric(&name).await, Some(1.0), "{name}");
+    }
+    assert_eq!(worker.metric("ipn_worker_parked_total").await, Some(1.0));
+
+    let store = Store::connect(&stack.config.database).await.expect("store");
+    let blocked = store
+        .blocked(&key_of(&payment))
+        .await
+        .expect("query")
+        .expect("blocked");
+    assert!(blocked.parked);
+    assert_eq!(blocked.attempts, 4);
+    assert_eq!(
+        stack.broker.count(&channel, "downstream").await,
+        0,
+        "never published"
+    );
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_waiting_in_a_tier_holds_back_its_later_ipns_and_no_other_key() {
+    let stack = stack().await;
+    let signup = sample("012_subscr_signup.txt");
+    let first_payment = sample("013_subscr_payment.txt");
+    let second_payment = sample("014_subscr_payment.txt");
+    let other_key = sample("001_web_accept.txt");
+    stack.paypal.script(&signup, [Answer::ServerError]);
+    // All four wait in the one shard queue before the worker starts, in this order.
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    for body in [&signup, &first_payment, &second_payment, &other_key] {
+        assert_eq!(post_form(&ingress.url, body.clone()).await.0, 200);
+    }
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
+
+    let events = stack.events(4).await;
+    let arrived: Vec<Vec<u8>> = events.iter().map(raw).collect();
+    assert_eq!(
+        arrived[0], other_key,
+        "another key of the shard does not wait"
+    );
+    assert_eq!(arrived[1..], [signup, first_payment, second_payment]);
+    let sequences: Vec<i64> = events[1..]
+        .iter()
+        .map(|e| e["sequence"].as_i64().expect("n"))
+        .collect();
+    assert_eq!(sequences, [1, 2, 3]);
+    assert_eq!(worker.metric("ipn_worker_held_total").await, Some(2.0));
+    assert_eq!(worker.metric("ipn_worker_released_total").await, Some(2.0));
+    let store = Store::connect(&stack.config.database).await.expect("store");
+    assert_eq!(
+        store
+            .blocked(&key_of(&raw(&events[1])))
+            .await
+            .expect("query"),
+        None,
+        "unblocked"
+    );
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn an_ipn_behind_a_parked_one_is_verified_and_held_and_a_replay_delivers_both_in_order() {
+    let stack = stack().await;
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
+    let first = sample("013_subscr_payment.txt");
+    let second = sample("014_subscr_payment.txt");
+    let mut forged = second.clone();
+    forged.extend_from_slice(b"&custom2=forged");
+    stack.paypal.script(&first, TO_PARKING);
+    stack.paypal.script(&forged, [Answer::Invalid]);
+    assert_eq!(post_form(&ingress.url, first.clone()).await.0, 200);
+    wait_for(&stack, "ipn.parked", 1).await;
+
+    assert_eq!(post_form(&ingress.url, second.clone()).await.0, 200);
+    assert_eq!(post_form(&ingress.url, forged.clone()).await.0, 200);
+    wait_for(&stack, "ipn.quarantine", 1).await;
+    wait_metric(&worker, "ipn_worker_held_total", 1.0).await;
+    let postbacks = stack.paypal.postbacks();
+    assert!(
+        postbacks.iter().any(|p| p.ipn == second),
+        "held, but verified first"
+    );
+    let channel = stack.broker.channel().await;
+    assert_eq!(
+        stack.broker.count(&channel, "downstream").await,
+        0,
+        "nothing delivered yet"
+    );
+
+    // PayPal is healthy again (the script is used up); the operator replays the parked one.
+    let pass = parked::replay(&stack.config, &Selection::Key(key_of(&first)))
+        .await
+        .expect("replay");
+    assert_eq!((pass.taken, pass.kept), (1, 0));
+    let events = stack.events(2).await;
+    assert_eq!(raw(&events[0]), first);
+    assert_eq!(raw(&events[1]), second);
+    assert_eq!(events[0]["sequence"], 1);
+    assert_eq!(events[1]["sequence"], 2);
+    let quarantined = stack.broker.drain(&channel, "ipn.quarantine").await;
+    assert_eq!(quarantined[0].data, forged);
+    assert_eq!(
+        header_text(&quarantined[0], "x-ipn-reason").as_deref(),
+        Some("invalid")
+    );
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn releasing_a_blocked_key_skips_its_blocker_and_delivers_the_held_ipns_in_order() {
+    let stack = stack().await;
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
+    let blocker = sample("012_subscr_signup.txt");
+    let later = [
+        sample("013_subscr_payment.txt"),
+        sample("014_subscr_payment.txt"),
+    ];
+    let other_parked = sample("001_web_accept.txt");
+    stack.paypal.script(&blocker, TO_PARKING);
+    stack.paypal.script(&other_parked, TO_PARKING);
+    assert_eq!(post_form(&ingress.url, other_parked.clone()).await.0, 200);
+    assert_eq!(post_form(&ingress.url, blocker.clone()).await.0, 200);
+    wait_for(&stack, "ipn.parked", 2).await;
+    for body in &later {
+        assert_eq!(post_form(&ingress.url, body.clone()).await.0, 200);
+    }
+    wait_metric(&worker, "ipn_worker_held_total", 2.0).await;
+
+    let key = key_of(&blocker);
+    assert!(
+        parked::release(&stack.config, &key, true)
+            .await
+            .expect("release")
+    );
+    let events = stack.events(2).await;
+    assert_eq!(raw(&events[0]), later[0]);
+    assert_eq!(raw(&events[1]), later[1]);
+    let channel = stack.broker.channel().await;
+    let left = stack.broker.drain(&channel, "ipn.parked").await;
+    assert_eq!(
+        left.len(),
+        1,
+        "the blocker is purged, the other key's parked IPN kept"
+    );
+    assert_eq!(left[0].data, other_parked);
+    let store = Store::connect(&stack.config.database).await.expect("store");
+    assert_eq!(store.blocked(&key).await.expect("query"), None);
+    assert!(
+        !parked::release(&stack.config, &key, false)
+            .await
+            .expect("release"),
+        "no longer blocked"
+    );
+    worker.stop().await;
+    ingress.stop().await;
+}
