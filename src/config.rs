@@ -63,6 +63,8 @@ pub struct Config {
     pub worker: Worker,
     /// Delayed retries of IPNs PayPal could not verify, and when to give up (park).
     pub retry: Retry,
+    /// Telling a human: email and webhook alerts.
+    pub alert: Alert,
     /// Queues of business services, declared and bound to `<prefix>.events` at start-up.
     /// File only (`[[downstream]]` entries), not settable from the environment.
     pub downstream: Vec<Downstream>,
@@ -162,6 +164,42 @@ impl Default for Retry {
                 24 * hour,
             ],
             max_age: 5 * 24 * hour,
+        }
+    }
+}
+
+/// Alerts to a human: a webhook, email over SMTP, either or both (none: alerts are only logged).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Alert {
+    /// JSON POST with a Slack-compatible `text` field. Never printed (it may hold a token).
+    pub webhook_url: Option<WebhookUrl>,
+    /// `smtps://user:pass@host:465` (TLS) or `smtp://user:pass@host:587?tls=required`
+    /// (STARTTLS). Never printed with its password.
+    pub smtp_url: Option<SmtpUrl>,
+    /// The sender of alert emails.
+    pub email_from: String,
+    /// Recipients of alert emails. Environment: comma-separated.
+    #[serde(deserialize_with = "list")]
+    pub email_to: Vec<String>,
+    /// Alerts of one cause (kind and reason) go out at most once per interval; the ones in
+    /// between are summarized in the next.
+    #[serde(with = "humantime_serde")]
+    pub min_interval: Duration,
+    /// A failing channel is tried this many times (waits of 1 s, doubling) before the alert is
+    /// given up on that channel.
+    pub attempts: std::num::NonZeroU32,
+}
+
+impl Default for Alert {
+    fn default() -> Self {
+        Self {
+            webhook_url: None,
+            smtp_url: None,
+            email_from: "ipn-bridge <ipn-bridge@localhost>".to_owned(),
+            email_to: Vec::new(),
+            min_interval: Duration::from_secs(600),
+            attempts: std::num::NonZeroU32::new(6).unwrap_or(std::num::NonZeroU32::MIN),
         }
     }
 }
@@ -417,6 +455,55 @@ impl UrlKind for PostgresKind {
     }
 }
 
+/// `http://` or `https://`, for webhooks.
+#[derive(Debug, Clone, Copy)]
+pub struct WebhookKind;
+
+impl UrlKind for WebhookKind {
+    type Parsed = url::Url;
+    fn parse(text: &str) -> Result<url::Url, String> {
+        let url = url::Url::parse(text).map_err(|e| format!("not a URL: {e}"))?;
+        match url.scheme() {
+            "http" | "https" => Ok(url),
+            _ => Err("must start with http:// or https://".to_owned()),
+        }
+    }
+}
+
+/// `smtp://` or `smtps://`, as lettre reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct SmtpKind;
+
+impl UrlKind for SmtpKind {
+    type Parsed = String;
+    fn parse(text: &str) -> Result<String, String> {
+        let url = url::Url::parse(text).map_err(|e| format!("not a URL: {e}"))?;
+        match url.scheme() {
+            "smtp" | "smtps" => Ok(text.to_owned()),
+            _ => Err("must start with smtp:// or smtps://".to_owned()),
+        }
+    }
+}
+
+/// An alert webhook's URL.
+pub type WebhookUrl = SecretUrl<WebhookKind>;
+/// An SMTP server's URL, credentials included.
+pub type SmtpUrl = SecretUrl<SmtpKind>;
+
+impl WebhookUrl {
+    /// The URL to POST to.
+    pub fn url(&self) -> url::Url {
+        self.parsed.clone()
+    }
+}
+
+impl SmtpUrl {
+    /// The URL text, for lettre.
+    pub fn expose(&self) -> &str {
+        &self.parsed
+    }
+}
+
 /// The broker's URL.
 pub type AmqpUrl = SecretUrl<AmqpKind>;
 /// The worker database's URL.
@@ -564,6 +651,12 @@ impl Config {
                     "queue and bindings must be 1-255 characters",
                 ));
             }
+        }
+        if self.alert.smtp_url.is_some() && self.alert.email_to.is_empty() {
+            return Err(invalid(
+                "alert.email_to",
+                "is needed when alert.smtp_url is set",
+            ));
         }
         // A TTL must be a positive whole number of milliseconds below 2^32 (RabbitMQ's limit).
         let tier_ok = |d: &Duration| d.as_millis() >= 1 && d.as_millis() < u128::from(u32::MAX);

@@ -11,11 +11,14 @@
 //! - [`store`]: PostgreSQL: dedup records and per-key sequences, claimed before publishing.
 //! - [`verify`]: PayPal's postback, `cmd=_notify-validate&` + the exact bytes.
 //! - [`fake_paypal`]: a fake postback endpoint for tests and local demos.
-//! - [`worker`]: from raw IPN to confirmed event (the per-IPN pipeline so far).
+//! - [`worker`]: from raw IPN to confirmed event, in order per key; delay tiers, parking,
+//!   blocked keys and held IPNs.
+//! - [`alert`]: email and webhook alerts, rate-limited per cause, never blocking the worker.
 //! - [`ctl`]: what `ipnctl` does.
 //! - [`telemetry`], [`shutdown`]: logs and signals for the binaries.
 #![forbid(unsafe_code)]
 
+pub mod alert;
 pub mod amqp;
 pub mod config;
 pub mod ctl;

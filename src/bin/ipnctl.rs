@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ipn_bridge::config::Config;
 use ipn_bridge::ctl;
-use ipn_bridge::ctl::parked::{self, Selection};
+use ipn_bridge::ctl::review::{self, Queue, Selection};
 
 /// Operate ipn-bridge: declare its topology, replay parked IPNs, release blocked keys, send a
 /// sample IPN.
@@ -27,10 +27,15 @@ enum Command {
         #[command(subcommand)]
         action: TopologyAction,
     },
-    /// IPNs parked after exhausting their retries (<prefix>.parked).
+    /// IPNs parked after exhausting their retries (<prefix>.parked); their keys are blocked.
     Parked {
         #[command(subcommand)]
-        action: ParkedAction,
+        action: Review,
+    },
+    /// IPNs quarantined: INVALID, wrong environment, foreign receiver, unreadable.
+    Quarantine {
+        #[command(subcommand)]
+        action: Review,
     },
     /// Order keys blocked behind a deferred or parked IPN.
     Key {
@@ -57,11 +62,18 @@ enum Command {
 }
 
 #[derive(Subcommand)]
-enum ParkedAction {
-    /// Send parked IPNs back to their shards in their parked order, attempts reset; each
-    /// releases the IPNs held behind it once it succeeds.
+enum Review {
+    /// List them in order (key, txn_type, txn_id, reason, attempts, age, message id), leaving
+    /// them as they are.
+    List {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send them back to their shards in their order, attempts reset. A parked IPN releases the
+    /// IPNs held behind it once it succeeds.
     Replay(Which),
-    /// Delete parked IPNs for good (their keys stay blocked: see `key release`).
+    /// Delete them for good (a parked IPN's key stays blocked: see `key release`).
     Purge(Which),
 }
 
@@ -92,6 +104,12 @@ impl Which {
 
 #[derive(Subcommand)]
 enum KeyAction {
+    /// List blocked keys with how many IPNs each holds back.
+    List {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Unblock KEY by skipping its blocker: the IPNs held behind it are delivered in order.
     Release {
         /// The order key, e.g. profile:I-7PX4WQ2N9KD3.
@@ -132,18 +150,23 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<ExitCode> {
             println!("{}", ctl::declare_topology(config).await?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Parked { action } => {
-            let pass = match action {
-                ParkedAction::Replay(which) => parked::replay(config, &which.selection()).await?,
-                ParkedAction::Purge(which) => parked::purge(config, &which.selection()).await?,
-            };
-            println!("{} taken, {} left parked", pass.taken, pass.kept);
+        Command::Parked { action } => review(config, Queue::Parked, action).await,
+        Command::Quarantine { action } => review(config, Queue::Quarantine, action).await,
+        Command::Key {
+            action: KeyAction::List { json },
+        } => {
+            let keys = review::blocked_keys(config).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            } else {
+                println!("{}", review::blocked_table(&keys));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Key {
             action: KeyAction::Release { key, purge_blocker },
         } => {
-            if parked::release(config, &key, purge_blocker).await? {
+            if review::release(config, &key, purge_blocker).await? {
                 println!("release of {key} sent: its held IPNs are delivered in order");
                 Ok(ExitCode::SUCCESS)
             } else {
@@ -168,4 +191,22 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+async fn review(config: &Config, queue: Queue, action: Review) -> anyhow::Result<ExitCode> {
+    let pass = match action {
+        Review::List { json } => {
+            let listed = review::list(config, queue).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listed)?);
+            } else {
+                println!("{}", review::listed_table(&listed));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Review::Replay(which) => review::replay(config, queue, &which.selection()).await?,
+        Review::Purge(which) => review::purge(config, queue, &which.selection()).await?,
+    };
+    println!("{} taken, {} left", pass.taken, pass.kept);
+    Ok(ExitCode::SUCCESS)
 }

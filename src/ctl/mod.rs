@@ -1,6 +1,6 @@
 //! `ipnctl`, the operator's tool: each subcommand is a function here, the binary only parses.
 
-pub mod parked;
+pub mod review;
 
 use std::time::Duration;
 

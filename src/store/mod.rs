@@ -70,6 +70,27 @@ pub struct Blocked {
     pub attempts: i64,
 }
 
+/// A blocked key as operators list it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockedRow {
+    /// The key.
+    pub order_key: String,
+    /// Message id of its blocker.
+    pub blocker_id: String,
+    /// Parked rather than waiting in a tier.
+    pub parked: bool,
+    /// Failed attempts of the blocker.
+    pub attempts: i64,
+    /// The blocker's last error.
+    pub last_error: String,
+    /// The blocker's `txn_id`.
+    pub txn_id: Option<String>,
+    /// IPNs held behind it.
+    pub held: i64,
+    /// Seconds since the key was blocked.
+    pub blocked_seconds: u64,
+}
+
 /// A block to record.
 #[derive(Debug, Clone)]
 pub struct Block<'a> {
@@ -297,6 +318,45 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Every blocked key with how many IPNs it holds, oldest block first (for operators).
+    pub async fn blocked_keys(&self) -> Result<Vec<BlockedRow>, Error> {
+        let rows = sqlx::query(
+            "SELECT b.order_key, b.blocker_id, b.state, b.attempts, b.last_error, b.txn_id,
+                    (SELECT count(*) FROM ipn_held h WHERE h.order_key = b.order_key) AS held,
+                    EXTRACT(EPOCH FROM now() - b.blocked_at)::float8 AS blocked_seconds
+             FROM ipn_blocked_key b ORDER BY b.blocked_at, b.order_key",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let state: String = row.try_get("state")?;
+                let seconds: f64 = row.try_get("blocked_seconds")?;
+                Ok(BlockedRow {
+                    order_key: row.try_get("order_key")?,
+                    blocker_id: row.try_get("blocker_id")?,
+                    parked: state == "parked",
+                    attempts: row.try_get("attempts")?,
+                    last_error: row.try_get("last_error")?,
+                    txn_id: row.try_get("txn_id")?,
+                    held: row.try_get("held")?,
+                    blocked_seconds: seconds.max(0.0) as u64,
+                })
+            })
+            .collect()
+    }
+
+    /// How many keys are blocked and how many IPNs they hold (for metrics).
+    pub async fn blocked_totals(&self) -> Result<(i64, i64), Error> {
+        let row = sqlx::query(
+            "SELECT (SELECT count(*) FROM ipn_blocked_key) AS keys,
+                    (SELECT count(*) FROM ipn_held) AS held",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.try_get("keys")?, row.try_get("held")?))
     }
 
     /// Closes every connection.

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::pipeline::{Inbound, Pipeline, header_text};
+use crate::alert::Alerter;
 use crate::amqp::{self, Publisher, State};
 use crate::config::{self, Config};
 use crate::store::{self, Store};
@@ -51,6 +52,9 @@ pub enum Error {
     /// The HTTP client for PayPal.
     #[error("PayPal client")]
     Verify(#[from] verify::Error),
+    /// The alert channels could not be set up.
+    #[error("alerts")]
+    Alert(#[from] crate::alert::Error),
     /// The consume connection.
     #[error("broker")]
     Broker(#[from] amqp::Error),
@@ -78,7 +82,9 @@ pub async fn run(
     let verifier = Verifier::new(&config.paypal)?;
     let topology = Topology::of(&config);
     let publisher = Publisher::start(&config.amqp, topology.clone(), "ipn-worker-publish");
-    let pipeline = Arc::new(Pipeline::new(&config, verifier, store.clone(), publisher));
+    let pipeline = Pipeline::new(&config, verifier, store.clone(), publisher);
+    let alerter = Alerter::start(&config.alert, pipeline.metrics().alerts.clone())?;
+    let pipeline = Arc::new(pipeline.with_alerter(alerter));
     // Consuming before events can be published would only fail and retry every IPN.
     if !pipeline.wait_publisher(config.amqp.connect_timeout).await {
         warn!("publisher not connected yet; IPNs will be retried until it is");
@@ -94,6 +100,11 @@ pub async fn run(
     let purge = tokio::spawn(purge_periodically(
         store.clone(),
         config.database.dedup_retention,
+        stop.clone(),
+    ));
+    let gauges = tokio::spawn(count_blocked(
+        store.clone(),
+        Arc::clone(&pipeline),
         stop.clone(),
     ));
     let session = Session {
@@ -113,6 +124,7 @@ pub async fn run(
     tokio::join!(stopping, session.keep_consuming());
     // Both background tasks end at once: they watch `stop`.
     let _ = purge.await;
+    let _ = gauges.await;
     let _ = probes.await;
     store.close().await;
     info!("ipn-worker stopped");
@@ -273,6 +285,21 @@ async fn purge_periodically(store: Store, retention: Duration, stop: Cancellatio
             Ok(0) => {}
             Ok(purged) => info!(purged, "old dedup records purged"),
             Err(error) => warn!(%error, "cannot purge old dedup records; will try again"),
+        }
+    }
+}
+
+/// Refreshes the blocked-key and held-IPN gauges every five seconds, until `stop`.
+async fn count_blocked(store: Store, pipeline: Arc<Pipeline>, stop: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        if let Ok((keys, held)) = store.blocked_totals().await {
+            pipeline.metrics().blocked_keys.set(keys);
+            pipeline.metrics().held_now.set(held);
         }
     }
 }

@@ -28,6 +28,7 @@ use tracing::{info, warn};
 
 use super::metrics::TierLabel;
 use super::pipeline::{Error, Inbound, Outcome, Pipeline, Screened, text};
+use crate::alert::{Alert, Kind};
 use crate::amqp::Outgoing;
 use crate::ipn::{Form, OrderKey};
 use crate::store::{Block, Blocked, Held};
@@ -140,7 +141,15 @@ impl Pipeline {
                 self.copy(inbound, "", &self.topology.parked_queue(), headers)
                     .await?;
                 self.metrics.parked.inc();
-                warn!(ipn.order_key = %key, attempt = attempts, reason, error, "ipn parked; its key is blocked");
+                self.alerter.raise(Alert {
+                    kind: Kind::Parked,
+                    order_key: key.to_string(),
+                    txn_id: Form::parse(&inbound.body).text("txn_id"),
+                    reason: format!("{reason} after {attempts} attempts: {error}"),
+                    fix: format!(
+                        "its key is blocked; once PayPal answers again: `ipnctl parked replay --key {key}`; to give up on it and deliver the IPNs held behind it: `ipnctl key release {key} --purge-blocker`"
+                    ),
+                });
                 Settled::Parked
             }
         };
@@ -223,6 +232,17 @@ impl Pipeline {
         };
         self.store.hold(&held).await?;
         self.metrics.held.inc();
+        if blocked.parked {
+            self.alerter.raise(Alert {
+                kind: Kind::HeldBehindParked,
+                order_key: key.to_string(),
+                txn_id: Form::parse(&inbound.body).text("txn_id"),
+                reason: format!("waits behind parked IPN {}", blocked.blocker_id),
+                fix: format!(
+                    "`ipnctl parked replay --key {key}` once PayPal answers again, or `ipnctl key release {key}` to skip the parked one"
+                ),
+            });
+        }
         info!(ipn.order_key = %key, blocker = %blocked.blocker_id, parked = blocked.parked, "ipn held behind its key's blocker");
         Ok(Settled::Held)
     }

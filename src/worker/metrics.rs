@@ -52,6 +52,12 @@ pub struct Metrics {
     pub held: Counter,
     /// Held IPNs released (processed) after their key's blocker.
     pub released: Counter,
+    /// Keys blocked now (read from the database every few seconds).
+    pub blocked_keys: Gauge,
+    /// IPNs held behind blocked keys now (read from the database every few seconds).
+    pub held_now: Gauge,
+    /// Alert messages sent and given up on, by channel.
+    pub alerts: crate::alert::Counters,
 }
 
 impl Metrics {
@@ -70,6 +76,9 @@ impl Metrics {
             parked: Counter::default(),
             held: Counter::default(),
             released: Counter::default(),
+            alerts: crate::alert::Counters::default(),
+            blocked_keys: Gauge::default(),
+            held_now: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -121,6 +130,26 @@ impl Metrics {
             "released",
             "Held IPNs processed after their key's blocker",
             metrics.released.clone(),
+        );
+        registry.register(
+            "blocked_keys",
+            "Order keys blocked behind a deferred or parked IPN",
+            metrics.blocked_keys.clone(),
+        );
+        registry.register(
+            "held_ipns",
+            "IPNs held behind blocked keys",
+            metrics.held_now.clone(),
+        );
+        registry.register(
+            "alerts_sent",
+            "Alert messages delivered, by channel",
+            metrics.alerts.sent.clone(),
+        );
+        registry.register(
+            "alerts_failed",
+            "Alert messages given up on after every attempt, by channel",
+            metrics.alerts.failed.clone(),
         );
         Metrics {
             registry,

@@ -13,6 +13,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use tracing::{info, warn};
 
 use super::metrics::{Metrics, OutcomeLabel, ReasonLabel};
+use crate::alert::{Alert, Alerter, Kind};
 use crate::amqp::{Outgoing, PublishError, Publisher, State};
 use crate::config::{self, Config};
 use crate::event::{Context, Event};
@@ -161,6 +162,7 @@ pub struct Pipeline {
     pub(super) store: Store,
     pub(super) publisher: Publisher,
     pub(super) metrics: Metrics,
+    pub(super) alerter: Alerter,
     fault: Option<FaultInjector>,
 }
 
@@ -189,8 +191,15 @@ impl Pipeline {
             store,
             publisher,
             metrics: Metrics::new(),
+            alerter: Alerter::logging_only(),
             fault: None,
         }
+    }
+
+    /// Sends alerts through `alerter` (by default they are only logged).
+    pub fn with_alerter(mut self, alerter: Alerter) -> Pipeline {
+        self.alerter = alerter;
+        self
     }
 
     /// Stops an IPN at the steps `fault` picks, as if the process had crashed there: what came
@@ -262,7 +271,21 @@ impl Pipeline {
         };
         let event = Event::new(&form, &inbound.body, &context);
         self.crash_point(Step::Claimed)?;
-        self.publish_event(&event).await?;
+        if let Err(error) = self.publish_event(&event).await {
+            if matches!(error, Error::Publish(PublishError::Unroutable)) {
+                self.alerter.raise(Alert {
+                    kind: Kind::Unroutable,
+                    order_key: order_key.to_string(),
+                    txn_id: event.txn_id.clone(),
+                    reason: format!("no queue bound for {}", event.routing_key()),
+                    fix: format!(
+                        "bind a queue to {} for this routing key ([[downstream]] in the config, then restart or `ipnctl topology declare`); the worker retries by itself",
+                        self.topology.events_exchange()
+                    ),
+                });
+            }
+            return Err(error);
+        }
         self.crash_point(Step::Published)?;
         self.store.mark_done(reservation.event_id).await?;
         self.crash_point(Step::MarkedDone)?;
@@ -359,8 +382,32 @@ impl Pipeline {
             reason: reason.as_str(),
         };
         self.metrics.quarantined.get_or_create(&label).inc();
-        warn!(reason = reason.as_str(), "ipn quarantined");
+        let form = Form::parse(&inbound.body);
+        self.alerter.raise(Alert {
+            kind: Kind::Quarantined,
+            order_key: inbound.key().to_string(),
+            txn_id: form.text("txn_id"),
+            reason: reason.as_str().to_owned(),
+            fix: quarantine_fix(reason, &inbound.message_id),
+        });
         Ok(Outcome::Quarantined(reason))
+    }
+}
+
+/// What an operator can do about a quarantined IPN.
+fn quarantine_fix(reason: Reason, message_id: &str) -> String {
+    let replay = format!("`ipnctl quarantine replay --id {message_id}`");
+    match reason {
+        Reason::Invalid => format!(
+            "PayPal says it did not send this IPN: a possible forgery; check where it came from. Nothing is published. If PayPal was wrong, {replay}"
+        ),
+        Reason::WrongEnvironment => format!(
+            "a sandbox IPN in live mode or the reverse: check paypal.environment and the notify_url configured at PayPal; once the config is right, {replay}"
+        ),
+        Reason::ForeignReceiver => format!(
+            "addressed to another PayPal account: check paypal.receiver_ids/receiver_emails; once they are right, {replay}"
+        ),
+        Reason::Unreadable => "not a form body; nothing to replay".to_owned(),
     }
 }
 

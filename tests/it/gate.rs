@@ -4,14 +4,14 @@
 use std::num::{NonZeroU16, NonZeroU32};
 use std::time::Duration;
 
-use ipn_bridge::ctl::parked::{self, Selection};
+use ipn_bridge::ctl::review::{self, Queue, Selection};
 use ipn_bridge::fake_paypal::Answer;
 use ipn_bridge::ipn::{Form, PayPal};
 use ipn_bridge::store::Store;
 use lapin::types::AMQPValue;
 
 use crate::pipeline_e2e::{RunningWorker, Stack, raw};
-use crate::support::{PATIENCE, post_form, ready_ingress, sample};
+use crate::support::{FakeWebhook, PATIENCE, post_form, ready_ingress, sample};
 
 /// A stack whose PayPal failures are final at once (one postback per attempt), with one shard,
 /// so that every key shares it.
@@ -61,7 +61,9 @@ fn header_text(delivery: &lapin::message::Delivery, name: &str) -> Option<String
 
 #[tokio::test]
 async fn paypal_failing_every_time_walks_the_tiers_then_parks_the_ipn_and_blocks_its_key() {
-    let stack = stack().await;
+    let mut stack = stack().await;
+    let webhook = FakeWebhook::start(0).await;
+    stack.config.alert.webhook_url = Some(webhook.url.parse().expect("url"));
     let (_, ingress) = ready_ingress(stack.config.clone()).await;
     let worker = RunningWorker::spawn(stack.config.clone()).await;
     let payment = sample("013_subscr_payment.txt");
@@ -95,6 +97,23 @@ async fn paypal_failing_every_time_walks_the_tiers_then_parks_the_ipn_and_blocks
         assert_eq!(worker.metric(&name).await, Some(1.0), "{name}");
     }
     assert_eq!(worker.metric("ipn_worker_parked_total").await, Some(1.0));
+
+    let key = key_of(&payment);
+    let alert = &webhook.wait_for(1).await[0];
+    assert_eq!(alert["kind"], "parked");
+    assert_eq!(alert["order_key"], key.as_str());
+    let fix = alert["fix"].as_str().expect("fix");
+    assert!(
+        fix.contains(&format!("ipnctl parked replay --key {key}")),
+        "{fix}"
+    );
+    let listed = review::blocked_keys(&stack.config).await.expect("listed");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].order_key.as_str(), listed[0].state.as_str()),
+        (key.as_str(), "parked")
+    );
+    assert_eq!(listed[0].held, 0);
 
     let store = Store::connect(&stack.config.database).await.expect("store");
     let blocked = store
@@ -157,7 +176,9 @@ async fn a_key_waiting_in_a_tier_holds_back_its_later_ipns_and_no_other_key() {
 
 #[tokio::test]
 async fn an_ipn_behind_a_parked_one_is_verified_and_held_and_a_replay_delivers_both_in_order() {
-    let stack = stack().await;
+    let mut stack = stack().await;
+    let webhook = FakeWebhook::start(0).await;
+    stack.config.alert.webhook_url = Some(webhook.url.parse().expect("url"));
     let (_, ingress) = ready_ingress(stack.config.clone()).await;
     let worker = RunningWorker::spawn(stack.config.clone()).await;
     let first = sample("013_subscr_payment.txt");
@@ -185,10 +206,24 @@ async fn an_ipn_behind_a_parked_one_is_verified_and_held_and_a_replay_delivers_b
         "nothing delivered yet"
     );
 
+    let alerts = webhook.wait_for(3).await;
+    let waiting = alerts
+        .iter()
+        .find(|a| a["kind"] == "held-behind-parked")
+        .expect("an alert says it waits behind the parked one");
+    assert_eq!(waiting["order_key"], key_of(&first).as_str());
+    assert!(alerts.iter().any(|a| a["kind"] == "quarantined"));
+    let listed = review::blocked_keys(&stack.config).await.expect("listed");
+    assert_eq!(listed[0].held, 1);
+
     // PayPal is healthy again (the script is used up); the operator replays the parked one.
-    let pass = parked::replay(&stack.config, &Selection::Key(key_of(&first)))
-        .await
-        .expect("replay");
+    let pass = review::replay(
+        &stack.config,
+        Queue::Parked,
+        &Selection::Key(key_of(&first)),
+    )
+    .await
+    .expect("replay");
     assert_eq!((pass.taken, pass.kept), (1, 0));
     let events = stack.events(2).await;
     assert_eq!(raw(&events[0]), first);
@@ -228,7 +263,7 @@ async fn releasing_a_blocked_key_skips_its_blocker_and_delivers_the_held_ipns_in
 
     let key = key_of(&blocker);
     assert!(
-        parked::release(&stack.config, &key, true)
+        review::release(&stack.config, &key, true)
             .await
             .expect("release")
     );
@@ -246,11 +281,72 @@ async fn releasing_a_blocked_key_skips_its_blocker_and_delivers_the_held_ipns_in
     let store = Store::connect(&stack.config.database).await.expect("store");
     assert_eq!(store.blocked(&key).await.expect("query"), None);
     assert!(
-        !parked::release(&stack.config, &key, false)
+        !review::release(&stack.config, &key, false)
             .await
             .expect("release"),
         "no longer blocked"
     );
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn listing_parked_and_quarantined_ipns_shows_them_in_order_and_leaves_them_as_they_were() {
+    let stack = stack().await;
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
+    let parked_first = sample("001_web_accept.txt");
+    let parked_second = sample("012_subscr_signup.txt");
+    let forged = sample("003_cart.txt");
+    stack.paypal.script(&parked_first, TO_PARKING);
+    stack.paypal.script(&parked_second, TO_PARKING);
+    stack.paypal.script(&forged, [Answer::Invalid]);
+    assert_eq!(post_form(&ingress.url, parked_first.clone()).await.0, 200);
+    wait_for(&stack, "ipn.parked", 1).await;
+    assert_eq!(post_form(&ingress.url, parked_second.clone()).await.0, 200);
+    assert_eq!(post_form(&ingress.url, forged.clone()).await.0, 200);
+    wait_for(&stack, "ipn.parked", 2).await;
+    wait_for(&stack, "ipn.quarantine", 1).await;
+
+    let first_listing = review::list(&stack.config, Queue::Parked)
+        .await
+        .expect("list");
+    let keys: Vec<&str> = first_listing.iter().map(|m| m.order_key.as_str()).collect();
+    assert_eq!(keys, [key_of(&parked_first), key_of(&parked_second)]);
+    assert!(first_listing.iter().all(|m| m.attempts == 4));
+    assert!(
+        first_listing
+            .iter()
+            .all(|m| m.reason.as_deref() == Some("retries exhausted"))
+    );
+    let txn_id = Form::parse(&parked_first).text("txn_id");
+    assert_eq!(first_listing[0].txn_id, txn_id);
+    let second_listing = review::list(&stack.config, Queue::Parked)
+        .await
+        .expect("list");
+    // Ages move on between listings; everything else stays.
+    let without_age = |listing: Vec<review::Listed>| {
+        let cleared = |m: review::Listed| review::Listed {
+            age_seconds: None,
+            ..m
+        };
+        listing.into_iter().map(cleared).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        without_age(second_listing),
+        without_age(first_listing.clone()),
+        "listing changes nothing"
+    );
+    let quarantined = review::list(&stack.config, Queue::Quarantine)
+        .await
+        .expect("list");
+    assert_eq!(quarantined.len(), 1);
+    assert_eq!(quarantined[0].reason.as_deref(), Some("invalid"));
+
+    let channel = stack.broker.channel().await;
+    let left = stack.broker.drain(&channel, "ipn.parked").await;
+    let bodies: Vec<&[u8]> = left.iter().map(|d| d.data.as_slice()).collect();
+    assert_eq!(bodies, [parked_first.as_slice(), parked_second.as_slice()]);
     worker.stop().await;
     ingress.stop().await;
 }

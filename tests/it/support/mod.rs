@@ -1,11 +1,13 @@
 //! Shared test fixtures: a vhost per test, a cuttable TCP proxy, an in-process ingress.
 
+pub mod alerts;
 pub mod broker;
 pub mod db;
 pub mod ingress;
 pub mod proxy;
 pub mod services;
 
+pub use alerts::{FakeSmtp, FakeWebhook};
 pub use broker::{DiskAlarm, TestBroker};
 pub use db::TestDb;
 pub use ingress::{post_form, ready_ingress, spawn_ingress};
