@@ -27,7 +27,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tracing::{info, warn};
 
 use super::metrics::TierLabel;
-use super::pipeline::{Error, Inbound, Outcome, Pipeline, Screened, text};
+use super::pipeline::{Error, Inbound, Outcome, Pipeline, Screened, Step, text};
 use crate::alert::{Alert, Kind};
 use crate::amqp::Outgoing;
 use crate::ipn::{Form, OrderKey};
@@ -153,6 +153,7 @@ impl Pipeline {
                 Settled::Parked
             }
         };
+        self.crash_point(Step::Deferred)?;
         let form = Form::parse(&inbound.body);
         let (txn_type, txn_id) = (form.text("txn_type"), form.text("txn_id"));
         let block = Block {
@@ -166,6 +167,7 @@ impl Pipeline {
             txn_id: txn_id.as_deref(),
         };
         self.store.block(&block).await?;
+        self.crash_point(Step::Blocked)?;
         Ok(settled)
     }
 
@@ -253,6 +255,7 @@ impl Pipeline {
         let mut released = 0;
         while let Some((id, held)) = self.store.next_held(key.as_str()).await? {
             let settled = self.attempt(&held_inbound(held), key).await?;
+            self.crash_point(Step::Released)?;
             self.store.remove_held(id).await?;
             self.metrics.released.inc();
             if !matches!(settled, Settled::Finished { .. }) {

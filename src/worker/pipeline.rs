@@ -130,6 +130,12 @@ pub enum Step {
     Published,
     /// Marked done; not yet acked.
     MarkedDone,
+    /// A copy is confirmed in a delay tier or `<p>.parked`; the key is not blocked yet.
+    Deferred,
+    /// The key is blocked behind the deferred IPN; the delivery is not acked yet.
+    Blocked,
+    /// A held IPN finished (published); its held row is not removed yet.
+    Released,
 }
 
 /// Decides, at each [`Step`], whether to stop there as if the process had crashed.
@@ -210,7 +216,7 @@ impl Pipeline {
         self
     }
 
-    fn crash_point(&self, step: Step) -> Result<(), Error> {
+    pub(super) fn crash_point(&self, step: Step) -> Result<(), Error> {
         match &self.fault {
             Some(fault) if fault(step) => Err(Error::Injected(step)),
             _ => Ok(()),

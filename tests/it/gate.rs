@@ -12,6 +12,9 @@ use lapin::types::AMQPValue;
 
 use crate::pipeline_e2e::{RunningWorker, Stack, raw};
 use crate::support::{FakeWebhook, PATIENCE, post_form, ready_ingress, sample};
+use crate::worker::{Rig, inbound};
+use ipn_bridge::worker::pipeline::{Error, Step};
+use ipn_bridge::worker::{Inbound, Outcome, Settled};
 
 /// A stack whose PayPal failures are final at once (one postback per attempt), with one shard,
 /// so that every key shares it.
@@ -349,4 +352,190 @@ async fn listing_parked_and_quarantined_ipns_shows_them_in_order_and_leaves_them
     assert_eq!(bodies, [parked_first.as_slice(), parked_second.as_slice()]);
     worker.stop().await;
     ingress.stop().await;
+}
+
+/// A pipeline whose PayPal failures are final at once, for driving the gate step by step.
+async fn rig() -> Rig {
+    Rig::start(|config| config.worker.verify_attempts = NonZeroU32::MIN).await
+}
+
+/// Waits for the copies a tier returns to the shard queues, and takes them.
+async fn returned_copies(rig: &Rig, n: usize) -> Vec<Inbound> {
+    let mut copies = Vec::new();
+    let collect = async {
+        while copies.len() < n {
+            for (_, delivery) in rig.broker.drain_shards(&rig.topology).await {
+                copies.push(Inbound::new(delivery.data, delivery.properties));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, collect)
+        .await
+        .expect("tier copies back in time");
+    copies
+}
+
+fn sequences_by_txn(events: &[serde_json::Value]) -> Vec<(String, i64)> {
+    events
+        .iter()
+        .map(|e| {
+            let txn = e["txn_id"].as_str().expect("txn_id").to_owned();
+            (txn, e["sequence"].as_i64().expect("sequence"))
+        })
+        .collect()
+}
+
+fn txn(body: &[u8]) -> String {
+    Form::parse(body).text("txn_id").expect("txn_id")
+}
+
+#[tokio::test]
+async fn a_crash_between_publishing_to_a_tier_and_acking_loses_duplicates_and_reorders_nothing() {
+    for step in [Step::Deferred, Step::Blocked] {
+        let rig = rig().await;
+        let first = sample("013_subscr_payment.txt");
+        let second = sample("014_subscr_payment.txt");
+        rig.paypal.script(&first, [Answer::ServerError]);
+        let crashing = rig
+            .another_pipeline()
+            .await
+            .with_fault_injection(Box::new(move |at| at == step));
+        let crashed = crashing.settle(&inbound(&first)).await;
+        assert!(
+            matches!(crashed, Err(Error::Injected(at)) if at == step),
+            "{step:?}: {crashed:?}"
+        );
+
+        // The restarted worker gets the unacked original again, then the key's next IPN, then
+        // the copy the tier sends back.
+        let again = rig
+            .pipeline
+            .settle(&inbound(&first))
+            .await
+            .expect("settled");
+        assert!(
+            matches!(
+                again,
+                Settled::Finished {
+                    outcome: Outcome::Published { sequence: 1, .. },
+                    ..
+                }
+            ),
+            "{step:?}: {again:?}"
+        );
+        let next = rig
+            .pipeline
+            .settle(&inbound(&second))
+            .await
+            .expect("settled");
+        assert!(
+            matches!(
+                next,
+                Settled::Finished {
+                    outcome: Outcome::Published { sequence: 2, .. },
+                    ..
+                }
+            ),
+            "{step:?}: {next:?}"
+        );
+        for copy in returned_copies(&rig, 1).await {
+            let late = rig.pipeline.settle(&copy).await.expect("settled");
+            assert!(
+                matches!(
+                    late,
+                    Settled::Finished {
+                        outcome: Outcome::Duplicate,
+                        ..
+                    }
+                ),
+                "{step:?}: the tier's copy is a duplicate: {late:?}"
+            );
+        }
+        assert_eq!(
+            sequences_by_txn(&rig.events().await),
+            [(txn(&first), 1), (txn(&second), 2)],
+            "{step:?}"
+        );
+        let key = key_of(&first);
+        assert_eq!(
+            rig.store.blocked(&key).await.expect("query"),
+            None,
+            "{step:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_crash_while_a_key_is_blocked_keeps_its_held_ipns_for_the_restarted_worker() {
+    let rig = rig().await;
+    let [first, second, third] = [
+        "013_subscr_payment.txt",
+        "014_subscr_payment.txt",
+        "015_refunded.txt",
+    ]
+    .map(sample);
+    assert_eq!(key_of(&first), key_of(&third), "one subscription");
+    rig.paypal.script(&first, [Answer::ServerError]);
+    let crashing = rig.another_pipeline().await;
+    for (body, expected) in [(&first, "deferred"), (&second, "held"), (&third, "held")] {
+        let settled = crashing.settle(&inbound(body)).await.expect("settled");
+        let name = match settled {
+            Settled::Deferred { .. } => "deferred",
+            Settled::Held => "held",
+            _ => "other",
+        };
+        assert_eq!(name, expected);
+    }
+    drop(crashing); // the worker is gone; its state is in PostgreSQL and in the tier
+
+    for copy in returned_copies(&rig, 1).await {
+        let settled = rig.pipeline.settle(&copy).await.expect("settled");
+        assert!(
+            matches!(settled, Settled::Finished { released: 2, .. }),
+            "the blocker releases both held IPNs: {settled:?}"
+        );
+    }
+    assert_eq!(
+        sequences_by_txn(&rig.events().await),
+        [(txn(&first), 1), (txn(&second), 2), (txn(&third), 3)]
+    );
+}
+
+#[tokio::test]
+async fn a_crash_while_held_ipns_are_being_released_publishes_each_once_in_order() {
+    let rig = rig().await;
+    let [first, second, third] = [
+        "013_subscr_payment.txt",
+        "014_subscr_payment.txt",
+        "015_refunded.txt",
+    ]
+    .map(sample);
+    rig.paypal.script(&first, [Answer::ServerError]);
+    for body in [&first, &second, &third] {
+        rig.pipeline.settle(&inbound(body)).await.expect("settled");
+    }
+    let copy = returned_copies(&rig, 1).await.remove(0);
+    let crashing = rig
+        .another_pipeline()
+        .await
+        .with_fault_injection(Box::new(|at| at == Step::Released));
+    let crashed = crashing.settle(&copy).await;
+    assert!(
+        matches!(crashed, Err(Error::Injected(Step::Released))),
+        "crashed after releasing the first held IPN: {crashed:?}"
+    );
+
+    // The copy was not acked: the restarted worker gets it again.
+    let settled = rig.pipeline.settle(&copy).await.expect("settled");
+    assert!(matches!(settled, Settled::Finished { .. }), "{settled:?}");
+    assert_eq!(
+        sequences_by_txn(&rig.events().await),
+        [(txn(&first), 1), (txn(&second), 2), (txn(&third), 3)],
+        "each once, in order"
+    );
+    assert_eq!(
+        rig.store.blocked(&key_of(&first)).await.expect("query"),
+        None
+    );
 }

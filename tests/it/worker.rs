@@ -21,19 +21,19 @@ use crate::support::{PATIENCE, Services, TestBroker, TestDb, sample, samples};
 
 /// A pipeline on a vhost and a database of its own, with a downstream queue `downstream`
 /// bound to every event.
-struct Rig {
-    broker: TestBroker,
+pub(crate) struct Rig {
+    pub(crate) broker: TestBroker,
     _db: TestDb,
-    topology: Topology,
-    paypal: FakePaypal,
-    store: Store,
-    pipeline: Pipeline,
+    pub(crate) topology: Topology,
+    pub(crate) paypal: FakePaypal,
+    pub(crate) store: Store,
+    pub(crate) pipeline: Pipeline,
     config: Config,
 }
 
 impl Rig {
     /// Another pipeline on the same broker, database and PayPal, as a restarted worker's.
-    async fn another_pipeline(&self) -> Pipeline {
+    pub(crate) async fn another_pipeline(&self) -> Pipeline {
         let publisher =
             Publisher::start(&self.config.amqp, self.topology.clone(), "ipn-worker-test");
         assert!(
@@ -44,7 +44,7 @@ impl Rig {
         Pipeline::new(&self.config, verifier, self.store.clone(), publisher)
     }
 
-    async fn start(adjust: impl FnOnce(&mut Config)) -> Rig {
+    pub(crate) async fn start(adjust: impl FnOnce(&mut Config)) -> Rig {
         let Services {
             broker,
             db,
@@ -52,7 +52,8 @@ impl Rig {
             mut config,
         } = Services::start().await;
         adjust(&mut config);
-        let topology = Topology::new(&config.topology);
+        // The whole topology, delay tiers included.
+        let topology = Topology::of(&config);
         let publisher = Publisher::start(&config.amqp, topology.clone(), "ipn-worker-test");
         assert!(
             publisher.wait_connected(PATIENCE).await,
@@ -97,7 +98,7 @@ impl Rig {
     }
 
     /// Every event in the downstream queue, as JSON, in queue order.
-    async fn events(&self) -> Vec<serde_json::Value> {
+    pub(crate) async fn events(&self) -> Vec<serde_json::Value> {
         let channel = self.broker.channel().await;
         let deliveries = self.broker.drain(&channel, "downstream").await;
         deliveries
@@ -107,7 +108,7 @@ impl Rig {
     }
 }
 
-fn inbound(body: &[u8]) -> Inbound {
+pub(crate) fn inbound(body: &[u8]) -> Inbound {
     let key = PayPal::order_key_of(&Form::parse(body), body);
     let mut headers = FieldTable::default();
     headers.insert(
@@ -447,4 +448,30 @@ async fn a_crash_between_any_two_steps_yields_one_event_id_and_number_after_the_
             assert_eq!(copy["sequence"], 1, "{step:?}: one number");
         }
     }
+}
+
+#[tokio::test]
+async fn a_verification_timing_out_once_is_retried_in_place_and_delivered() {
+    let rig = Rig::start(|config| {
+        config.paypal.verify_timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let body = sample("013_subscr_payment.txt");
+    rig.paypal.script(&body, [Answer::Silent]);
+    let outcome = rig
+        .pipeline
+        .handle(&inbound(&body))
+        .await
+        .expect("finished");
+    assert!(
+        matches!(outcome, Outcome::Published { sequence: 1, .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(rig.paypal.postbacks().len(), 2, "one timeout, one answer");
+    let metrics = rig.pipeline.metrics().render();
+    assert!(
+        metrics.contains("ipn_worker_verifications_total{outcome=\"error\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(rig.events().await.len(), 1);
 }
