@@ -236,8 +236,8 @@ async fn serve_health(
     }
 }
 
-/// `/readyz` is ready when both connections are up, publishing is not blocked, and the worker is
-/// not stopping.
+/// `/readyz` is ready when both connections are up, publishing is not blocked, the database
+/// answered its last check, and the worker is not stopping.
 fn probe(
     path: &str,
     pipeline: &Pipeline,
@@ -253,6 +253,10 @@ fn probe(
         "/readyz" if !consuming.load(Ordering::Relaxed) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "broker unavailable".to_owned(),
+        ),
+        "/readyz" if !pipeline.database_up.load(Ordering::Relaxed) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database unavailable".to_owned(),
         ),
         "/readyz" => match pipeline.publisher_state() {
             State::Ready => (StatusCode::OK, "ready".to_owned()),
@@ -289,7 +293,8 @@ async fn purge_periodically(store: Store, retention: Duration, stop: Cancellatio
     }
 }
 
-/// Refreshes the blocked-key and held-IPN gauges every five seconds, until `stop`.
+/// Refreshes the blocked-key and held-IPN gauges every five seconds, and with them whether the
+/// database answers (for `/readyz`), until `stop`.
 async fn count_blocked(store: Store, pipeline: Arc<Pipeline>, stop: CancellationToken) {
     let mut every = tokio::time::interval(Duration::from_secs(5));
     loop {
@@ -297,10 +302,13 @@ async fn count_blocked(store: Store, pipeline: Arc<Pipeline>, stop: Cancellation
             () = stop.cancelled() => return,
             _ = every.tick() => {}
         }
-        if let Ok((keys, held)) = store.blocked_totals().await {
+        let totals = tokio::time::timeout(Duration::from_secs(5), store.blocked_totals()).await;
+        let up = matches!(totals, Ok(Ok(_)));
+        if let Ok(Ok((keys, held))) = totals {
             pipeline.metrics().blocked_keys.set(keys);
             pipeline.metrics().held_now.set(held);
         }
+        pipeline.database_up.store(up, Ordering::Relaxed);
     }
 }
 

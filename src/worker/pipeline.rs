@@ -169,6 +169,8 @@ pub struct Pipeline {
     pub(super) publisher: Publisher,
     pub(super) metrics: Metrics,
     pub(super) alerter: Alerter,
+    /// The database answered the last periodic check (for `/readyz`).
+    pub(super) database_up: std::sync::atomic::AtomicBool,
     fault: Option<FaultInjector>,
 }
 
@@ -198,6 +200,7 @@ impl Pipeline {
             publisher,
             metrics: Metrics::new(),
             alerter: Alerter::logging_only(),
+            database_up: std::sync::atomic::AtomicBool::new(true),
             fault: None,
         }
     }

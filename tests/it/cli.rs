@@ -124,3 +124,40 @@ async fn the_ingress_binary_stops_cleanly_on_sigterm() {
         .expect("status");
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test]
+async fn the_ipnctl_binary_lists_and_releases_as_an_operator_expects() {
+    let broker = TestBroker::new().await;
+    let db = crate::support::TestDb::new();
+    let mut config = broker.config();
+    config.database = db.config();
+    ctl::declare_topology(&config).await.expect("declared");
+    let ipnctl = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ipnctl"))
+            .args(args)
+            .env(
+                "IPN_AMQP__URL",
+                broker.url_via(crate::support::broker::BROKER),
+            )
+            .env("IPN_DATABASE__URL", db.config().url.to_string())
+            .output()
+            .expect("binary runs")
+    };
+    let listed = ipnctl(&["parked", "list", "--json"]);
+    assert!(listed.status.success(), "{listed:?}");
+    assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "[]");
+    let table = ipnctl(&["quarantine", "list"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.starts_with("KEY"), "{table}");
+    let keys = ipnctl(&["key", "list"]);
+    assert!(String::from_utf8_lossy(&keys.stdout).contains("HELD"));
+    let release = ipnctl(&["key", "release", "profile:I-NOTBLOCKED"]);
+    assert_eq!(release.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&release.stdout).contains("is not blocked"));
+    let ambiguous = ipnctl(&["parked", "replay", "--all", "--key", "txn:A"]);
+    assert_eq!(
+        ambiguous.status.code(),
+        Some(2),
+        "clap refuses two selections"
+    );
+}
