@@ -34,10 +34,7 @@ use ipn_bridge::fake_paypal::{Answer, FakePaypal};
 use ipn_bridge::ipn::PayPal;
 use ipn_bridge::provider::Provider;
 use ipn_bridge::topology::Topology;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeleteOptions,
-    QueueDeleteOptions, QueuePurgeOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, Semaphore, mpsc};
@@ -152,7 +149,7 @@ async fn main() -> anyhow::Result<()> {
         database_url: &database_url,
     };
     let result = run(&args, &config, &topology, &connection, &names).await;
-    cleanup(&connection, &topology, &downstream).await?;
+    support::cleanup(&connection, &topology, &[&downstream]).await?;
     drop_database(&args.postgres, &database).await?;
     result
 }
@@ -543,30 +540,6 @@ async fn start_worker(
     let envs = envs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     let ready = format!("http://127.0.0.1:{port}/readyz");
     ChildProcess::start("ipn-worker", env!("CARGO_BIN_EXE_ipn-worker"), envs, &ready).await
-}
-
-async fn cleanup(
-    connection: &Connection,
-    topology: &Topology,
-    downstream: &str,
-) -> anyhow::Result<()> {
-    let channel = connection.create_channel().await?;
-    channel
-        .queue_purge(downstream.into(), QueuePurgeOptions::default())
-        .await?;
-    let mut queues = topology.queues();
-    queues.push(downstream.to_owned());
-    for queue in queues {
-        channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await?;
-    }
-    for exchange in topology.exchanges() {
-        channel
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-            .await?;
-    }
-    Ok(())
 }
 
 async fn drop_database(server: &str, name: &str) -> anyhow::Result<()> {

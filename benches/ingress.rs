@@ -27,8 +27,7 @@ use ipn_bridge::ipn::PayPal;
 use ipn_bridge::provider::Provider;
 use ipn_bridge::topology::Topology;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
@@ -103,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
 
     let result = run(&args, &config, &topology, &bodies, &connection).await;
-    cleanup(&connection, &topology).await?;
+    support::cleanup(&connection, &topology, &[]).await?;
     result
 }
 
@@ -320,19 +319,4 @@ async fn read_back(connection: &Connection, topology: &Topology) -> anyhow::Resu
             .await?;
     }
     Ok(seen)
-}
-
-async fn cleanup(connection: &Connection, topology: &Topology) -> anyhow::Result<()> {
-    let channel = connection.create_channel().await?;
-    for queue in topology.queues() {
-        channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await?;
-    }
-    for exchange in topology.exchanges() {
-        channel
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-            .await?;
-    }
-    Ok(())
 }

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use ipn_bridge::config::Config;
+use ipn_bridge::topology::Topology;
+use lapin::Connection;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use tokio::sync::Mutex;
 
 /// The body of request number `seq`.
@@ -406,4 +409,29 @@ pub fn cpu_seconds(pid: Option<u32>) -> f64 {
         Some(ticks / 100.0)
     };
     read().unwrap_or(0.0)
+}
+
+/// Deletes the run's queues (the topology's and `extra`) and exchanges.
+pub async fn cleanup(
+    connection: &Connection,
+    topology: &Topology,
+    extra: &[&str],
+) -> anyhow::Result<()> {
+    let channel = connection.create_channel().await?;
+    let queues = topology.queues();
+    for queue in queues
+        .iter()
+        .map(String::as_str)
+        .chain(extra.iter().copied())
+    {
+        channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    for exchange in topology.exchanges() {
+        channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    Ok(())
 }

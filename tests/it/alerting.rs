@@ -7,25 +7,13 @@ use ipn_bridge::fake_paypal::Answer;
 use ipn_bridge::ipn::{Form, PayPal};
 
 use crate::pipeline_e2e::{RunningWorker, Stack, raw};
-use crate::support::{FakeSmtp, FakeWebhook, PATIENCE, post_form, ready_ingress, sample};
+use crate::support::{FakeSmtp, FakeWebhook, post_form, ready_ingress, sample};
 
 async fn stack_with(webhook: &FakeWebhook, interval: Duration) -> Stack {
     let mut stack = Stack::new().await;
     stack.config.alert.webhook_url = Some(webhook.url.parse().expect("url"));
     stack.config.alert.min_interval = interval;
     stack
-}
-
-async fn wait_for_queue(stack: &Stack, queue: &str, n: u32) {
-    let channel = stack.broker.channel().await;
-    let filled = async {
-        while stack.broker.count(&channel, queue).await < n {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, filled)
-        .await
-        .expect("messages in time");
 }
 
 #[tokio::test]
@@ -41,7 +29,7 @@ async fn an_invalid_ipn_is_quarantined_and_an_alert_by_webhook_and_email_names_i
     stack.paypal.script(&forged, [Answer::Invalid]);
     assert_eq!(post_form(&ingress.url, forged.clone()).await.0, 200);
 
-    wait_for_queue(&stack, "ipn.quarantine", 1).await;
+    stack.wait_for("ipn.quarantine", 1).await;
     let form = Form::parse(&forged);
     let key = PayPal::order_key_of(&form, &forged).to_string();
     let txn_id = form.text("txn_id").expect("txn_id");
@@ -91,7 +79,7 @@ async fn alerts_of_one_cause_are_summarized_instead_of_repeated() {
         forged.extend_from_slice(format!("&txn_id=FORGED{n}").as_bytes());
         assert_eq!(post_form(&ingress.url, forged).await.0, 200);
     }
-    wait_for_queue(&stack, "ipn.quarantine", 5).await;
+    stack.wait_for("ipn.quarantine", 5).await;
     let alerts = webhook.wait_for(2).await;
     assert_eq!(alerts[0]["count"], 1, "the first goes out at once");
     assert_eq!(

@@ -32,18 +32,6 @@ fn key_of(body: &[u8]) -> String {
     PayPal::order_key_of(&Form::parse(body), body).to_string()
 }
 
-async fn wait_for(stack: &Stack, queue: &str, n: u32) {
-    let channel = stack.broker.channel().await;
-    let filled = async {
-        while stack.broker.count(&channel, queue).await < n {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, filled)
-        .await
-        .unwrap_or_else(|_| panic!("{n} messages in {queue} in time"));
-}
-
 async fn wait_metric(worker: &RunningWorker, name: &str, value: f64) {
     let reached = async {
         while worker.metric(name).await != Some(value) {
@@ -73,7 +61,7 @@ async fn paypal_timing_out_every_time_walks_the_tiers_then_parks_the_ipn_and_blo
     let payment = sample("013_subscr_payment.txt");
     stack.paypal.script(&payment, [Answer::Silent; 4]);
     assert_eq!(post_form(&ingress.url, payment.clone()).await.0, 200);
-    wait_for(&stack, "ipn.parked", 1).await;
+    stack.wait_for("ipn.parked", 1).await;
     let channel = stack.broker.channel().await;
     let parked = stack.broker.drain(&channel, "ipn.parked").await;
     assert_eq!(parked[0].data, payment, "parked byte for byte");
@@ -195,11 +183,11 @@ async fn an_ipn_behind_a_parked_one_is_verified_and_held_and_a_replay_delivers_b
     stack.paypal.script(&first, TO_PARKING);
     stack.paypal.script(&forged, [Answer::Invalid]);
     assert_eq!(post_form(&ingress.url, first.clone()).await.0, 200);
-    wait_for(&stack, "ipn.parked", 1).await;
+    stack.wait_for("ipn.parked", 1).await;
 
     assert_eq!(post_form(&ingress.url, second.clone()).await.0, 200);
     assert_eq!(post_form(&ingress.url, forged.clone()).await.0, 200);
-    wait_for(&stack, "ipn.quarantine", 1).await;
+    stack.wait_for("ipn.quarantine", 1).await;
     wait_metric(&worker, "ipn_worker_held_total", 1.0).await;
     let postbacks = stack.paypal.postbacks();
     assert!(
@@ -262,7 +250,7 @@ async fn releasing_a_blocked_key_skips_its_blocker_and_delivers_the_held_ipns_in
     stack.paypal.script(&other_parked, TO_PARKING);
     assert_eq!(post_form(&ingress.url, other_parked.clone()).await.0, 200);
     assert_eq!(post_form(&ingress.url, blocker.clone()).await.0, 200);
-    wait_for(&stack, "ipn.parked", 2).await;
+    stack.wait_for("ipn.parked", 2).await;
     for body in &later {
         assert_eq!(post_form(&ingress.url, body.clone()).await.0, 200);
     }
@@ -309,11 +297,11 @@ async fn listing_parked_and_quarantined_ipns_shows_them_in_order_and_leaves_them
     stack.paypal.script(&parked_second, TO_PARKING);
     stack.paypal.script(&forged, [Answer::Invalid]);
     assert_eq!(post_form(&ingress.url, parked_first.clone()).await.0, 200);
-    wait_for(&stack, "ipn.parked", 1).await;
+    stack.wait_for("ipn.parked", 1).await;
     assert_eq!(post_form(&ingress.url, parked_second.clone()).await.0, 200);
     assert_eq!(post_form(&ingress.url, forged.clone()).await.0, 200);
-    wait_for(&stack, "ipn.parked", 2).await;
-    wait_for(&stack, "ipn.quarantine", 1).await;
+    stack.wait_for("ipn.parked", 2).await;
+    stack.wait_for("ipn.quarantine", 1).await;
 
     let first_listing = review::list(&stack.config, Queue::Parked)
         .await
@@ -380,6 +368,17 @@ async fn returned_copies(rig: &Rig, n: usize) -> Vec<Inbound> {
     copies
 }
 
+/// The sequence number an IPN was published under, when the gate finished it that way.
+fn published(settled: &Settled) -> Option<i64> {
+    match settled {
+        Settled::Finished {
+            outcome: Outcome::Published { sequence, .. },
+            ..
+        } => Some(*sequence),
+        _ => None,
+    }
+}
+
 fn sequences_by_txn(events: &[serde_json::Value]) -> Vec<(String, i64)> {
     events
         .iter()
@@ -413,36 +412,10 @@ async fn a_crash_between_publishing_to_a_tier_and_acking_loses_duplicates_and_re
 
         // The restarted worker gets the unacked original again, then the key's next IPN, then
         // the copy the tier sends back.
-        let again = rig
-            .pipeline
-            .settle(&inbound(&first))
-            .await
-            .expect("settled");
-        assert!(
-            matches!(
-                again,
-                Settled::Finished {
-                    outcome: Outcome::Published { sequence: 1, .. },
-                    ..
-                }
-            ),
-            "{step:?}: {again:?}"
-        );
-        let next = rig
-            .pipeline
-            .settle(&inbound(&second))
-            .await
-            .expect("settled");
-        assert!(
-            matches!(
-                next,
-                Settled::Finished {
-                    outcome: Outcome::Published { sequence: 2, .. },
-                    ..
-                }
-            ),
-            "{step:?}: {next:?}"
-        );
+        for (body, sequence) in [(&first, 1), (&second, 2)] {
+            let settled = rig.pipeline.settle(&inbound(body)).await.expect("settled");
+            assert_eq!(published(&settled), Some(sequence), "{step:?}: {settled:?}");
+        }
         for copy in returned_copies(&rig, 1).await {
             let late = rig.pipeline.settle(&copy).await.expect("settled");
             assert!(

@@ -85,17 +85,23 @@ impl Stack {
         }
     }
 
-    /// Waits until the downstream queue holds `n` events, then takes them in queue order.
-    pub(crate) async fn events(&self, n: u32) -> Vec<serde_json::Value> {
+    /// Waits until `queue` holds at least `n` messages.
+    pub(crate) async fn wait_for(&self, queue: &str, n: u32) {
         let channel = self.broker.channel().await;
         let filled = async {
-            while self.broker.count(&channel, "downstream").await < n {
+            while self.broker.count(&channel, queue).await < n {
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
         };
         tokio::time::timeout(PATIENCE, filled)
             .await
-            .expect("events arrived in time");
+            .unwrap_or_else(|_| panic!("{n} messages in {queue} in time"));
+    }
+
+    /// Waits until the downstream queue holds `n` events, then takes them in queue order.
+    pub(crate) async fn events(&self, n: u32) -> Vec<serde_json::Value> {
+        self.wait_for("downstream", n).await;
+        let channel = self.broker.channel().await;
         let deliveries = self.broker.drain(&channel, "downstream").await;
         deliveries
             .iter()
