@@ -129,3 +129,29 @@ async fn a_failing_alert_channel_holds_up_nothing_and_the_alert_is_retried() {
     worker.stop().await;
     ingress.stop().await;
 }
+
+#[tokio::test]
+async fn an_event_no_queue_is_bound_for_raises_an_unroutable_alert() {
+    let webhook = FakeWebhook::start(0).await;
+    let mut stack = stack_with(&webhook, Duration::from_secs(600)).await;
+    stack.config.downstream.clear();
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
+    let payment = sample("013_subscr_payment.txt");
+    assert_eq!(post_form(&ingress.url, payment).await.0, 200);
+
+    let alert = &webhook.wait_for(1).await[0];
+    assert_eq!(alert["kind"], "unroutable");
+    assert_eq!(
+        alert["reason"],
+        "no queue bound for subscr_payment.completed"
+    );
+    assert!(
+        alert["fix"]
+            .as_str()
+            .expect("fix")
+            .contains("[[downstream]]")
+    );
+    worker.stop().await;
+    ingress.stop().await;
+}
