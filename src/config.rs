@@ -115,6 +115,14 @@ pub struct Worker {
     pub shutdown_grace: Duration,
     /// Address of the worker's `/healthz`, `/readyz` and `/metrics`.
     pub listen: SocketAddr,
+    /// This worker's id among the workers sharing the shards; unset: a fresh one per start.
+    pub id: Option<String>,
+    /// How often the worker records that it is alive and recomputes which shards it owns.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// A worker silent this long is taken for dead; its shards go to the others.
+    #[serde(with = "humantime_serde")]
+    pub takeover: Duration,
 }
 
 impl Default for Worker {
@@ -129,6 +137,9 @@ impl Default for Worker {
             retry_max: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(15),
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            id: None,
+            heartbeat: Duration::from_secs(5),
+            takeover: Duration::from_secs(15),
         }
     }
 }
@@ -651,6 +662,12 @@ impl Config {
                     "queue and bindings must be 1-255 characters",
                 ));
             }
+        }
+        if self.worker.heartbeat.is_zero() || self.worker.heartbeat * 2 > self.worker.takeover {
+            return Err(invalid(
+                "worker.takeover",
+                "must be at least twice worker.heartbeat (and the heartbeat above zero)",
+            ));
         }
         if self.alert.smtp_url.is_some() && self.alert.email_to.is_empty() {
             return Err(invalid(

@@ -70,6 +70,19 @@ pub struct Blocked {
     pub attempts: i64,
 }
 
+/// A worker with a recent heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveWorker {
+    /// Its id (`worker.id`, or generated at start).
+    pub worker_id: String,
+    /// The host it runs on.
+    pub host: String,
+    /// Seconds since it started.
+    pub up_seconds: u64,
+    /// Milliseconds since its last heartbeat.
+    pub silent_ms: u64,
+}
+
 /// A blocked key as operators list it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockedRow {
@@ -357,6 +370,59 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         Ok((row.try_get("keys")?, row.try_get("held")?))
+    }
+
+    /// Records that `worker_id` is alive now (registering it on first call).
+    pub async fn heartbeat(&self, worker_id: &str, host: &str) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO ipn_worker (worker_id, host) VALUES ($1, $2)
+             ON CONFLICT (worker_id) DO UPDATE SET heartbeat_at = now()",
+        )
+        .bind(worker_id)
+        .bind(host)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Workers whose last heartbeat is at most `within` old, by id; forgets workers silent for
+    /// a day.
+    pub async fn live_workers(&self, within: Duration) -> Result<Vec<LiveWorker>, Error> {
+        sqlx::query("DELETE FROM ipn_worker WHERE heartbeat_at < now() - interval '1 day'")
+            .execute(&self.pool)
+            .await?;
+        let rows = sqlx::query(
+            "SELECT worker_id, host,
+                    EXTRACT(EPOCH FROM now() - started_at)::float8 AS up_seconds,
+                    EXTRACT(EPOCH FROM now() - heartbeat_at)::float8 AS silent_seconds
+             FROM ipn_worker WHERE heartbeat_at >= now() - make_interval(secs => $1)
+             ORDER BY worker_id",
+        )
+        .bind(within.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let up: f64 = row.try_get("up_seconds")?;
+                let silent: f64 = row.try_get("silent_seconds")?;
+                Ok(LiveWorker {
+                    worker_id: row.try_get("worker_id")?,
+                    host: row.try_get("host")?,
+                    up_seconds: up.max(0.0) as u64,
+                    silent_ms: (silent.max(0.0) * 1000.0) as u64,
+                })
+            })
+            .collect()
+    }
+
+    /// Removes `worker_id` from the live set at once (a clean stop), so its shards move now
+    /// rather than after the takeover time.
+    pub async fn leave(&self, worker_id: &str) -> Result<(), Error> {
+        sqlx::query("DELETE FROM ipn_worker WHERE worker_id = $1")
+            .bind(worker_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Closes every connection.

@@ -35,6 +35,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::ownership;
 use super::pipeline::{Inbound, Pipeline, header_text};
 use crate::alert::Alerter;
 use crate::amqp::{self, Publisher, State};
@@ -107,8 +108,16 @@ pub async fn run(
         Arc::clone(&pipeline),
         stop.clone(),
     ));
+    let id = config
+        .worker
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", host(), uuid::Uuid::now_v7().simple()));
+    info!(worker = %id, "ipn-worker starting");
     let session = Session {
         config: &config,
+        store: &store,
+        id,
         topology: &topology,
         pipeline: &pipeline,
         limit: Arc::new(Semaphore::new(config.worker.concurrency.get())),
@@ -134,6 +143,8 @@ pub async fn run(
 /// What one consume connection needs.
 struct Session<'a> {
     config: &'a Config,
+    store: &'a Store,
+    id: String,
     topology: &'a Topology,
     pipeline: &'a Arc<Pipeline>,
     limit: Arc<Semaphore>,
@@ -162,40 +173,43 @@ impl Session<'_> {
         }
     }
 
-    /// One connection's life: subscribe to every shard, run the lanes until `stop` (drain within
-    /// the grace period, `Ok`) or until a consumer ends (`Err`).
+    /// One connection's life: every `worker.heartbeat`, record this worker as alive and
+    /// subscribe to the shards it owns among the live workers, handing over (drain, then close
+    /// the shard's channel) those it no longer owns; until `stop` (drain within the grace
+    /// period, `Ok`) or until a consumer ends (`Err`).
     async fn consume(&self) -> Result<(), Error> {
         let connection = amqp::connect(&self.config.amqp, "ipn-worker-consume").await?;
         self.topology
             .declare(&connection.create_channel().await?)
             .await?;
         let session_stop = self.stop.child_token();
-        let mut shards = JoinSet::new();
-        for shard in 0..self.topology.shards().get() {
-            let consumer =
-                subscribe(&connection, self.topology, shard, &self.config.worker).await?;
-            let pipeline = Arc::clone(self.pipeline);
-            let lanes = Lanes::new(
-                shard,
-                pipeline,
-                Arc::clone(&self.limit),
-                &self.config.worker,
-                session_stop.clone(),
-            );
-            shards.spawn(lanes.run(consumer));
-        }
+        let mut owned = Owned {
+            tokens: HashMap::new(),
+            tasks: JoinSet::new(),
+        };
+        let mut tick = tokio::time::interval(self.config.worker.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.consuming.store(true, Ordering::Relaxed);
-        info!(
-            shards = self.topology.shards().get(),
-            "ipn-worker consuming"
-        );
-        let lost = tokio::select! {
-            () = self.stop.cancelled() => None,
-            Some(ended) = shards.join_next() => Some(ended.unwrap_or(Error::ConsumerLost(u16::MAX))),
+        let lost = loop {
+            tokio::select! {
+                () = self.stop.cancelled() => break None,
+                _ = tick.tick() => {
+                    let Some(mine) = self.my_shards().await else { continue };
+                    if let Err(error) = self.reconcile(&connection, &mine, &mut owned, &session_stop).await {
+                        break Some(error);
+                    }
+                }
+                Some(ended) = owned.tasks.join_next() => match ended {
+                    Ok((shard, None)) => info!(shard, "shard handed over"),
+                    Ok((_, Some(error))) => break Some(error),
+                    Err(_) => break Some(Error::ConsumerLost(u16::MAX)),
+                },
+            }
         };
         session_stop.cancel();
         self.consuming.store(false, Ordering::Relaxed);
         let grace = self.config.worker.shutdown_grace;
+        let shards = &mut owned.tasks;
         let drained =
             tokio::time::timeout(grace, async { while shards.join_next().await.is_some() {} });
         if drained.await.is_err() {
@@ -205,10 +219,93 @@ impl Session<'_> {
             );
             shards.abort_all();
         }
+        self.pipeline.metrics().owned_shards.set(0);
         // Closing returns whatever is still unacked to the queues, in order.
         let _ = connection.close(200, "worker stopping".into()).await;
+        if lost.is_none() {
+            // A clean stop: the others take the shards over now, not after `worker.takeover`.
+            let _ = self.store.leave(&self.id).await;
+        }
         lost.map_or(Ok(()), Err)
     }
+
+    /// Records the heartbeat and computes the shards this worker owns; `None` when the database
+    /// cannot tell (the worker then keeps what it has: single active consumer still guards).
+    async fn my_shards(&self) -> Option<Vec<u16>> {
+        let within = self.config.worker.takeover;
+        let beat = self.store.heartbeat(&self.id, &host()).await;
+        let live = match beat {
+            Ok(()) => self.store.live_workers(within).await,
+            Err(error) => Err(error),
+        };
+        match live {
+            Ok(live) => {
+                let ids: Vec<String> = live.into_iter().map(|w| w.worker_id).collect();
+                Some(ownership::owned_by(&self.id, &ids, self.topology.shards().get()))
+            }
+            Err(error) => {
+                warn!(%error, "cannot record the heartbeat; keeping the shards held now");
+                None
+            }
+        }
+    }
+
+    /// Subscribes to the shards newly owned and starts handing over those no longer owned.
+    async fn reconcile(
+        &self,
+        connection: &Connection,
+        mine: &[u16],
+        owned: &mut Owned,
+        session_stop: &CancellationToken,
+    ) -> Result<(), Error> {
+        owned.tokens.retain(|shard, token| {
+            let keep = mine.contains(shard);
+            if !keep {
+                info!(shard, "shard now owned by another worker; draining it");
+                token.cancel();
+            }
+            keep
+        });
+        for &shard in mine {
+            if owned.tokens.contains_key(&shard) {
+                continue;
+            }
+            let token = session_stop.child_token();
+            let (channel, consumer) =
+                subscribe(connection, self.topology, shard, &self.config.worker).await?;
+            let lanes = Lanes::new(
+                shard,
+                Arc::clone(self.pipeline),
+                Arc::clone(&self.limit),
+                &self.config.worker,
+                token.clone(),
+            );
+            owned.tasks.spawn(async move {
+                let ended = lanes.run(consumer).await;
+                if ended.is_none() {
+                    // Drained: closing the channel returns the deliveries never started, in
+                    // order, and lets the next consumer of the shard become active.
+                    let _ = channel.close(200, "shard handed over".into()).await;
+                }
+                (shard, ended)
+            });
+            owned.tokens.insert(shard, token);
+        }
+        let count = i64::try_from(owned.tokens.len()).unwrap_or(i64::MAX);
+        self.pipeline.metrics().owned_shards.set(count);
+        Ok(())
+    }
+}
+
+/// The shards a session consumes: a stop token and a task each.
+struct Owned {
+    tokens: HashMap<u16, CancellationToken>,
+    tasks: JoinSet<(u16, Option<Error>)>,
+}
+
+/// The host name, for `ipnctl workers`.
+pub fn host() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".to_owned())
 }
 
 /// Serves the probes and metrics until `stop`.
@@ -317,7 +414,7 @@ async fn subscribe(
     topology: &Topology,
     shard: u16,
     worker: &config::Worker,
-) -> Result<Consumer, Error> {
+) -> Result<(lapin::Channel, Consumer), Error> {
     let channel = connection.create_channel().await?;
     channel
         .basic_qos(worker.prefetch.get(), BasicQosOptions::default())
@@ -331,7 +428,7 @@ async fn subscribe(
             FieldTable::default(),
         )
         .await?;
-    Ok(consumer)
+    Ok((channel, consumer))
 }
 
 /// One shard's lanes: a queue of waiting deliveries per order key.
@@ -367,8 +464,8 @@ impl Lanes {
     }
 
     /// Feeds deliveries into lanes until stopped; then lets the running IPNs finish. Returns
-    /// the error that ended the consumer, or `ConsumerLost` when it ended without one.
-    async fn run(mut self, mut consumer: Consumer) -> Error {
+    /// `None` when stopped, or what ended the consumer.
+    async fn run(mut self, mut consumer: Consumer) -> Option<Error> {
         let mut running: JoinSet<String> = JoinSet::new();
         let ended = loop {
             tokio::select! {
@@ -392,7 +489,7 @@ impl Lanes {
         }
         // Finish what is running; deliveries still waiting stay unacked for redelivery.
         while running.join_next().await.is_some() {}
-        ended.unwrap_or(Error::ConsumerLost(self.shard))
+        ended
     }
 
     fn admit(&mut self, delivery: Delivery, running: &mut JoinSet<String>) {

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub held: Counter,
     /// Held IPNs released (processed) after their key's blocker.
     pub released: Counter,
+    /// Shard queues this worker owns and consumes now.
+    pub owned_shards: Gauge,
     /// Keys blocked now (read from the database every few seconds).
     pub blocked_keys: Gauge,
     /// IPNs held behind blocked keys now (read from the database every few seconds).
@@ -77,6 +79,7 @@ impl Metrics {
             held: Counter::default(),
             released: Counter::default(),
             alerts: crate::alert::Counters::default(),
+            owned_shards: Gauge::default(),
             blocked_keys: Gauge::default(),
             held_now: Gauge::default(),
             registry: Registry::default(),
@@ -130,6 +133,11 @@ impl Metrics {
             "released",
             "Held IPNs processed after their key's blocker",
             metrics.released.clone(),
+        );
+        registry.register(
+            "owned_shards",
+            "Shard queues this worker owns and consumes",
+            metrics.owned_shards.clone(),
         );
         registry.register(
             "blocked_keys",

@@ -5,11 +5,13 @@
 //! - [`gate`]: order while a key waits: delay tiers, parking, blocked keys and held IPNs.
 //! - [`consume`]: subscriptions to every shard queue, lanes per order key, acks, shutdown, and
 //!   `/healthz`, `/readyz`, `/metrics` on `worker.listen`.
+//! - [`ownership`]: which worker processes which shard (rendezvous hashing over live workers).
 //! - [`metrics`]: the worker's Prometheus metrics.
 
 pub mod consume;
 pub mod gate;
 pub mod metrics;
+pub mod ownership;
 pub mod pipeline;
 
 pub use consume::run;
