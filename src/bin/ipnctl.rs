@@ -42,6 +42,12 @@ enum Command {
         #[command(subcommand)]
         action: KeyAction,
     },
+    /// The live workers and the shards each owns.
+    Workers {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// POST a raw IPN body from FILE the way PayPal does, and print the answer.
     Send {
         /// File holding the raw form body, sent byte for byte.
@@ -173,6 +179,15 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<ExitCode> {
                 println!("{key} is not blocked");
                 Ok(ExitCode::from(2))
             }
+        }
+        Command::Workers { json } => {
+            let workers = ctl::workers(config).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&workers)?);
+            } else {
+                println!("{}", ctl::workers_table(&workers));
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::FakePaypal { listen, answer } => {
             ctl::fake_paypal(listen, answer).await?;

@@ -80,3 +80,104 @@ pub async fn fake_paypal(
     fake.stop().await;
     Ok(())
 }
+
+/// A live worker and the shards it owns.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Worker {
+    /// Its id.
+    pub worker_id: String,
+    /// Its host.
+    pub host: String,
+    /// Seconds since it started.
+    pub up_seconds: u64,
+    /// Milliseconds since its last heartbeat.
+    pub silent_ms: u64,
+    /// The shards it owns (rendezvous hashing over the live workers, as the workers compute it).
+    pub shards: Vec<u16>,
+}
+
+/// The live workers (heartbeat within `worker.takeover`) and the shards each owns.
+pub async fn workers(config: &Config) -> anyhow::Result<Vec<Worker>> {
+    let store = crate::store::Store::connect(&config.database)
+        .await
+        .context("cannot connect to the worker's database")?;
+    let live = store.live_workers(config.worker.takeover).await;
+    store.close().await;
+    let live = live.context("cannot read the workers")?;
+    let ids: Vec<String> = live.iter().map(|w| w.worker_id.clone()).collect();
+    let shards = config.topology.shards.get();
+    Ok(live
+        .into_iter()
+        .map(|w| Worker {
+            shards: crate::worker::ownership::owned_by(&w.worker_id, &ids, shards),
+            worker_id: w.worker_id,
+            host: w.host,
+            up_seconds: w.up_seconds,
+            silent_ms: w.silent_ms,
+        })
+        .collect())
+}
+
+/// Workers as a readable table.
+pub fn workers_table(workers: &[Worker]) -> String {
+    let rows = workers
+        .iter()
+        .map(|w| {
+            let shards: Vec<String> = w.shards.iter().map(u16::to_string).collect();
+            vec![
+                w.worker_id.clone(),
+                w.host.clone(),
+                age(w.up_seconds),
+                format!("{} ms", w.silent_ms),
+                w.shards.len().to_string(),
+                shards.join(","),
+            ]
+        })
+        .collect();
+    table(
+        &["WORKER", "HOST", "UP", "LAST HEARTBEAT", "OWNS", "SHARDS"],
+        rows,
+    )
+}
+
+pub(crate) fn age(seconds: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(seconds)).to_string()
+}
+
+/// A table: columns padded to their widest cell, two spaces apart.
+pub(crate) fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        padded.join("  ").trim_end().to_owned()
+    };
+    let mut out = vec![line(head.iter().map(|h| (*h).to_owned()).collect())];
+    out.extend(rows.into_iter().map(line));
+    out.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_pad_every_column_to_its_widest_cell() {
+        let rows = vec![
+            vec!["profile:I-1".to_owned(), "2".to_owned()],
+            vec!["txn:A".to_owned(), "10".to_owned()],
+        ];
+        assert_eq!(
+            table(&["KEY", "HELD"], rows),
+            "KEY          HELD\nprofile:I-1  2\ntxn:A        10"
+        );
+    }
+}

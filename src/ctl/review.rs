@@ -15,6 +15,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection};
 
+use super::{age, table};
 use crate::amqp::{Outgoing, Publisher};
 use crate::config::Config;
 use crate::ipn::{Form, OrderKey, PayPal};
@@ -447,46 +448,9 @@ pub fn blocked_table(keys: &[BlockedKey]) -> String {
     table(&head, rows)
 }
 
-fn age(seconds: u64) -> String {
-    humantime::format_duration(std::time::Duration::from_secs(seconds)).to_string()
-}
-
-/// Columns padded to their widest cell, two spaces apart.
-fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
-    let mut widths: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        padded.join("  ").trim_end().to_owned()
-    };
-    let mut out = vec![line(head.iter().map(|h| (*h).to_owned()).collect())];
-    out.extend(rows.into_iter().map(line));
-    out.join("\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tables_pad_every_column_to_its_widest_cell() {
-        let rows = vec![
-            vec!["profile:I-1".to_owned(), "2".to_owned()],
-            vec!["txn:A".to_owned(), "10".to_owned()],
-        ];
-        assert_eq!(
-            table(&["KEY", "HELD"], rows),
-            "KEY          HELD\nprofile:I-1  2\ntxn:A        10"
-        );
-    }
 
     #[test]
     fn a_replay_starts_afresh_without_the_retry_headers() {

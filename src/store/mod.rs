@@ -455,13 +455,14 @@ async fn ensure_database(options: &PgConnectOptions) -> Result<(), Error> {
     let created = sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
         .execute(&mut connection)
         .await;
-    // Another worker may have created it at the same moment (42P04): that is fine.
+    // Another worker may have created it at the same moment: PostgreSQL says 42P04 (exists), or
+    // 23505 (unique violation on pg_database) when the two CREATEs raced. Both are fine.
     match created {
         Ok(_) => Ok(()),
         Err(e)
             if e.as_database_error()
                 .and_then(|d| d.code())
-                .is_some_and(|c| c == "42P04") =>
+                .is_some_and(|c| c == "42P04" || c == "23505") =>
         {
             Ok(())
         }

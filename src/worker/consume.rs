@@ -241,7 +241,11 @@ impl Session<'_> {
         match live {
             Ok(live) => {
                 let ids: Vec<String> = live.into_iter().map(|w| w.worker_id).collect();
-                Some(ownership::owned_by(&self.id, &ids, self.topology.shards().get()))
+                Some(ownership::owned_by(
+                    &self.id,
+                    &ids,
+                    self.topology.shards().get(),
+                ))
             }
             Err(error) => {
                 warn!(%error, "cannot record the heartbeat; keeping the shards held now");

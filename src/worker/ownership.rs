@@ -62,17 +62,26 @@ mod tests {
         }
         let spread: Vec<usize> = {
             let many = workers(8);
-            many.iter().map(|w| owned_by(w, &many, 1024).len()).collect()
+            many.iter()
+                .map(|w| owned_by(w, &many, 1024).len())
+                .collect()
         };
         for share in &spread {
-            assert!((96..=160).contains(share), "1024 shards over 8 workers: {spread:?}");
+            assert!(
+                (96..=160).contains(share),
+                "1024 shards over 8 workers: {spread:?}"
+            );
         }
     }
 
     #[test]
     fn a_worker_leaving_moves_only_its_own_shards() {
         let before = workers(4);
-        let after: Vec<String> = before.iter().filter(|w| *w != "worker-2").cloned().collect();
+        let after: Vec<String> = before
+            .iter()
+            .filter(|w| *w != "worker-2")
+            .cloned()
+            .collect();
         for shard in 0..256 {
             let was = owner(shard, &before).expect("an owner");
             let is = owner(shard, &after).expect("an owner");
@@ -85,11 +94,13 @@ mod tests {
     #[test]
     fn the_owner_does_not_depend_on_the_order_of_the_list() {
         let mut live = workers(5);
-        let first: Vec<Option<String>> =
-            (0..64).map(|s| owner(s, &live).map(str::to_owned)).collect();
+        let first: Vec<Option<String>> = (0..64)
+            .map(|s| owner(s, &live).map(str::to_owned))
+            .collect();
         live.reverse();
-        let second: Vec<Option<String>> =
-            (0..64).map(|s| owner(s, &live).map(str::to_owned)).collect();
+        let second: Vec<Option<String>> = (0..64)
+            .map(|s| owner(s, &live).map(str::to_owned))
+            .collect();
         assert_eq!(first, second);
         assert_eq!(owner(0, &[]), None);
     }

@@ -7,6 +7,7 @@ mod cli;
 mod gate;
 mod ingress;
 mod pipeline_e2e;
+mod scaling;
 mod store;
 mod support;
 mod topology;

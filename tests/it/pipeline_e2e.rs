@@ -47,6 +47,12 @@ impl RunningWorker {
         line.rsplit(' ').next()?.parse().ok()
     }
 
+    /// Ends the worker abruptly, as a killed process: nothing drains, nothing is acked after
+    /// this. (Its broker connections go when the test cuts the proxy they run through.)
+    pub(crate) fn kill(self) {
+        self.task.abort();
+    }
+
     pub(crate) async fn stop(self) {
         let _ = self.shutdown.send(());
         let result = tokio::time::timeout(PATIENCE, self.task)

@@ -1,0 +1,164 @@
+//! Several workers sharing the shards: balanced ownership, a worker killed under load, a worker
+//! added; per-key order holds and nothing is lost or published under two ids.
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU16;
+use std::time::Duration;
+
+use ipn_bridge::config::Config;
+use ipn_bridge::ctl;
+use ipn_bridge::worker::ownership;
+
+use crate::pipeline_e2e::{RunningWorker, Stack};
+use crate::support::{PATIENCE, Proxy, post_form, ready_ingress, sample};
+
+const SHARDS: u16 = 16;
+
+/// IPN number `n` of subscription `n % keys`: a real `subscr_payment` shape with its own txn_id.
+fn ipn(n: usize, keys: usize) -> Vec<u8> {
+    let template = sample("013_subscr_payment.txt");
+    let fields: Vec<Vec<u8>> = template
+        .split(|b| *b == b'&')
+        .map(|field| match field.split(|b| *b == b'=').next() {
+            Some(b"subscr_id") => format!("subscr_id=I-SCALE{}", n % keys).into_bytes(),
+            Some(b"txn_id") => format!("txn_id=T{n}").into_bytes(),
+            Some(b"ipn_track_id") => format!("ipn_track_id=s{n}").into_bytes(),
+            _ => field.to_vec(),
+        })
+        .collect();
+    fields.join(&b'&')
+}
+
+fn worker_config(stack: &Stack, id: &str) -> Config {
+    let mut config = stack.config.clone();
+    config.worker.id = Some(id.to_owned());
+    config
+}
+
+/// Waits until the workers' owned-shard gauges equal what rendezvous hashing gives `ids`.
+async fn wait_balanced(workers: &[(&str, &RunningWorker)]) {
+    let ids: Vec<String> = workers.iter().map(|(id, _)| (*id).to_owned()).collect();
+    let balanced = async {
+        loop {
+            let mut all = true;
+            for (id, worker) in workers {
+                let expected = ownership::owned_by(id, &ids, SHARDS).len() as f64;
+                all &= worker.metric("ipn_worker_owned_shards").await == Some(expected);
+            }
+            if all {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    if tokio::time::timeout(PATIENCE, balanced).await.is_err() {
+        let mut seen = Vec::new();
+        for (id, worker) in workers {
+            seen.push((*id, worker.metric("ipn_worker_owned_shards").await));
+        }
+        panic!("shards not balanced in time: {seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn workers_share_the_shards_and_one_killed_under_load_loses_and_reorders_nothing() {
+    let mut stack = Stack::new().await;
+    stack.config.topology.shards = NonZeroU16::new(SHARDS).expect("non-zero");
+    stack.config.worker.heartbeat = Duration::from_millis(100);
+    stack.config.worker.takeover = Duration::from_millis(600);
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let three: Vec<String> = ["worker-a", "worker-b", "worker-c"]
+        .map(String::from)
+        .to_vec();
+    for id in &three {
+        let share = ownership::owned_by(id, &three, SHARDS).len();
+        assert!((3..=8).contains(&share), "{id} owns {share} of {SHARDS}");
+    }
+    let a = RunningWorker::spawn(worker_config(&stack, "worker-a")).await;
+    let b = RunningWorker::spawn(worker_config(&stack, "worker-b")).await;
+    let proxy = Proxy::start().await;
+    let mut doomed = worker_config(&stack, "worker-c");
+    doomed.amqp.url = stack.broker.url_via(proxy.address()).parse().expect("url");
+    let c = RunningWorker::spawn(doomed).await;
+    wait_balanced(&[("worker-a", &a), ("worker-b", &b), ("worker-c", &c)]).await;
+    let listed = ctl::workers(&stack.config).await.expect("workers");
+    let owned: Vec<(String, usize)> = listed
+        .iter()
+        .map(|w| (w.worker_id.clone(), w.shards.len()))
+        .collect();
+    let expected: Vec<(String, usize)> = three
+        .iter()
+        .map(|id| (id.clone(), ownership::owned_by(id, &three, SHARDS).len()))
+        .collect();
+    assert_eq!(owned, expected, "ipnctl workers shows who owns what");
+
+    // 150 IPNs over 30 subscriptions, posted one after another: a third with all three
+    // workers, a third after worker-c is killed, a third after worker-d joins.
+    let (total, keys) = (150, 30);
+    let post = |range: std::ops::Range<usize>| {
+        let url = ingress.url.clone();
+        async move {
+            for n in range {
+                assert_eq!(post_form(&url, ipn(n, keys)).await.0, 200, "IPN {n}");
+            }
+        }
+    };
+    post(0..50).await;
+    proxy.cut();
+    c.kill();
+    post(50..100).await;
+    let d = RunningWorker::spawn(worker_config(&stack, "worker-d")).await;
+    wait_balanced(&[("worker-a", &a), ("worker-b", &b), ("worker-d", &d)]).await;
+    post(100..total).await;
+
+    let events = stack.events(total as u32).await;
+    let mut ids_by_txn: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut first_seen: Vec<&serde_json::Value> = Vec::new();
+    let mut seen_ids = HashSet::new();
+    for event in &events {
+        let txn = event["txn_id"].as_str().expect("txn_id").to_owned();
+        let id = event["event_id"].as_str().expect("event_id").to_owned();
+        ids_by_txn.entry(txn).or_default().insert(id.clone());
+        if seen_ids.insert(id) {
+            first_seen.push(event);
+        }
+    }
+    assert_eq!(ids_by_txn.len(), total, "every IPN published");
+    assert!(
+        ids_by_txn.values().all(|ids| ids.len() == 1),
+        "one event id per IPN"
+    );
+    let mut per_key: HashMap<&str, Vec<(usize, i64)>> = HashMap::new();
+    for event in first_seen {
+        let n: usize = event["txn_id"].as_str().expect("txn")[1..]
+            .parse()
+            .expect("n");
+        let sequence = event["sequence"].as_i64().expect("sequence");
+        per_key
+            .entry(event["order_key"].as_str().expect("key"))
+            .or_default()
+            .push((n, sequence));
+    }
+    assert_eq!(per_key.len(), keys);
+    for (key, arrived) in per_key {
+        let posted: Vec<usize> = (0..total)
+            .filter(|n| n % keys == arrived[0].0 % keys)
+            .collect();
+        let numbers: Vec<usize> = arrived.iter().map(|(n, _)| *n).collect();
+        let sequences: Vec<i64> = arrived.iter().map(|(_, s)| *s).collect();
+        assert_eq!(numbers, posted, "{key}: in posting order");
+        assert_eq!(
+            sequences,
+            (1..=posted.len() as i64).collect::<Vec<_>>(),
+            "{key}"
+        );
+    }
+    for (name, worker) in [("worker-a", &a), ("worker-b", &b)] {
+        let published = worker.metric("ipn_worker_events_published_total").await;
+        assert!(published.unwrap_or(0.0) > 0.0, "{name} processed its share");
+    }
+    a.stop().await;
+    b.stop().await;
+    d.stop().await;
+    ingress.stop().await;
+}
