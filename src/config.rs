@@ -264,6 +264,8 @@ pub struct Paypal {
     /// `live` or `sandbox`: picks the postback URL (and, later, the `test_ipn` policy).
     pub environment: Environment,
     /// Overrides the environment's postback URL (tests, local demos with `ipnctl fake-paypal`).
+    /// Empty means unset, so a container environment can always pass the variable.
+    #[serde(deserialize_with = "optional_url")]
     pub verify_url: Option<url::Url>,
     /// One postback gives up after this long (connect included); the outcome is then transient.
     #[serde(with = "humantime_serde")]
@@ -747,6 +749,19 @@ fn list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>
         .collect())
 }
 
+/// A URL, or `None` for an empty string.
+fn optional_url<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<url::Url>, D::Error> {
+    let text = Option::<String>::deserialize(deserializer)?.unwrap_or_default();
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    url::Url::parse(text.trim())
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("not a URL: {e}")))
+}
+
 /// Durations from TOML (`["10s", "1m"]`) or from the environment (`10s,1m`).
 fn durations<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Duration>, D::Error> {
     list(deserializer)?
@@ -858,6 +873,41 @@ mod tests {
         );
         let err = Config::load(None, &env(&[("IPN_PAYPAL__ENVIRONMENT", "staging")])).unwrap_err();
         assert!(err.to_string().contains("paypal.environment"), "{err}");
+    }
+
+    #[test]
+    fn retry_tiers_come_from_a_list_or_comma_separated_durations_and_must_not_be_empty() {
+        let vars = env(&[("IPN_RETRY__TIERS", "10s, 1m,2h")]);
+        let config = Config::load(None, &vars).expect("loads");
+        let expected = [10, 60, 7200].map(Duration::from_secs);
+        assert_eq!(config.retry.tiers, expected);
+        let error = Config::load(Some("[retry]\ntiers = []\n"), &env(&[])).expect_err("empty");
+        assert!(error.to_string().contains("retry.tiers"), "{error}");
+        let error = Config::load(None, &env(&[("IPN_RETRY__TIERS", "soon")])).expect_err("bad");
+        assert!(error.to_string().contains("retry.tiers"), "{error}");
+    }
+
+    #[test]
+    fn an_empty_verify_url_means_the_environments_own() {
+        let vars = env(&[("IPN_PAYPAL__VERIFY_URL", "")]);
+        assert_eq!(
+            Config::load(None, &vars).expect("loads").paypal.verify_url,
+            None
+        );
+    }
+
+    #[test]
+    fn alerts_by_email_need_recipients_and_takeover_needs_two_heartbeats() {
+        let vars = env(&[("IPN_ALERT__SMTP_URL", "smtps://u:secret@mail.example:465")]);
+        let error = Config::load(None, &vars).expect_err("no recipients");
+        assert!(error.to_string().contains("alert.email_to"), "{error}");
+        assert!(!error.to_string().contains("secret"));
+        let vars = env(&[
+            ("IPN_WORKER__HEARTBEAT", "10s"),
+            ("IPN_WORKER__TAKEOVER", "15s"),
+        ]);
+        let error = Config::load(None, &vars).expect_err("takeover too short");
+        assert!(error.to_string().contains("worker.takeover"), "{error}");
     }
 
     #[test]

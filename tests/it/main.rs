@@ -4,6 +4,7 @@
 
 mod alerting;
 mod cli;
+mod compose;
 mod gate;
 mod ingress;
 mod pipeline_e2e;
