@@ -232,6 +232,14 @@ impl Store {
         .bind(seconds)
         .execute(&self.pool)
         .await?;
+        // Refunds and chargebacks come within months of a payment, not years: the map of
+        // payments to profiles lives as long as the dedup records.
+        sqlx::query(
+            "DELETE FROM ipn_txn_profile WHERE created_at < now() - make_interval(secs => $1)",
+        )
+        .bind(seconds)
+        .execute(&self.pool)
+        .await?;
         Ok(result.rows_affected())
     }
 
@@ -423,6 +431,29 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Remembers that `txn_id` was paid under the profile key `order_key` (first one wins).
+    pub async fn remember_txn(&self, txn_id: &str, order_key: &str) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO ipn_txn_profile (txn_id, order_key) VALUES ($1, $2)
+             ON CONFLICT (txn_id) DO NOTHING",
+        )
+        .bind(txn_id)
+        .bind(order_key)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The profile key `txn_id` was paid under, if the bridge saw that payment.
+    pub async fn profile_of_txn(&self, txn_id: &str) -> Result<Option<String>, Error> {
+        Ok(
+            sqlx::query_scalar("SELECT order_key FROM ipn_txn_profile WHERE txn_id = $1")
+                .bind(txn_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// Closes every connection.

@@ -13,6 +13,12 @@
 //! - When the blocker comes back and finishes, the held IPNs are processed in order; if one of
 //!   them fails in turn, it becomes the blocker. When none is left, the key is unblocked.
 //!
+//! - A refund, reversal, case or adjustment whose key is `txn:<id>` (it names no subscription)
+//!   is *re-routed* when `<id>` was paid under a subscription or recurring profile the bridge has
+//!   seen: a copy goes to that profile's shard under the profile's key (`x-ipn-rerouted-from`
+//!   keeps the old one), so a chargeback cannot overtake the payments of its own subscription.
+//!   Unknown transactions (or a `txn:` key that is itself blocked) stay on their own key.
+//!
 //! Crash safety: every step publishes (with confirm) before it records, and records before the
 //! caller acks. A crash in between leaves at most a second copy of an IPN in a tier or in
 //! `<p>.parked`, with the same message id; whichever copy finishes first publishes the event,
@@ -27,12 +33,18 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tracing::{info, warn};
 
 use super::metrics::TierLabel;
-use super::pipeline::{Error, Inbound, Outcome, Pipeline, Screened, Step, text};
+use super::pipeline::{Error, Inbound, Outcome, Pipeline, Screened, Step, header_text, text};
 use crate::alert::{Alert, Kind};
 use crate::amqp::Outgoing;
 use crate::ipn::{Form, OrderKey};
 use crate::store::{Block, Blocked, Held};
 use crate::topology::Topology;
+
+/// Order keys of single transactions start with this.
+const TXN_PREFIX: &str = "txn:";
+
+/// Header naming the key a re-routed IPN came from; such an IPN is not re-routed again.
+const REROUTED_FROM: &str = "x-ipn-rerouted-from";
 
 /// The value of `x-ipn-control` that makes the worker release a key's held IPNs.
 pub const RELEASE: &str = "release";
@@ -57,6 +69,12 @@ pub enum Settled {
     Parked,
     /// Its key is blocked: stored behind the blocker, in order.
     Held,
+    /// A dispute of a subscription's payment (refund, reversal, case, adjustment naming only
+    /// the txn): sent on to the profile's key and shard, to be ordered with its payments.
+    Rerouted {
+        /// The profile's order key.
+        to: String,
+    },
     /// An `ipnctl` instruction, carried out: this many held IPNs released.
     Controlled {
         /// Held IPNs processed.
@@ -73,7 +91,10 @@ impl Pipeline {
             return self.control(control, &key).await;
         }
         match self.store.blocked(key.as_str()).await? {
-            None => self.attempt(inbound, &key).await,
+            None => match self.profile_for(inbound, &key).await? {
+                Some(profile) => self.reroute(inbound, &key, &profile).await,
+                None => self.attempt(inbound, &key).await,
+            },
             Some(blocked) if blocked.blocker_id == inbound.message_id => {
                 match self.attempt(inbound, &key).await? {
                     Settled::Finished { outcome, .. } => {
@@ -85,6 +106,44 @@ impl Pipeline {
             }
             Some(blocked) => self.hold(inbound, &key, &blocked).await,
         }
+    }
+
+    /// The profile key a `txn:` key's transaction was paid under, when the bridge saw that
+    /// payment (and the message was not re-routed already).
+    async fn profile_for(
+        &self,
+        inbound: &Inbound,
+        key: &OrderKey,
+    ) -> Result<Option<String>, Error> {
+        let Some(txn_id) = key.as_str().strip_prefix(TXN_PREFIX) else {
+            return Ok(None);
+        };
+        if header_text(&inbound.properties, REROUTED_FROM).is_some() {
+            return Ok(None);
+        }
+        Ok(self.store.profile_of_txn(txn_id).await?)
+    }
+
+    /// Publishes the IPN to its profile's shard under the profile's key, and waits for the
+    /// confirm; the caller then acks this copy.
+    async fn reroute(
+        &self,
+        inbound: &Inbound,
+        key: &OrderKey,
+        profile: &str,
+    ) -> Result<Settled, Error> {
+        let mut headers = inbound.properties.headers().clone().unwrap_or_default();
+        headers.insert("x-ipn-order-key".into(), text(profile));
+        headers.insert(REROUTED_FROM.into(), text(key.as_str()));
+        let shard = OrderKey::from_header(profile).shard(self.topology.shards());
+        let exchange = self.topology.inbound_exchange();
+        let routing_key = Topology::shard_routing_key(shard);
+        self.copy(inbound, &exchange, &routing_key, headers).await?;
+        self.metrics.rerouted.inc();
+        info!(ipn.order_key = %key, to = profile, "dispute re-routed to its subscription's key");
+        Ok(Settled::Rerouted {
+            to: profile.to_owned(),
+        })
     }
 
     /// The pipeline, with a PayPal failure turned into a deferral.

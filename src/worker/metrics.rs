@@ -52,6 +52,8 @@ pub struct Metrics {
     pub held: Counter,
     /// Held IPNs released (processed) after their key's blocker.
     pub released: Counter,
+    /// Disputes re-routed to their subscription's key.
+    pub rerouted: Counter,
     /// Shard queues this worker owns and consumes now.
     pub owned_shards: Gauge,
     /// Keys blocked now (read from the database every few seconds).
@@ -79,6 +81,7 @@ impl Metrics {
             held: Counter::default(),
             released: Counter::default(),
             alerts: crate::alert::Counters::default(),
+            rerouted: Counter::default(),
             owned_shards: Gauge::default(),
             blocked_keys: Gauge::default(),
             held_now: Gauge::default(),
@@ -133,6 +136,11 @@ impl Metrics {
             "released",
             "Held IPNs processed after their key's blocker",
             metrics.released.clone(),
+        );
+        registry.register(
+            "rerouted",
+            "Disputes re-routed to their subscription's order key",
+            metrics.rerouted.clone(),
         );
         registry.register(
             "owned_shards",

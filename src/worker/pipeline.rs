@@ -23,6 +23,9 @@ use crate::store::{self, Claim, Store};
 use crate::topology::Topology;
 use crate::verify::{self, Verdict, Verifier};
 
+/// Order keys of subscriptions and recurring-payment profiles start with this.
+pub const PROFILE_PREFIX: &str = "profile:";
+
 /// An inbound message as the worker received it.
 #[derive(Debug, Clone)]
 pub struct Inbound {
@@ -272,6 +275,12 @@ impl Pipeline {
             }
             Claim::New(reservation) | Claim::Pending(reservation) => reservation,
         };
+        if order_key.as_str().starts_with(PROFILE_PREFIX)
+            && let Some(txn_id) = form.text("txn_id")
+        {
+            // A later refund or chargeback naming only this txn_id follows the profile's order.
+            self.store.remember_txn(&txn_id, order_key.as_str()).await?;
+        }
         let context = Context {
             order_key: &order_key,
             reservation,

@@ -11,7 +11,7 @@ use ipn_bridge::store::Store;
 use lapin::types::AMQPValue;
 
 use crate::pipeline_e2e::{RunningWorker, Stack, raw};
-use crate::support::{FakeWebhook, PATIENCE, post_form, ready_ingress, sample};
+use crate::support::{FakeWebhook, PATIENCE, post_form, ready_ingress, sample, with_fields};
 use crate::worker::{Rig, inbound};
 use ipn_bridge::worker::pipeline::{Error, Step};
 use ipn_bridge::worker::{Inbound, Outcome, Settled};
@@ -544,6 +544,74 @@ async fn a_held_ipn_that_fails_when_released_becomes_the_blocker_and_order_holds
         .metric("ipn_worker_retries_total{tier=\"50ms\"}")
         .await;
     assert_eq!(retries, Some(2.0));
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn a_chargeback_naming_only_a_subscription_payment_waits_behind_that_subscriptions_payments()
+{
+    let stack = Stack::new().await;
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
+    let first = sample("013_subscr_payment.txt");
+    let second = sample("014_subscr_payment.txt");
+    let paid = Form::parse(&first).text("txn_id").expect("txn_id");
+    // A live refund (the chargeback samples are sandbox IPNs, which a live bridge quarantines).
+    let reversal = sample("002_refunded.txt");
+    let chargeback = with_fields(
+        &reversal,
+        &[("parent_txn_id", &paid), ("ipn_track_id", "cb1")],
+    );
+    let unrelated = with_fields(
+        &reversal,
+        &[
+            ("parent_txn_id", "UNKNOWN1"),
+            ("txn_id", "X2"),
+            ("ipn_track_id", "cb2"),
+        ],
+    );
+    assert_eq!(
+        key_of(&chargeback),
+        format!("txn:{paid}"),
+        "no subscription named"
+    );
+    assert_eq!(post_form(&ingress.url, first.clone()).await.0, 200);
+    assert_eq!(raw(&stack.events(1).await[0]), first);
+    // The second payment is slow to verify; without re-routing the chargeback would pass it.
+    stack
+        .paypal
+        .script(&second, [Answer::Slow(Duration::from_millis(1500))]);
+    for body in [&second, &chargeback, &unrelated] {
+        assert_eq!(post_form(&ingress.url, body.clone()).await.0, 200);
+    }
+
+    let events = stack.events(3).await;
+    let profile = key_of(&first);
+    let of_profile: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["order_key"] == profile.as_str())
+        .collect();
+    assert_eq!(of_profile.len(), 2, "{events:?}");
+    assert_eq!(raw(of_profile[0]), second);
+    assert_eq!(
+        raw(of_profile[1]),
+        chargeback,
+        "the chargeback waited for the payment before it"
+    );
+    assert_eq!(
+        of_profile[1]["sequence"], 3,
+        "numbered within the subscription"
+    );
+    let other = events
+        .iter()
+        .find(|e| raw(e) == unrelated)
+        .expect("unrelated event");
+    assert_eq!(
+        other["order_key"], "txn:UNKNOWN1",
+        "an unknown payment keeps its own key"
+    );
+    assert_eq!(worker.metric("ipn_worker_rerouted_total").await, Some(1.0));
     worker.stop().await;
     ingress.stop().await;
 }

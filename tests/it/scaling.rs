@@ -10,23 +10,20 @@ use ipn_bridge::ctl;
 use ipn_bridge::worker::ownership;
 
 use crate::pipeline_e2e::{RunningWorker, Stack};
-use crate::support::{PATIENCE, Proxy, post_form, ready_ingress, sample};
+use crate::support::{PATIENCE, Proxy, post_form, ready_ingress, sample, with_fields};
 
 const SHARDS: u16 = 16;
 
 /// IPN number `n` of subscription `n % keys`: a real `subscr_payment` shape with its own txn_id.
 fn ipn(n: usize, keys: usize) -> Vec<u8> {
-    let template = sample("013_subscr_payment.txt");
-    let fields: Vec<Vec<u8>> = template
-        .split(|b| *b == b'&')
-        .map(|field| match field.split(|b| *b == b'=').next() {
-            Some(b"subscr_id") => format!("subscr_id=I-SCALE{}", n % keys).into_bytes(),
-            Some(b"txn_id") => format!("txn_id=T{n}").into_bytes(),
-            Some(b"ipn_track_id") => format!("ipn_track_id=s{n}").into_bytes(),
-            _ => field.to_vec(),
-        })
-        .collect();
-    fields.join(&b'&')
+    with_fields(
+        &sample("013_subscr_payment.txt"),
+        &[
+            ("subscr_id", &format!("I-SCALE{}", n % keys)),
+            ("txn_id", &format!("T{n}")),
+            ("ipn_track_id", &format!("s{n}")),
+        ],
+    )
 }
 
 fn worker_config(stack: &Stack, id: &str) -> Config {

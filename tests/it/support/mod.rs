@@ -23,3 +23,19 @@ use std::time::Duration;
 
 /// The generous bound every wait in these tests uses.
 pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// `body` with the named fields' values replaced (raw, as they go on the wire); other fields and
+/// their order stay as they are.
+pub fn with_fields(body: &[u8], replaced: &[(&str, &str)]) -> Vec<u8> {
+    let fields: Vec<Vec<u8>> = body
+        .split(|b| *b == b'&')
+        .map(|field| {
+            let name = field.split(|b| *b == b'=').next().unwrap_or_default();
+            match replaced.iter().find(|(n, _)| n.as_bytes() == name) {
+                Some((n, value)) => format!("{n}={value}").into_bytes(),
+                None => field.to_vec(),
+            }
+        })
+        .collect();
+    fields.join(&b'&')
+}
