@@ -160,15 +160,11 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<ExitCode> {
         Command::Quarantine { action } => review(config, Queue::Quarantine, action).await,
         Command::Key {
             action: KeyAction::List { json },
-        } => {
-            let keys = review::blocked_keys(config).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&keys)?);
-            } else {
-                println!("{}", review::blocked_table(&keys));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => show(
+            &review::blocked_keys(config).await?,
+            json,
+            review::blocked_table,
+        ),
         Command::Key {
             action: KeyAction::Release { key, purge_blocker },
         } => {
@@ -180,15 +176,7 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         }
-        Command::Workers { json } => {
-            let workers = ctl::workers(config).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&workers)?);
-            } else {
-                println!("{}", ctl::workers_table(&workers));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Workers { json } => show(&ctl::workers(config).await?, json, ctl::workers_table),
         Command::FakePaypal { listen, answer } => {
             ctl::fake_paypal(listen, answer).await?;
             Ok(ExitCode::SUCCESS)
@@ -211,17 +199,29 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<ExitCode> {
 async fn review(config: &Config, queue: Queue, action: Review) -> anyhow::Result<ExitCode> {
     let pass = match action {
         Review::List { json } => {
-            let listed = review::list(config, queue).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&listed)?);
-            } else {
-                println!("{}", review::listed_table(&listed));
-            }
-            return Ok(ExitCode::SUCCESS);
+            return show(
+                &review::list(config, queue).await?,
+                json,
+                review::listed_table,
+            );
         }
         Review::Replay(which) => review::replay(config, queue, &which.selection()).await?,
         Review::Purge(which) => review::purge(config, queue, &which.selection()).await?,
     };
     println!("{} taken, {} left", pass.taken, pass.kept);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints rows as pretty JSON or as the readable table `table` makes.
+fn show<T: serde::Serialize>(
+    rows: &[T],
+    json: bool,
+    table: fn(&[T]) -> String,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+    } else {
+        println!("{}", table(rows));
+    }
     Ok(ExitCode::SUCCESS)
 }
