@@ -76,34 +76,8 @@ async fn the_ipnctl_binary_sends_a_file_and_prints_the_status() {
 #[tokio::test]
 async fn the_ingress_binary_stops_cleanly_on_sigterm() {
     let broker = TestBroker::new().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ipn-ingress"))
-        .env(
-            "IPN_AMQP__URL",
-            broker.url_via(crate::support::broker::BROKER),
-        )
-        .env("IPN_TOPOLOGY__SHARDS", "4")
-        .env("IPN_INGRESS__LISTEN", format!("127.0.0.1:{port}"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("ipn-ingress starts");
+    let (mut child, port) = crate::support::ingress::ingress_binary(&broker, &[]).await;
     let url = format!("http://127.0.0.1:{port}/ipn");
-    let ready = async {
-        loop {
-            let readiness = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await;
-            if readiness.is_ok_and(|r| r.status() == 200) {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, ready)
-        .await
-        .expect("binary became ready");
     assert_eq!(
         ctl::send(&url, sample("001_web_accept.txt"))
             .await

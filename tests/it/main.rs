@@ -2,6 +2,7 @@
 //! 15672) and PostgreSQL on 127.0.0.1:5432. Each test owns a fresh vhost or database, removed
 //! when the test ends, so tests run in parallel and twice in a row.
 
+mod abuse;
 mod alerting;
 mod cli;
 mod compose;

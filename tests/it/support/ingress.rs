@@ -116,3 +116,37 @@ pub async fn post_form(url: &str, body: Vec<u8>) -> (u16, String) {
     let status = response.status().as_u16();
     (status, response.text().await.expect("body"))
 }
+
+/// The real `ipn-ingress` binary on a free port of 127.0.0.1, for `broker`'s vhost with 4 shards
+/// and `extra` variables; ready when returned. Killed when the child is dropped.
+pub async fn ingress_binary(
+    broker: &super::TestBroker,
+    extra: &[(&str, &str)],
+) -> (tokio::process::Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ipn-ingress"))
+        .env("IPN_AMQP__URL", broker.url_via(super::broker::BROKER))
+        .env("IPN_TOPOLOGY__SHARDS", "4")
+        .env("IPN_INGRESS__LISTEN", format!("127.0.0.1:{port}"))
+        .envs(extra.iter().copied())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ipn-ingress starts");
+    let ready = async {
+        loop {
+            let readiness = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await;
+            if readiness.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(super::PATIENCE, ready)
+        .await
+        .expect("binary became ready");
+    (child, port)
+}
