@@ -175,6 +175,17 @@ impl Store {
     /// cannot both insert: the loser fails on a unique constraint, its whole statement (the
     /// number it took included) rolls back, and its retry finds the winner's row.
     pub async fn claim(&self, keys: &DedupKeys, order_key: &str) -> Result<Claim, Error> {
+        self.claim_paid(keys, order_key, None).await
+    }
+
+    /// [`Store::claim`], also remembering (in the same statement) that `paid_txn` was paid under
+    /// the profile key `order_key`, for re-routing its later refunds and chargebacks.
+    pub async fn claim_paid(
+        &self,
+        keys: &DedupKeys,
+        order_key: &str,
+        paid_txn: Option<&str>,
+    ) -> Result<Claim, Error> {
         let row = sqlx::query(
             "WITH existing AS (
                  SELECT event_id, sequence, state FROM ipn_event
@@ -190,6 +201,10 @@ impl Store {
                  INSERT INTO ipn_event (event_id, body_sha256, semantic_key, order_key, sequence, state)
                  SELECT $4, $1, $2, $3, last_sequence, 'pending' FROM next
                  RETURNING event_id, sequence, state
+             ), paid AS (
+                 INSERT INTO ipn_txn_profile (txn_id, order_key)
+                 SELECT $5, $3 WHERE $5::text IS NOT NULL
+                 ON CONFLICT (txn_id) DO NOTHING
              )
              SELECT event_id, sequence, state, false AS new FROM existing
              UNION ALL
@@ -199,6 +214,7 @@ impl Store {
         .bind(&keys.semantic)
         .bind(order_key)
         .bind(keys.event_id())
+        .bind(paid_txn)
         .fetch_one(&self.pool)
         .await?;
         let reservation = Reservation {
@@ -430,19 +446,6 @@ impl Store {
             .bind(worker_id)
             .execute(&self.pool)
             .await?;
-        Ok(())
-    }
-
-    /// Remembers that `txn_id` was paid under the profile key `order_key` (first one wins).
-    pub async fn remember_txn(&self, txn_id: &str, order_key: &str) -> Result<(), Error> {
-        sqlx::query(
-            "INSERT INTO ipn_txn_profile (txn_id, order_key) VALUES ($1, $2)
-             ON CONFLICT (txn_id) DO NOTHING",
-        )
-        .bind(txn_id)
-        .bind(order_key)
-        .execute(&self.pool)
-        .await?;
         Ok(())
     }
 

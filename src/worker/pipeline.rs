@@ -268,19 +268,21 @@ impl Pipeline {
         };
         let order_key = inbound.key();
         let keys = PayPal::dedup_keys(&form, &inbound.body);
-        let reservation = match self.store.claim(&keys, order_key.as_str()).await? {
+        // A later refund or chargeback naming only this txn_id follows the profile's order.
+        let paid = form
+            .text("txn_id")
+            .filter(|_| order_key.as_str().starts_with(PROFILE_PREFIX));
+        let claimed = self
+            .store
+            .claim_paid(&keys, order_key.as_str(), paid.as_deref())
+            .await?;
+        let reservation = match claimed {
             Claim::Done(_) => {
                 self.metrics.duplicates.inc();
                 return Ok(Outcome::Duplicate);
             }
             Claim::New(reservation) | Claim::Pending(reservation) => reservation,
         };
-        if order_key.as_str().starts_with(PROFILE_PREFIX)
-            && let Some(txn_id) = form.text("txn_id")
-        {
-            // A later refund or chargeback naming only this txn_id follows the profile's order.
-            self.store.remember_txn(&txn_id, order_key.as_str()).await?;
-        }
         let context = Context {
             order_key: &order_key,
             reservation,
