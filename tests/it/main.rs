@@ -6,6 +6,7 @@ mod abuse;
 mod alerting;
 mod cli;
 mod compose;
+mod faults;
 mod gate;
 mod ingress;
 mod pipeline_e2e;

@@ -30,7 +30,7 @@ enum Turn {
 /// A vhost of our own on the local RabbitMQ.
 pub struct TestBroker {
     vhost: String,
-    _turn: Turn,
+    turn: Turn,
 }
 
 impl TestBroker {
@@ -75,7 +75,37 @@ impl TestBroker {
             "permissions: {}",
             granted.status()
         );
-        TestBroker { vhost, _turn: turn }
+        TestBroker { vhost, turn }
+    }
+
+    /// Restarts the RabbitMQ application (`rabbitmqctl stop_app`, `down`, `start_app`): every
+    /// client connection drops; durable queues and persistent messages come back. Only for an
+    /// [`TestBroker::exclusive`] broker. If the test panics meanwhile, the node is started again.
+    pub async fn restart_node(&self, down: Duration) {
+        assert!(
+            matches!(self.turn, Turn::Exclusive(_)),
+            "restarting the broker needs TestBroker::exclusive"
+        );
+        let mut stopped = StartOnDrop(true);
+        rabbitmqctl_async(&["stop_app"]).await;
+        tokio::time::sleep(down).await;
+        rabbitmqctl_async(&["start_app"]).await;
+        stopped.0 = false;
+        rabbitmqctl_async(&["await_startup"]).await;
+        let management = async {
+            while !reqwest::Client::new()
+                .get(format!("{MANAGEMENT}/overview"))
+                .basic_auth("guest", Some("guest"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::time::timeout(PATIENCE * 3, management)
+            .await
+            .expect("management API back after start_app");
     }
 
     /// Applies a policy to the queues of this vhost whose names match `pattern`.
@@ -275,6 +305,26 @@ impl Drop for DiskAlarm {
     fn drop(&mut self) {
         rabbitmqctl(&["set_disk_free_limit", &self.previous_limit]);
     }
+}
+
+/// Starts the RabbitMQ application when dropped while armed (a test panicked with it stopped).
+struct StartOnDrop(bool);
+
+impl Drop for StartOnDrop {
+    fn drop(&mut self) {
+        if self.0 {
+            rabbitmqctl(&["start_app"]);
+        }
+    }
+}
+
+async fn rabbitmqctl_async(args: &[&str]) {
+    let output = tokio::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    assert!(output.status.success(), "rabbitmqctl {args:?}: {output:?}");
 }
 
 fn rabbitmqctl(args: &[&str]) -> String {

@@ -4,6 +4,7 @@ use ipn_bridge::config;
 use sqlx::{ConnectOptions, Connection};
 
 /// Server the tests use (trust auth, user postgres).
+pub const POSTGRES: &str = "127.0.0.1:5432";
 const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 
 /// A database name no other test uses; the store creates it on first connect.
@@ -17,6 +18,11 @@ impl TestDb {
         TestDb {
             name: format!("it_{}", uuid::Uuid::now_v7().simple()),
         }
+    }
+
+    /// The URL of this test's database through `address` (the server itself, or a proxy).
+    pub fn url_via(&self, address: &str) -> String {
+        format!("postgres://postgres@{address}/{}", self.name)
     }
 
     /// A database config pointing at this test's database.

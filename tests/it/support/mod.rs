@@ -6,6 +6,7 @@ pub mod db;
 pub mod ingress;
 pub mod proxy;
 pub mod services;
+pub mod worker_process;
 
 pub use alerts::{FakeSmtp, FakeWebhook};
 pub use broker::{DiskAlarm, TestBroker};
@@ -13,6 +14,7 @@ pub use db::TestDb;
 pub use ingress::{post_form, ready_ingress, spawn_ingress};
 pub use proxy::Proxy;
 pub use services::Services;
+pub use worker_process::WorkerProcess;
 
 #[path = "../../samples.rs"]
 mod samples_dir;

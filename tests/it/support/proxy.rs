@@ -1,5 +1,6 @@
-//! A TCP proxy in front of the broker that a test can cut, pause and restore, to simulate a
-//! broker outage for real (the client sees its sockets closed or its confirms held back).
+//! A TCP proxy in front of the broker (or any TCP service) that a test can cut, pause and
+//! restore, to simulate an outage for real (the client sees its sockets closed or its confirms
+//! held back).
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -18,7 +19,7 @@ enum Mode {
     HoldReplies,
 }
 
-/// A proxy to the local broker on a port of its own.
+/// A proxy to the local broker (or another service) on a port of its own.
 pub struct Proxy {
     address: String,
     mode: watch::Sender<Mode>,
@@ -28,10 +29,15 @@ pub struct Proxy {
 impl Proxy {
     /// Starts forwarding 127.0.0.1:<port> to the broker.
     pub async fn start() -> Proxy {
+        Self::to(super::broker::BROKER).await
+    }
+
+    /// Starts forwarding 127.0.0.1:<port> to `target` (host:port).
+    pub async fn to(target: &'static str) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let address = listener.local_addr().expect("local addr").to_string();
         let (mode, _) = watch::channel(Mode::Open);
-        let task = tokio::spawn(accept(listener, mode.clone()));
+        let task = tokio::spawn(accept(listener, target, mode.clone()));
         Proxy {
             address,
             mode,
@@ -67,12 +73,12 @@ impl Drop for Proxy {
     }
 }
 
-async fn accept(listener: TcpListener, mode: watch::Sender<Mode>) {
+async fn accept(listener: TcpListener, target: &'static str, mode: watch::Sender<Mode>) {
     while let Ok((client, _)) = listener.accept().await {
         if *mode.borrow() == Mode::Cut {
             continue; // dropping `client` closes it
         }
-        let Ok(broker) = TcpStream::connect(super::broker::BROKER).await else {
+        let Ok(broker) = TcpStream::connect(target).await else {
             continue;
         };
         let (client_read, client_write) = client.into_split();

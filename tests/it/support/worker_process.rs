@@ -1,0 +1,143 @@
+//! The real `ipn-worker` binary as a child process, so a test can SIGKILL it mid-work and start
+//! it again with the same id and settings.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use super::PATIENCE;
+
+/// One `ipn-worker` process (restartable), configured by environment variables plus a config
+/// file that binds a `downstream` queue to every event. Its log goes to a file, removed on drop
+/// unless [`WorkerProcess::keep_log`] was called.
+pub struct WorkerProcess {
+    id: String,
+    env: Vec<(String, String)>,
+    config_file: PathBuf,
+    log_file: PathBuf,
+    keep_log: bool,
+    port: u16,
+    child: Option<Child>,
+    /// Starts so far (1 after [`WorkerProcess::start`]).
+    pub starts: u32,
+}
+
+impl WorkerProcess {
+    /// Starts `ipn-worker` with id `id` and the `IPN_*` variables `env`; returns once its
+    /// `/healthz` answers.
+    pub async fn start(id: &str, env: &[(String, String)]) -> WorkerProcess {
+        let unique = uuid::Uuid::now_v7().simple();
+        let config_file = std::env::temp_dir().join(format!("ipn-it-{unique}-{id}.toml"));
+        std::fs::write(
+            &config_file,
+            "[[downstream]]\nqueue = \"downstream\"\nbindings = [\"#\"]\n",
+        )
+        .expect("write worker config");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let mut worker = WorkerProcess {
+            id: id.to_owned(),
+            env: env.to_vec(),
+            log_file: std::env::temp_dir().join(format!("ipn-it-{unique}-{id}.log")),
+            config_file,
+            keep_log: false,
+            port,
+            child: None,
+            starts: 0,
+        };
+        worker.spawn().await;
+        worker
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_file)
+            .expect("open worker log");
+        let child = Command::new(env!("CARGO_BIN_EXE_ipn-worker"))
+            .arg("--config")
+            .arg(&self.config_file)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("IPN_WORKER__ID", &self.id)
+            .env("IPN_WORKER__LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("ipn-worker starts");
+        self.child = Some(child);
+        self.starts += 1;
+        let url = format!("http://127.0.0.1:{}/healthz", self.port);
+        let up = async {
+            while !reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, up)
+            .await
+            .unwrap_or_else(|_| panic!("{} answered /healthz in time", self.id));
+    }
+
+    /// One metric's value from its `/metrics` (the first line starting with `name`); `None` when
+    /// it does not answer.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.port);
+        let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+        let line = text.lines().find(|line| line.starts_with(name))?;
+        line.rsplit(' ').next()?.parse().ok()
+    }
+
+    /// SIGKILL: the process ends at once, mid-work, acking and cleaning up nothing.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("SIGKILL the worker");
+        }
+    }
+
+    /// Starts it again (after [`WorkerProcess::kill`]) with the same id and settings.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart after kill");
+        self.spawn().await;
+    }
+
+    /// SIGTERM, then waits for a clean exit (code 0).
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = child.id().expect("running").to_string();
+        let signalled = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(signalled.success(), "SIGTERM {}", self.id);
+        let status = tokio::time::timeout(PATIENCE * 3, child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} stopped in time", self.id))
+            .expect("wait");
+        assert!(status.success(), "{} exited cleanly: {status}", self.id);
+    }
+
+    /// Leaves the log file in place (its path is returned) for a failing test to point at.
+    pub fn keep_log(&mut self) -> PathBuf {
+        self.keep_log = true;
+        self.log_file.clone()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config_file);
+        if !self.keep_log {
+            let _ = std::fs::remove_file(&self.log_file);
+        }
+    }
+}
