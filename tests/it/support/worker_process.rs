@@ -60,7 +60,12 @@ impl WorkerProcess {
             .append(true)
             .open(&self.log_file)
             .expect("open worker log");
-        let child = Command::new(env!("CARGO_BIN_EXE_ipn-worker"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ipn-worker"));
+        // Only the settings given here: none from the environment the tests run in.
+        for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("IPN_")) {
+            command.env_remove(name);
+        }
+        let child = command
             .arg("--config")
             .arg(&self.config_file)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -75,14 +80,23 @@ impl WorkerProcess {
         self.child = Some(child);
         self.starts += 1;
         let url = format!("http://127.0.0.1:{}/healthz", self.port);
-        let up = async {
-            while !reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        let deadline = tokio::time::Instant::now() + PATIENCE * 3;
+        while !reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || tokio::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(&self.log_file).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                panic!(
+                    "{} did not answer /healthz (exit status {exited:?}); its log ends:\n{}",
+                    self.id,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
-        };
-        tokio::time::timeout(PATIENCE, up)
-            .await
-            .unwrap_or_else(|_| panic!("{} answered /healthz in time", self.id));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// One metric's value from its `/metrics` (the first line starting with `name`); `None` when
