@@ -16,8 +16,8 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::App;
 use super::metrics::StatusLabel;
+use super::{App, Sink};
 use crate::amqp::{Outgoing, PublishError, State};
 use crate::topology::Topology;
 
@@ -61,8 +61,8 @@ pub fn status_of(rejection: &Rejection) -> StatusCode {
 }
 
 /// Routes a request; never fails (every problem is an HTTP answer).
-pub(super) async fn handle(
-    app: Arc<App>,
+pub(super) async fn handle<S: Sink>(
+    app: Arc<App<S>>,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = request.uri().path();
@@ -79,7 +79,7 @@ pub(super) async fn handle(
     Ok(response)
 }
 
-async fn ipn(app: &App, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn ipn<S: Sink>(app: &App<S>, request: Request<Incoming>) -> Response<Full<Bytes>> {
     app.metrics.in_flight.inc();
     let response = match accept(app, request).await {
         Ok(()) => Response::new(Full::new(Bytes::from_static(
@@ -96,7 +96,7 @@ async fn ipn(app: &App, request: Request<Incoming>) -> Response<Full<Bytes>> {
     response
 }
 
-async fn accept(app: &App, request: Request<Incoming>) -> Result<(), Rejection> {
+async fn accept<S: Sink>(app: &App<S>, request: Request<Incoming>) -> Result<(), Rejection> {
     if request.method() != Method::POST {
         return Err(Rejection::Method);
     }
@@ -125,7 +125,7 @@ fn declared_length(request: &Request<Incoming>) -> Option<usize> {
 }
 
 /// Reads at most `max` bytes; stops reading (and rejects) as soon as the limit is passed.
-async fn read_body(body: Incoming, max: usize, app: &App) -> Result<Bytes, Rejection> {
+async fn read_body<S: Sink>(body: Incoming, max: usize, app: &App<S>) -> Result<Bytes, Rejection> {
     let collect = Limited::new(body, max).collect();
     match tokio::time::timeout(app.config.body_read_timeout, collect).await {
         Err(_) => Err(Rejection::SlowBody),
@@ -140,7 +140,11 @@ async fn read_body(body: Incoming, max: usize, app: &App) -> Result<Bytes, Rejec
     }
 }
 
-async fn publish(app: &App, content_type: ShortString, body: &[u8]) -> Result<(), Rejection> {
+async fn publish<S: Sink>(
+    app: &App<S>,
+    content_type: ShortString,
+    body: &[u8],
+) -> Result<(), Rejection> {
     let key = app.provider.order_key(body);
     let shard = key.shard(app.topology.shards());
     let span = info_span!("publish", ipn.order_key = %key, shard, bytes = body.len());
@@ -195,7 +199,7 @@ fn long_string(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
 }
 
-fn readiness(app: &App) -> Response<Full<Bytes>> {
+fn readiness<S: Sink>(app: &App<S>) -> Response<Full<Bytes>> {
     if app.draining.is_cancelled() {
         return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }

@@ -23,17 +23,45 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::amqp::Publisher;
+use crate::amqp::{Outgoing, PublishError, Publisher, State};
 use crate::config::{self, Config};
 use crate::ipn::PayPal;
 use crate::provider::Provider;
 use crate::topology::Topology;
 
+/// Where the ingress puts an accepted IPN: the broker, through the [`Publisher`], in production;
+/// anything that answers like it where the broker is not the point (the request fuzz target).
+pub trait Sink: Send + Sync + 'static {
+    /// Persists `message`. `Ok` only when it is safe: the ingress then answers 200.
+    fn publish(
+        &self,
+        message: Outgoing<'_>,
+        limit: Duration,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
+
+    /// Whether a publish can succeed now (`/readyz`).
+    fn state(&self) -> State;
+}
+
+impl Sink for Publisher {
+    fn publish(
+        &self,
+        message: Outgoing<'_>,
+        limit: Duration,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send {
+        Publisher::publish(self, message, limit)
+    }
+
+    fn state(&self) -> State {
+        Publisher::state(self)
+    }
+}
+
 /// What every request handler shares.
-struct App {
+struct App<S> {
     config: config::Ingress,
     provider: Box<dyn Provider>,
-    publisher: Publisher,
+    publisher: S,
     topology: Topology,
     metrics: Metrics,
     draining: CancellationToken,
@@ -46,14 +74,7 @@ struct App {
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     let topology = Topology::of(&config);
     let publisher = Publisher::start(&config.amqp, topology.clone(), "ipn-ingress");
-    let app = Arc::new(App {
-        config: config.ingress,
-        provider: Box::new(PayPal),
-        publisher,
-        topology,
-        metrics: Metrics::new(),
-        draining: CancellationToken::new(),
-    });
+    let app = Arc::new(App::new(config.ingress, topology, publisher));
     if let Ok(address) = listener.local_addr() {
         info!(%address, path = %app.config.path, "ipn-ingress listening");
     }
@@ -66,15 +87,50 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     info!("ipn-ingress stopped");
 }
 
-async fn accept_until(
+impl<S: Sink> App<S> {
+    fn new(config: config::Ingress, topology: Topology, publisher: S) -> App<S> {
+        App {
+            config,
+            provider: Box::new(PayPal),
+            publisher,
+            topology,
+            metrics: Metrics::new(),
+            draining: CancellationToken::new(),
+        }
+    }
+
+    /// The HTTP/1 server settings every connection gets.
+    fn http(&self) -> http1::Builder {
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(self.config.header_read_timeout);
+        http
+    }
+}
+
+/// Serves one connection exactly as [`run`] serves each of its connections (same HTTP settings,
+/// same handler, same limits and answers), with `sink` in place of the broker. For fuzzing the
+/// request handling: no broker, no listener, any byte stream as the client.
+pub async fn serve_connection<S, Io>(config: &Config, sink: S, io: Io)
+where
+    S: Sink,
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let app = Arc::new(App::new(config.ingress.clone(), Topology::of(config), sink));
+    let http = app.http();
+    let service = service_fn(move |request| handler::handle(Arc::clone(&app), request));
+    if let Err(error) = http.serve_connection(TokioIo::new(io), service).await {
+        debug!(%error, "connection ended with an error");
+    }
+}
+
+async fn accept_until<S: Sink>(
     listener: &TcpListener,
-    app: &Arc<App>,
+    app: &Arc<App<S>>,
     connections: &GracefulShutdown,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(app.config.header_read_timeout);
+    let http = app.http();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
