@@ -2,8 +2,8 @@
 //! ceiling, measured in one run.
 //!
 //! ```sh
-//! cargo bench --bench e2e -- --paypal-delay 0ms
-//! cargo bench --bench e2e -- --paypal-delay 200ms
+//! cargo bench --bench bridge -- e2e --paypal-delay 0ms
+//! cargo bench --bench bridge -- e2e --paypal-delay 200ms
 //! ```
 //! 1. relay: `--ipns` inbound messages are put in the shard queues, then a plain relay (one
 //!    consumer per shard, no verification, no database) republishes each to `<p>.events` with a
@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
-use clap::Parser;
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use ipn_bridge::amqp::{Outgoing, Publisher};
@@ -39,14 +38,12 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, Semaphore, mpsc};
 
-#[path = "../tests/samples.rs"]
-mod samples_dir;
-mod support;
+use crate::samples_dir;
+use crate::support::{self, Summary};
+use crate::support::{BodySource, ChildProcess, Length, cores, free_port, histogram, http_phase};
 
-use support::{BodySource, ChildProcess, Length, cores, free_port, histogram, http_phase};
-
-#[derive(Parser, Debug, Clone)]
-struct Args {
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
     /// IPNs in the relay and drain phases.
     #[arg(long, default_value_t = 20_000)]
     ipns: u64,
@@ -80,9 +77,6 @@ struct Args {
     /// PostgreSQL server (the bench makes a database of its own on it).
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
     postgres: String,
-    /// Ignored: cargo bench passes it.
-    #[arg(long, hide = true)]
-    bench: bool,
 }
 
 /// Names this run made for itself.
@@ -123,9 +117,16 @@ fn body_source(keys: u64) -> BodySource {
     })
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+/// Runs the relay, drain and live phases with the checks; prints their table; returns the
+/// headline figures.
+pub fn bench(args: &Args) -> anyhow::Result<Summary> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(bench_in_runtime(args))
+}
+
+async fn bench_in_runtime(args: &Args) -> anyhow::Result<Summary> {
     let id = uuid::Uuid::now_v7().simple().to_string();
     let mut config = Config::default();
     config.amqp.url = args.amqp.parse().map_err(anyhow::Error::msg)?;
@@ -148,7 +149,7 @@ async fn main() -> anyhow::Result<()> {
         downstream: &downstream,
         database_url: &database_url,
     };
-    let result = run(&args, &config, &topology, &connection, &names).await;
+    let result = run(args, &config, &topology, &connection, &names).await;
     support::cleanup(&connection, &topology, &[&downstream]).await?;
     drop_database(&args.postgres, &database).await?;
     result
@@ -160,7 +161,7 @@ async fn run(
     topology: &Topology,
     connection: &Connection,
     names: &Names<'_>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Summary> {
     let bodies = body_source(args.keys);
     let mut arrivals = consume_downstream(connection, names.downstream).await?;
 
@@ -260,7 +261,27 @@ async fn run(
     if ledger.duplicates > 0 || ledger.sequence_errors > 0 || !accepted.lock().await.is_empty() {
         bail!("the events do not match the IPNs answered 200");
     }
-    Ok(())
+    let mut summary = Summary::default();
+    let delay = humantime::format_duration(args.paypal_delay);
+    summary.row(
+        format!(
+            "worker draining {} IPNs, PayPal {delay}, events/s",
+            args.ipns
+        ),
+        format!("{drain_rate:.0}"),
+        format!("relay (consume → republish → ack) {:.0}", relay.rate()),
+        Some(drain_rate / relay.rate()),
+    );
+    summary.row(
+        format!(
+            "worker live at {live_rate:.0} IPN/s, PayPal {delay}, receive → publish p50 / p99 ms"
+        ),
+        format!("{:.1} / {:.1}", live.ms(0.5), live.ms(0.99)),
+        "–".to_owned(),
+        None,
+    );
+    summary.memory(&format!("ipn-worker (PayPal {delay})"), rss_rest, rss_drain);
+    Ok(summary)
 }
 
 /// What the downstream consumer saw across phases.

@@ -1,7 +1,7 @@
 //! Ingress throughput and latency beside its ceiling, measured in one run.
 //!
 //! ```sh
-//! cargo bench --bench ingress -- --concurrency 256 --seconds 10
+//! cargo bench --bench bridge -- ingress --concurrency 256 --seconds 10
 //! ```
 //! 1. raw: a plain lapin publisher with confirms (one connection, the same number of channels
 //!    as the ingress) publishes the same bodies to the same queues at the same concurrency;
@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Parser;
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use ipn_bridge::config::Config;
@@ -33,14 +32,12 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
-#[path = "../tests/samples.rs"]
-mod samples_dir;
-mod support;
+use crate::samples_dir;
+use crate::support::{self, Summary};
+use crate::support::{CpuMeter, Length, Phase, collect, cores, histogram, http_phase, record};
 
-use support::{CpuMeter, Length, Phase, collect, cores, histogram, http_phase, record};
-
-#[derive(Parser, Debug, Clone)]
-struct Args {
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
     /// Requests (or publishes) in flight at once.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
@@ -53,9 +50,6 @@ struct Args {
     /// Broker.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp: String,
-    /// Ignored: cargo bench passes it.
-    #[arg(long, hide = true)]
-    bench: bool,
 }
 
 /// Sample bodies, each made unique by a trailing `bench_seq` field the order key ignores.
@@ -84,11 +78,17 @@ fn seq_of(body: &[u8]) -> Option<u64> {
     std::str::from_utf8(&body[at + 11..]).ok()?.parse().ok()
 }
 
-// One thread for the load generator: it shares the two cores with the broker and the ingress,
-// and should take as little of them as it can.
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+/// Runs the three phases and the check; prints their table; returns the headline figures.
+pub fn bench(args: &Args) -> anyhow::Result<Summary> {
+    // One thread for the load generator: it shares the two cores with the broker and the
+    // ingress, and should take as little of them as it can.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(bench_in_runtime(args))
+}
+
+async fn bench_in_runtime(args: &Args) -> anyhow::Result<Summary> {
     let prefix = format!("bench-{}", uuid::Uuid::now_v7().simple());
     let mut config = Config::default();
     config.amqp.url = args.amqp.parse().map_err(anyhow::Error::msg)?;
@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
         .declare(&connection.create_channel().await?)
         .await?;
 
-    let result = run(&args, &config, &topology, &bodies, &connection).await;
+    let result = run(args, &config, &topology, &bodies, &connection).await;
     support::cleanup(&connection, &topology, &[]).await?;
     result
 }
@@ -112,7 +112,7 @@ async fn run(
     topology: &Topology,
     bodies: &Arc<Bodies>,
     connection: &Connection,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Summary> {
     let duration = Duration::from_secs(args.seconds);
     let meter = CpuMeter::start(None);
     let mut raw = raw_publisher(args, config, topology, bodies, connection, duration).await?;
@@ -188,7 +188,38 @@ async fn run(
     if missing > 0 {
         bail!("{missing} messages answered 200 are not in the queues");
     }
-    Ok(())
+    let mut summary = Summary::default();
+    let ms = |phase: &Phase| {
+        format!(
+            "{:.1} / {:.1} / {:.1}",
+            phase.ms(0.5),
+            phase.ms(0.99),
+            phase.ms(0.999)
+        )
+    };
+    summary.row(
+        format!("ingress at concurrency {}, msg/s", args.concurrency),
+        format!("{:.0}", full.rate()),
+        format!("raw lapin publisher {:.0}", raw.rate()),
+        Some(full.rate() / raw.rate()),
+    );
+    summary.row(
+        "ingress p50 / p99 / p99.9 ms".to_owned(),
+        ms(&full),
+        format!("raw publisher {}", ms(&raw)),
+        None,
+    );
+    summary.row(
+        format!(
+            "ingress at half rate ({:.0} msg/s), p50 / p99 / p99.9 ms",
+            paced.rate()
+        ),
+        ms(&paced),
+        "–".to_owned(),
+        None,
+    );
+    summary.memory("ipn-ingress", rss_rest, rss_load);
+    Ok(summary)
 }
 
 async fn raw_publisher(

@@ -435,3 +435,43 @@ pub async fn cleanup(
     }
     Ok(())
 }
+
+/// A bench's headline figures, each beside the ceiling measured in the same run, and the
+/// resident memory of the binary it ran.
+#[derive(Default)]
+pub struct Summary {
+    /// Figure, value, ceiling, value / ceiling.
+    pub rows: Vec<(String, String, String, Option<f64>)>,
+    /// Binary, RSS KiB at rest, RSS KiB under load.
+    pub memory: Vec<(String, Option<u64>, Option<u64>)>,
+}
+
+impl Summary {
+    pub fn row(&mut self, figure: String, value: String, ceiling: String, ratio: Option<f64>) {
+        self.rows.push((figure, value, ceiling, ratio));
+    }
+
+    pub fn memory(&mut self, binary: &str, rest: Option<u64>, load: Option<u64>) {
+        self.memory.push((binary.to_owned(), rest, load));
+    }
+
+    pub fn extend(&mut self, other: Summary) {
+        self.rows.extend(other.rows);
+        self.memory.extend(other.memory);
+    }
+
+    /// The figures and the memory as two Markdown tables.
+    pub fn print(&self) {
+        println!("\n| figure | value | ceiling, same run | value / ceiling |\n|---|---|---|---|");
+        for (figure, value, ceiling, ratio) in &self.rows {
+            let ratio = ratio.map_or("–".to_owned(), |r| format!("{:.0}%", 100.0 * r));
+            println!("| {figure} | {value} | {ceiling} | {ratio} |");
+        }
+        let mib =
+            |kib: &Option<u64>| kib.map_or("?".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0));
+        println!("\n| binary | RSS at rest, MiB | RSS under load, MiB |\n|---|---|---|");
+        for (binary, rest, load) in &self.memory {
+            println!("| {binary} | {} | {} |", mib(rest), mib(load));
+        }
+    }
+}
