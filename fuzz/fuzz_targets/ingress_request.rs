@@ -46,14 +46,22 @@ impl Sink for Recording {
                 AMQPValue::LongString(text) => text.to_string(),
                 other => format!("{other:?}"),
             });
-        let content_type = message.properties.content_type().as_ref().map(|c| c.to_string());
+        let content_type = message
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|c| c.to_string());
         self.published.lock().unwrap().push((
             message.routing_key.to_owned(),
             message.body.to_vec(),
             content_type,
             key,
         ));
-        if self.accept { Ok(()) } else { Err(PublishError::Nacked) }
+        if self.accept {
+            Ok(())
+        } else {
+            Err(PublishError::Nacked)
+        }
     }
 
     fn state(&self) -> State {
@@ -105,13 +113,21 @@ fuzz_target!(|data: &[u8]| {
     let published = sink.published.lock().unwrap();
     let acks = acknowledgements(&output);
     if sink.accept {
-        assert!(acks <= published.len(), "{acks} acks for {} messages", published.len());
+        assert!(
+            acks <= published.len(),
+            "{acks} acks for {} messages",
+            published.len()
+        );
     } else {
         assert_eq!(acks, 0, "200 without a confirmed message");
     }
     let topology = Topology::of(&config);
     for (routing_key, body, content_type, key) in published.iter() {
-        assert!(!body.is_empty() && body.len() <= MAX_BODY, "body of {} bytes", body.len());
+        assert!(
+            !body.is_empty() && body.len() <= MAX_BODY,
+            "body of {} bytes",
+            body.len()
+        );
         let content_type = content_type.as_deref().expect("content type");
         assert!(PayPal.accepts_content_type(content_type), "{content_type}");
         let expected = PayPal.order_key(body);

@@ -16,17 +16,17 @@ fuzz_target!(|body: &[u8]| {
     let form = Form::parse(body);
     let worker_key = PayPal::order_key_of(&form, body);
     let ingress_key = PayPal.order_key(body);
-    assert_eq!(worker_key, ingress_key, "ingress and worker disagree on the key");
+    assert_eq!(
+        worker_key, ingress_key,
+        "ingress and worker disagree on the key"
+    );
     for shards in [1u16, 7, 32, 1024] {
         let shards = NonZeroU16::new(shards).expect("non-zero");
         assert!(worker_key.shard(shards) < shards.get());
     }
     let keys = PayPal::dedup_keys(&form, body);
     assert_eq!(keys.body_sha256.len(), 64);
-    let pairs = body
-        .split(|b| *b == b'&')
-        .filter(|s| !s.is_empty())
-        .count();
+    let pairs = body.split(|b| *b == b'&').filter(|s| !s.is_empty()).count();
     assert!(form.decoded().len() <= pairs);
     let _ = form.charset();
     let _ = ipn_bridge::policy::readable(body);
