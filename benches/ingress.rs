@@ -4,7 +4,8 @@
 //! cargo bench --bench bridge -- ingress --concurrency 256 --seconds 10
 //! ```
 //! 1. raw: a plain lapin publisher with confirms (one connection, the same number of channels
-//!    as the ingress) publishes the same bodies to the same queues at the same concurrency;
+//!    as the ingress) publishes the same messages (bodies, and with `--raw-properties ingress`,
+//!    the default, the properties the ingress sets) to the same queues at the same concurrency;
 //! 2. ingress: the real `ipn-ingress` binary (a child process) gets HTTP POSTs at that
 //!    concurrency;
 //! 3. paced: the ingress again at half the rate it reached, for its latency under that load;
@@ -22,6 +23,7 @@ use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use ipn_bridge::config::Config;
+use ipn_bridge::ingress;
 use ipn_bridge::ipn::PayPal;
 use ipn_bridge::provider::Provider;
 use ipn_bridge::topology::Topology;
@@ -34,6 +36,9 @@ use tokio::sync::Mutex;
 
 use crate::samples_dir;
 use crate::support::{self, Summary};
+
+/// The content type the load generator posts with, and the raw publisher sets.
+const FORM: &str = "application/x-www-form-urlencoded";
 use crate::support::{CpuMeter, Length, Phase, collect, cores, histogram, http_phase, record};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -50,6 +55,24 @@ pub struct Args {
     /// Broker.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp: String,
+    /// The raw publisher's message properties: `ingress` (the same message the ingress publishes:
+    /// content type, message id, timestamp, app id and the x-ipn-* headers) or `minimal`
+    /// (persistent only, the ceiling of the bare body; the figures before 2026-11-24 used it).
+    #[arg(long, value_enum, default_value_t = RawProperties::Ingress)]
+    raw_properties: RawProperties,
+    /// Pause after emptying the queues between phases, for the broker to finish compacting its
+    /// log (after 5 s, half the half-rate runs had a p99 near 30 ms instead of near 6 ms).
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    settle: Duration,
+}
+
+/// What the raw publisher puts in each message's properties.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawProperties {
+    /// The same properties the ingress sets.
+    Ingress,
+    /// Delivery mode only.
+    Minimal,
 }
 
 /// Sample bodies, each made unique by a trailing `bench_seq` field the order key ignores.
@@ -120,7 +143,7 @@ async fn run(
     read_back(connection, topology).await?;
     // Emptying the queues leaves the broker compacting its log for a few seconds; let that
     // finish so it does not land in the ingress's latency figures.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(args.settle).await;
     let accepted = Arc::new(Mutex::new(HashSet::new()));
     let (mut ingress, url) = support::start_ingress(config).await?;
     let source: support::BodySource = {
@@ -144,7 +167,7 @@ async fn run(
     let rss_load = ingress.rss_kib();
     // Check this phase's messages now, so the next one starts with empty, settled queues.
     let mut missing = missing_from_queues(connection, topology, &accepted).await?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(args.settle).await;
     let half = full.rate() / 2.0;
     let meter = CpuMeter::start(Some(ingress.child.id()));
     let mut paced = http_phase(
@@ -200,7 +223,11 @@ async fn run(
     summary.row(
         format!("ingress at concurrency {}, msg/s", args.concurrency),
         format!("{:.0}", full.rate()),
-        format!("raw lapin publisher {:.0}", raw.rate()),
+        format!(
+            "raw lapin publisher ({:?} properties) {:.0}",
+            args.raw_properties,
+            raw.rate()
+        ),
         Some(full.rate() / raw.rate()),
     );
     summary.row(
@@ -246,8 +273,14 @@ async fn raw_publisher(
         let (stop, bodies, topology) = (Arc::clone(&stop), Arc::clone(bodies), topology.clone());
         // Raw sequence numbers live above 1e12 so they never collide with the HTTP phases.
         let base = 1_000_000_000_000 + worker as u64 * 1_000_000_000;
+        let raw_properties = args.raw_properties;
         tasks.push(tokio::spawn(raw_worker(
-            channel, topology, bodies, stop, base,
+            channel,
+            topology,
+            bodies,
+            stop,
+            base,
+            raw_properties,
         )));
     }
     tokio::time::sleep(duration).await;
@@ -261,6 +294,7 @@ async fn raw_worker(
     bodies: Arc<Bodies>,
     stop: Arc<AtomicBool>,
     base: u64,
+    raw_properties: RawProperties,
 ) -> (u64, u64, Histogram<u64>) {
     let mut latency = histogram();
     let (mut ok, mut failed) = (0, 0);
@@ -269,13 +303,20 @@ async fn raw_worker(
     while !stop.load(Ordering::Relaxed) {
         let body = bodies.get(seq);
         seq += 1;
-        let shard = PayPal.order_key(&body).shard(topology.shards());
         let started = Instant::now();
+        let key = PayPal.order_key(&body);
+        let shard = key.shard(topology.shards());
         let options = BasicPublishOptions {
             mandatory: true,
             immediate: false,
         };
-        let properties = BasicProperties::default().with_delivery_mode(2);
+        let properties = match raw_properties {
+            RawProperties::Ingress => {
+                ingress::inbound_properties(PayPal.name(), FORM.into(), key.as_str())
+            }
+            RawProperties::Minimal => BasicProperties::default(),
+        }
+        .with_delivery_mode(2);
         let routing_key = Topology::shard_routing_key(shard);
         let sent = channel
             .basic_publish(

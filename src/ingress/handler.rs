@@ -156,7 +156,7 @@ async fn publish<S: Sink>(
         exchange: &exchange,
         routing_key: &routing_key,
         body,
-        properties: properties(app.provider.name(), content_type, key.as_str()),
+        properties: inbound_properties(app.provider.name(), content_type, key.as_str()),
     };
     let started = Instant::now();
     let result = app
@@ -175,7 +175,12 @@ async fn publish<S: Sink>(
 
 /// The inbound message contract: content type as received, a time-ordered message id, and our
 /// headers. The worker increments `x-ipn-attempt` each time it sends the message to a retry tier.
-fn properties(provider: &str, content_type: ShortString, order_key: &str) -> BasicProperties {
+/// (Public for the benchmark's raw publisher, which publishes the very messages the ingress does.)
+pub fn inbound_properties(
+    provider: &str,
+    content_type: ShortString,
+    order_key: &str,
+) -> BasicProperties {
     let now = SystemTime::now();
     let mut headers = FieldTable::default();
     let mut put = |name: &str, value: AMQPValue| {

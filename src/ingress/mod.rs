@@ -8,7 +8,7 @@
 mod handler;
 mod metrics;
 
-pub use handler::{Rejection, status_of};
+pub use handler::{Rejection, inbound_properties, status_of};
 pub use metrics::Metrics;
 
 use std::future::Future;
