@@ -61,8 +61,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = RawProperties::Ingress)]
     raw_properties: RawProperties,
     /// Pause after emptying the queues between phases, for the broker to finish compacting its
-    /// log (after 5 s, half the half-rate runs had a p99 near 30 ms instead of near 6 ms).
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    /// log.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     settle: Duration,
 }
 
