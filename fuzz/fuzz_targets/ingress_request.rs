@@ -20,7 +20,7 @@ use ipn_bridge::ingress::{self, Sink};
 use ipn_bridge::ipn::PayPal;
 use ipn_bridge::provider::Provider;
 use ipn_bridge::topology::Topology;
-use lapin::types::AMQPValue;
+use ipn_bridge::worker::pipeline::header_text;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -37,15 +37,7 @@ struct Recording {
 
 impl Sink for Recording {
     async fn publish(&self, message: Outgoing<'_>, _limit: Duration) -> Result<(), PublishError> {
-        let key = message
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-ipn-order-key").cloned())
-            .map(|v| match v {
-                AMQPValue::LongString(text) => text.to_string(),
-                other => format!("{other:?}"),
-            });
+        let key = header_text(&message.properties, "x-ipn-order-key");
         let content_type = message
             .properties
             .content_type()

@@ -24,8 +24,9 @@ use ipn_bridge::ctl::review::{self, Queue, Selection};
 use ipn_bridge::fake_paypal::{Answer, FakePaypal};
 use ipn_bridge::ipn::Form;
 use ipn_bridge::topology::Topology;
+use ipn_bridge::worker::pipeline::header_text;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -92,7 +93,7 @@ struct Ledger {
 
 impl fmt::Display for Ledger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let rows: [(&str, String); 17] = [
+        let rows: [(&str, String); 18] = [
             (
                 "posted (distinct IPNs)",
                 (self.genuine + self.forged).to_string(),
@@ -122,15 +123,13 @@ impl fmt::Display for Ledger {
                 self.forged_events.to_string(),
             ),
             ("faults injected", format!("{:?}", self.faults)),
+            (
+                "genuine IPNs quarantined (must be 0)",
+                self.genuine_quarantined.to_string(),
+            ),
         ];
-        for (name, value) in rows {
-            writeln!(f, "{name:<36} {value}")?;
-        }
-        writeln!(
-            f,
-            "{:<36} {}",
-            "genuine IPNs quarantined (must be 0)", self.genuine_quarantined
-        )
+        rows.iter()
+            .try_for_each(|(name, value)| writeln!(f, "{name:<36} {value}"))
     }
 }
 
@@ -368,15 +367,7 @@ async fn collect_once(
             return Ok(());
         };
         let delivery = delivery?;
-        let reason = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-ipn-reason").cloned())
-            .map(|value| match value {
-                AMQPValue::LongString(text) => text.to_string(),
-                other => format!("{other:?}"),
-            });
+        let reason = header_text(&delivery.properties, "x-ipn-reason");
         seen.lock().expect("seen").push(Seen {
             quarantine,
             body: delivery.data.clone(),
@@ -503,6 +494,9 @@ async fn under_load_and_faults_nothing_is_lost_reordered_or_forged() {
     collector.await.expect("collector did not panic");
 
     // The checker.
+    for worker in &workers {
+        rig.count_duplicates(worker).await;
+    }
     let seen = std::mem::take(&mut *seen.lock().expect("seen"));
     let mut ledger = std::mem::take(&mut *rig.ledger.lock().expect("ledger"));
     let mut events: HashMap<String, serde_json::Value> = HashMap::new();
@@ -551,10 +545,6 @@ async fn under_load_and_faults_nothing_is_lost_reordered_or_forged() {
             }
         }
     }
-    for worker in &workers {
-        rig.count_duplicates(worker).await;
-    }
-    ledger.duplicates_suppressed += rig.ledger.lock().expect("ledger").duplicates_suppressed;
     println!(
         "fault injection, {per_key} IPNs × {SUBSCRIPTIONS} subscriptions, load {load_time:.1?}:\n{ledger}"
     );

@@ -8,6 +8,7 @@ use ipn_bridge::ctl::review::{self, Queue, Selection};
 use ipn_bridge::fake_paypal::Answer;
 use ipn_bridge::ipn::{Form, PayPal};
 use ipn_bridge::store::Store;
+use ipn_bridge::worker::pipeline;
 use lapin::types::AMQPValue;
 
 use crate::pipeline_e2e::{RunningWorker, Stack, raw};
@@ -44,10 +45,7 @@ async fn wait_metric(worker: &RunningWorker, name: &str, value: f64) {
 }
 
 fn header_text(delivery: &lapin::message::Delivery, name: &str) -> Option<String> {
-    match delivery.properties.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
-        _ => None,
-    }
+    pipeline::header_text(&delivery.properties, name)
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use ipn_bridge::ipn::PayPal;
 use ipn_bridge::provider::Provider;
+use ipn_bridge::worker::pipeline;
 use lapin::options::QueueDeleteOptions;
 use lapin::types::AMQPValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,12 +21,10 @@ fn header<'a>(delivery: &'a lapin::message::Delivery, name: &str) -> Option<&'a 
 }
 
 fn header_text(delivery: &lapin::message::Delivery, name: &str) -> String {
-    match header(delivery, name) {
-        Some(AMQPValue::LongString(value)) => {
-            String::from_utf8_lossy(value.as_bytes()).into_owned()
-        }
-        other => panic!("header {name} is not a string: {other:?}"),
-    }
+    pipeline::header_text(&delivery.properties, name).unwrap_or_else(|| {
+        let other = header(delivery, name);
+        panic!("header {name} is not a string: {other:?}")
+    })
 }
 
 #[tokio::test]

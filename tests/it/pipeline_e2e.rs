@@ -41,10 +41,7 @@ impl RunningWorker {
 
     /// One metric's value from `/metrics` (the first line starting with `name`).
     pub(crate) async fn metric(&self, name: &str) -> Option<f64> {
-        let url = format!("http://{}/metrics", self.address);
-        let text = reqwest::get(url).await.ok()?.text().await.ok()?;
-        let line = text.lines().find(|line| line.starts_with(name))?;
-        line.rsplit(' ').next()?.parse().ok()
+        crate::support::metric(&format!("http://{}/metrics", self.address), name).await
     }
 
     /// Ends the worker abruptly, as a killed process: nothing drains, nothing is acked after

@@ -75,16 +75,7 @@ impl RunningIngress {
 
     /// Reads one metric's value from `/metrics` (the first line starting with `name`).
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let text = reqwest::get(self.path("/metrics"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.lines()
-            .find(|line| line.starts_with(name))
-            .and_then(|line| line.rsplit(' ').next())
-            .and_then(|value| value.parse().ok())
+        super::metric(&self.path("/metrics"), name).await
     }
 
     /// Triggers shutdown without waiting for it to finish.

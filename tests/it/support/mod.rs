@@ -26,6 +26,14 @@ use std::time::Duration;
 /// The generous bound every wait in these tests uses.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
+/// One metric's value from the Prometheus text at `url` (the first line starting with `name`);
+/// `None` when the server does not answer or has no such line.
+pub async fn metric(url: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+    let line = text.lines().find(|line| line.starts_with(name))?;
+    line.rsplit(' ').next()?.parse().ok()
+}
+
 /// `body` with the named fields' values replaced (raw, as they go on the wire); other fields and
 /// their order stay as they are.
 pub fn with_fields(body: &[u8], replaced: &[(&str, &str)]) -> Vec<u8> {

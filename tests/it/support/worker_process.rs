@@ -102,10 +102,7 @@ impl WorkerProcess {
     /// One metric's value from its `/metrics` (the first line starting with `name`); `None` when
     /// it does not answer.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let url = format!("http://127.0.0.1:{}/metrics", self.port);
-        let text = reqwest::get(url).await.ok()?.text().await.ok()?;
-        let line = text.lines().find(|line| line.starts_with(name))?;
-        line.rsplit(' ').next()?.parse().ok()
+        super::metric(&format!("http://127.0.0.1:{}/metrics", self.port), name).await
     }
 
     /// SIGKILL: the process ends at once, mid-work, acking and cleaning up nothing.
