@@ -20,8 +20,6 @@ pub struct WorkerProcess {
     keep_log: bool,
     port: u16,
     child: Option<Child>,
-    /// Starts so far (1 after [`WorkerProcess::start`]).
-    pub starts: u32,
 }
 
 impl WorkerProcess {
@@ -48,7 +46,6 @@ impl WorkerProcess {
             keep_log: false,
             port,
             child: None,
-            starts: 0,
         };
         worker.spawn().await;
         worker
@@ -78,7 +75,6 @@ impl WorkerProcess {
             .spawn()
             .expect("ipn-worker starts");
         self.child = Some(child);
-        self.starts += 1;
         let url = format!("http://127.0.0.1:{}/healthz", self.port);
         let deadline = tokio::time::Instant::now() + PATIENCE * 3;
         while !reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) {
