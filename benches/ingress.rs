@@ -3,16 +3,19 @@
 //! ```sh
 //! cargo bench --bench bridge -- ingress --concurrency 256 --seconds 10
 //! ```
-//! 1. raw: a plain lapin publisher with confirms (one connection, the same number of channels
-//!    as the ingress) publishes the same messages (bodies, and with `--raw-properties ingress`,
-//!    the default, the properties the ingress sets) to the same queues at the same concurrency;
-//! 2. ingress: the real `ipn-ingress` binary (a child process) gets HTTP POSTs at that
-//!    concurrency;
-//! 3. paced: the ingress again at half the rate it reached, for its latency under that load;
-//! 4. check: every message of every `200` is read back from the shard queues.
+//! 1. rounds (`--rounds`, default 3) of two phases, in alternating order, each on freshly
+//!    declared queues:
+//!    - raw: a plain lapin publisher with confirms (one connection, the same number of channels
+//!      as the ingress) publishes the same messages (bodies, and with `--raw-properties ingress`,
+//!      the default, the properties the ingress sets) to the same queues at the same concurrency;
+//!    - ingress: the real `ipn-ingress` binary (a child process) gets HTTP POSTs at that
+//!      concurrency; every message of every `200` is then read back from the shard queues;
+//! 2. paced: the ingress again at half its median rate, for its latency under that load, and
+//!    the same read-back.
 //!
-//! Needs RabbitMQ on 127.0.0.1:5672 (guest/guest). Uses a unique topology prefix in vhost `/`
-//! and deletes its queues and exchange at the end.
+//! The ratio is the median of the rounds' ratios. Needs RabbitMQ on 127.0.0.1:5672
+//! (guest/guest). Uses a unique topology prefix in vhost `/` and deletes its queues and
+//! exchange at the end.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -29,6 +32,7 @@ use ipn_bridge::provider::Provider;
 use ipn_bridge::topology::Topology;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
@@ -60,8 +64,17 @@ pub struct Args {
     /// (persistent only, the ceiling of the bare body; the figures before 2026-11-24 used it).
     #[arg(long, value_enum, default_value_t = RawProperties::Ingress)]
     raw_properties: RawProperties,
-    /// Pause after emptying the queues between phases, for the broker to finish compacting its
-    /// log.
+    /// Seconds the half-rate phase runs: long enough to take in the broker's log rollovers
+    /// (one per 512 MiB written, about every 40 s at 10k msg/s), which stall confirms for a
+    /// few seconds each; a shorter window either misses them or is dominated by one.
+    #[arg(long, default_value_t = 60)]
+    paced_seconds: u64,
+    /// Rounds of one raw and one ingress phase (alternating which goes first); the figures are
+    /// their medians.
+    #[arg(long, default_value = "3")]
+    rounds: std::num::NonZeroU16,
+    /// Pause after renewing the queues before each phase, for the broker to finish deleting
+    /// the old ones.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     settle: Duration,
 }
@@ -129,6 +142,13 @@ async fn bench_in_runtime(args: &Args) -> anyhow::Result<Summary> {
     result
 }
 
+/// Which side a phase of a round measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Raw,
+    Ingress,
+}
+
 async fn run(
     args: &Args,
     config: &Config,
@@ -137,13 +157,6 @@ async fn run(
     connection: &Connection,
 ) -> anyhow::Result<Summary> {
     let duration = Duration::from_secs(args.seconds);
-    let meter = CpuMeter::start(None);
-    let mut raw = raw_publisher(args, config, topology, bodies, connection, duration).await?;
-    raw.cpu = meter.per_message(raw.ok);
-    read_back(connection, topology).await?;
-    // Emptying the queues leaves the broker compacting its log for a few seconds; let that
-    // finish so it does not land in the ingress's latency figures.
-    tokio::time::sleep(args.settle).await;
     let accepted = Arc::new(Mutex::new(HashSet::new()));
     let (mut ingress, url) = support::start_ingress(config).await?;
     let source: support::BodySource = {
@@ -151,24 +164,59 @@ async fn run(
         Arc::new(move |seq| bodies.get(seq))
     };
     let rss_rest = ingress.rss_kib();
-    let meter = CpuMeter::start(Some(ingress.child.id()));
-    let mut full = http_phase(
-        "ingress",
-        args.concurrency,
-        None,
-        &url,
-        &source,
-        &accepted,
-        0,
-        Length::Time(duration),
-    )
-    .await?;
-    full.cpu = meter.per_message(full.ok);
-    let rss_load = ingress.rss_kib();
-    // Check this phase's messages now, so the next one starts with empty, settled queues.
-    let mut missing = missing_from_queues(connection, topology, &accepted).await?;
+    let mut rss_load = None;
+    let mut missing = 0;
+    // Rounds of one raw and one ingress phase, in alternating order, each phase on freshly
+    // declared queues: neither side inherits the other's log, and a drift of the machine over
+    // the run weighs on both sides alike.
+    let mut rounds = Vec::new();
+    for round in 0..args.rounds.get() {
+        let order = if round % 2 == 0 {
+            [Side::Raw, Side::Ingress]
+        } else {
+            [Side::Ingress, Side::Raw]
+        };
+        let (mut raw, mut full) = (None, None);
+        for side in order {
+            fresh_queues(connection, topology).await?;
+            tokio::time::sleep(args.settle).await;
+            match side {
+                Side::Raw => {
+                    let meter = CpuMeter::start(None);
+                    let mut phase =
+                        raw_publisher(args, config, topology, bodies, connection, duration, round)
+                            .await?;
+                    phase.cpu = meter.per_message(phase.ok);
+                    raw = Some(phase);
+                }
+                Side::Ingress => {
+                    let meter = CpuMeter::start(Some(ingress.child.id()));
+                    let mut phase = http_phase(
+                        "ingress",
+                        args.concurrency,
+                        None,
+                        &url,
+                        &source,
+                        &accepted,
+                        u64::from(round) * 100_000_000,
+                        Length::Time(duration),
+                    )
+                    .await?;
+                    phase.cpu = meter.per_message(phase.ok);
+                    rss_load = rss_load.max(ingress.rss_kib());
+                    missing += missing_from_queues(connection, topology, &accepted).await?;
+                    full = Some(phase);
+                }
+            }
+        }
+        let (Some(raw), Some(full)) = (raw, full) else {
+            unreachable!("each round runs both sides");
+        };
+        rounds.push(Round { raw, full });
+    }
+    fresh_queues(connection, topology).await?;
     tokio::time::sleep(args.settle).await;
-    let half = full.rate() / 2.0;
+    let half = median(rounds.iter().map(|r| r.full.rate())) / 2.0;
     let meter = CpuMeter::start(Some(ingress.child.id()));
     let mut paced = http_phase(
         "ingress at half rate",
@@ -177,63 +225,130 @@ async fn run(
         &url,
         &source,
         &accepted,
-        500_000_000,
-        Length::Time(duration),
+        50_000_000_000,
+        Length::Time(Duration::from_secs(args.paced_seconds)),
     )
     .await?;
     paced.cpu = meter.per_message(paced.ok);
     ingress.stop()?;
     missing += missing_from_queues(connection, topology, &accepted).await?;
+    report(args, &rounds, &paced, missing, rss_rest, rss_load)
+}
 
+/// One raw phase and one ingress phase, run back to back.
+struct Round {
+    raw: Phase,
+    full: Phase,
+}
+
+impl Round {
+    fn ratio(&self) -> f64 {
+        self.full.rate() / self.raw.rate()
+    }
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Deletes the shard queues (and the rest of the topology's queues) and declares them again,
+/// so a phase starts on queues with no log behind them. The ingress keeps its channels: only
+/// queues go, and the declaration binds the new ones to the same exchange.
+async fn fresh_queues(connection: &Connection, topology: &Topology) -> anyhow::Result<()> {
+    let channel = connection.create_channel().await?;
+    for queue in topology.queues() {
+        channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    topology.declare(&channel).await?;
+    channel.close(200, "queues renewed".into()).await?;
+    Ok(())
+}
+
+/// Prints every phase, checks the read-back, and returns the headline figures.
+fn report(
+    args: &Args,
+    rounds: &[Round],
+    paced: &Phase,
+    missing: usize,
+    rss_rest: Option<u64>,
+    rss_load: Option<u64>,
+) -> anyhow::Result<Summary> {
     println!(
-        "\nmachine: {} cores; concurrency {}; {} s per phase; {} shards",
+        "\nmachine: {} cores; concurrency {}; {} s per phase, {} s at half rate; {} shards; {} rounds",
         cores(),
         args.concurrency,
         args.seconds,
-        args.shards
+        args.paced_seconds,
+        args.shards,
+        rounds.len()
     );
     println!(
-        "| phase | msg/s | ok | failed | p50 ms | p99 ms | p99.9 ms | CPU µs/msg broker / ingress / load |\n|---|---|---|---|---|---|---|---|"
+        "| round | phase | msg/s | ok | failed | p50 ms | p99 ms | p99.9 ms | CPU µs/msg broker / ingress / load |\n|---|---|---|---|---|---|---|---|---|"
     );
-    for phase in [&raw, &full, &paced] {
-        println!("{}", phase.row());
+    for (number, round) in rounds.iter().enumerate() {
+        println!("| {} {}", number + 1, round.raw.row());
+        println!("| {} {}", number + 1, round.full.row());
     }
-    println!("\ningress / raw: {:.0}%", 100.0 * full.rate() / raw.rate());
+    println!("| – {}", paced.row());
+    let ratios: Vec<String> = rounds
+        .iter()
+        .map(|r| format!("{:.0}%", 100.0 * r.ratio()))
+        .collect();
+    let ratio = median(rounds.iter().map(Round::ratio));
+    println!(
+        "\ningress / raw by round: {}; median {:.0}%",
+        ratios.join(", "),
+        100.0 * ratio
+    );
     println!(
         "ingress RSS: {} KiB at rest, {} KiB under load",
         rss_rest.unwrap_or(0),
         rss_load.unwrap_or(0)
     );
-    println!(
-        "check: {} answers 200, {missing} of them missing from the queues",
-        full.ok + paced.ok
-    );
+    let answered: u64 = rounds.iter().map(|r| r.full.ok).sum::<u64>() + paced.ok;
+    println!("check: {answered} answers 200, {missing} of them missing from the queues");
     if missing > 0 {
         bail!("{missing} messages answered 200 are not in the queues");
     }
-    let mut summary = Summary::default();
-    let ms = |phase: &Phase| {
-        format!(
-            "{:.1} / {:.1} / {:.1}",
-            phase.ms(0.5),
-            phase.ms(0.99),
-            phase.ms(0.999)
-        )
+    let merged = |side: fn(&Round) -> &Phase| {
+        let mut latency = histogram();
+        for round in rounds {
+            // Same bounds on both sides: adding cannot fail.
+            let _ = latency.add(&side(round).latency);
+        }
+        latency
     };
+    let ms = |latency: &Histogram<u64>| {
+        let at = |q| latency.value_at_quantile(q) as f64 / 1000.0;
+        format!("{:.1} / {:.1} / {:.1}", at(0.5), at(0.99), at(0.999))
+    };
+    let mut summary = Summary::default();
     summary.row(
-        format!("ingress at concurrency {}, msg/s", args.concurrency),
-        format!("{:.0}", full.rate()),
+        format!(
+            "ingress at concurrency {}, msg/s (median of {} rounds)",
+            args.concurrency,
+            rounds.len()
+        ),
+        format!("{:.0}", median(rounds.iter().map(|r| r.full.rate()))),
         format!(
             "raw lapin publisher ({:?} properties) {:.0}",
             args.raw_properties,
-            raw.rate()
+            median(rounds.iter().map(|r| r.raw.rate()))
         ),
-        Some(full.rate() / raw.rate()),
+        Some(ratio),
     );
     summary.row(
-        "ingress p50 / p99 / p99.9 ms".to_owned(),
-        ms(&full),
-        format!("raw publisher {}", ms(&raw)),
+        "ingress p50 / p99 / p99.9 ms (all rounds)".to_owned(),
+        ms(&merged(|r| &r.full)),
+        format!("raw publisher {}", ms(&merged(|r| &r.raw))),
         None,
     );
     summary.row(
@@ -241,7 +356,7 @@ async fn run(
             "ingress at half rate ({:.0} msg/s), p50 / p99 / p99.9 ms",
             paced.rate()
         ),
-        ms(&paced),
+        ms(&paced.latency),
         "–".to_owned(),
         None,
     );
@@ -256,6 +371,7 @@ async fn raw_publisher(
     bodies: &Arc<Bodies>,
     connection: &Connection,
     duration: Duration,
+    round: u16,
 ) -> anyhow::Result<Phase> {
     let mut channels = Vec::new();
     for _ in 0..config.amqp.publisher_channels.get() {
@@ -272,7 +388,8 @@ async fn raw_publisher(
         let channel = channels[worker % channels.len()].clone();
         let (stop, bodies, topology) = (Arc::clone(&stop), Arc::clone(bodies), topology.clone());
         // Raw sequence numbers live above 1e12 so they never collide with the HTTP phases.
-        let base = 1_000_000_000_000 + worker as u64 * 1_000_000_000;
+        let base =
+            1_000_000_000_000 + worker as u64 * 1_000_000_000 + u64::from(round) * 100_000_000;
         let raw_properties = args.raw_properties;
         tasks.push(tokio::spawn(raw_worker(
             channel,
