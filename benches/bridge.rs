@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo bench --bench bridge                     # all: ingress, then e2e at 0 ms and 200 ms PayPal
-//! cargo bench --bench bridge -- ingress --concurrency 256 --seconds 10
+//! cargo bench --bench bridge -- ingress --concurrency 256 --seconds 30
 //! cargo bench --bench bridge -- e2e --paypal-delay 200ms
 //! ```
 //! `ingress` (benches/ingress.rs): the real `ipn-ingress` under HTTP load vs a raw lapin publisher
@@ -36,7 +36,7 @@ enum Command {
     /// Ingress → worker → downstream vs the raw relay; the worker's memory.
     E2e(e2e::Args),
     /// Both with their defaults, e2e with PayPal answering at once and after 200 ms (the
-    /// default when no command is given; about 6 minutes).
+    /// default when no command is given; about 7 minutes).
     All,
 }
 

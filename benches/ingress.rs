@@ -1,7 +1,7 @@
 //! Ingress throughput and latency beside its ceiling, measured in one run.
 //!
 //! ```sh
-//! cargo bench --bench bridge -- ingress --concurrency 256 --seconds 10
+//! cargo bench --bench bridge -- ingress --concurrency 256 --seconds 30
 //! ```
 //! 1. rounds (`--rounds`, default 3) of two phases, in alternating order, each on freshly
 //!    declared queues:
@@ -50,8 +50,11 @@ pub struct Args {
     /// Requests (or publishes) in flight at once.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
-    /// Seconds each phase runs.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds each full-rate phase runs. At full rate the broker rolls its log over about
+    /// every 15 s, and each rollover slows confirms for several seconds; 30 s phases take in
+    /// about two each, so the rounds agree within a few points (10 s phases took in none or
+    /// one, and their ratios spread over 20 points).
+    #[arg(long, default_value_t = 30)]
     seconds: u64,
     /// Shard queues.
     #[arg(long, default_value_t = 32)]
