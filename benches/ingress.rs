@@ -10,8 +10,8 @@
 //!      the default, the properties the ingress sets) to the same queues at the same concurrency;
 //!    - ingress: the real `ipn-ingress` binary (a child process) gets HTTP POSTs at that
 //!      concurrency; every message of every `200` is then read back from the shard queues;
-//! 2. paced: the ingress again at half its median rate, for its latency under that load, and
-//!    the same read-back.
+//! 2. paced: the ingress again at half its median rate (`--paced-percent`), for its latency
+//!    under that load, and the same read-back.
 //!
 //! The ratio is the median of the rounds' ratios. Needs RabbitMQ on 127.0.0.1:5672
 //! (guest/guest). Uses a unique topology prefix in vhost `/` and deletes its queues and
@@ -72,6 +72,10 @@ pub struct Args {
     /// few seconds each; a shorter window either misses them or is dominated by one.
     #[arg(long, default_value_t = 60)]
     paced_seconds: u64,
+    /// The paced phase's rate, in percent of the ingress's median full rate (the target is
+    /// stated at 50; other shares show how the latency moves with the load).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=100))]
+    paced_percent: u8,
     /// Rounds of one raw and one ingress phase (alternating which goes first); the figures are
     /// their medians.
     #[arg(long, default_value = "3")]
@@ -219,12 +223,12 @@ async fn run(
     }
     fresh_queues(connection, topology).await?;
     tokio::time::sleep(args.settle).await;
-    let half = median(rounds.iter().map(|r| r.full.rate())) / 2.0;
+    let pace = median(rounds.iter().map(|r| r.full.rate())) * f64::from(args.paced_percent) / 100.0;
     let meter = CpuMeter::start(Some(ingress.child.id()));
     let mut paced = http_phase(
-        "ingress at half rate",
+        "ingress, paced",
         args.concurrency,
-        Some(half),
+        Some(pace),
         &url,
         &source,
         &accepted,
@@ -236,6 +240,14 @@ async fn run(
     ingress.stop()?;
     missing += missing_from_queues(connection, topology, &accepted).await?;
     report(args, &rounds, &paced, missing, rss_rest, rss_load)
+}
+
+/// How the paced phase's rate is named: "half rate", or the share of the full rate.
+fn paced_share(args: &Args) -> String {
+    match args.paced_percent {
+        50 => "half rate".to_owned(),
+        percent => format!("{percent}% of its rate"),
+    }
 }
 
 /// One raw phase and one ingress phase, run back to back.
@@ -285,11 +297,12 @@ fn report(
     rss_load: Option<u64>,
 ) -> anyhow::Result<Summary> {
     println!(
-        "\nmachine: {} cores; concurrency {}; {} s per phase, {} s at half rate; {} shards; {} rounds",
+        "\nmachine: {} cores; concurrency {}; {} s per phase, {} s at {}; {} shards; {} rounds",
         cores(),
         args.concurrency,
         args.seconds,
         args.paced_seconds,
+        paced_share(args),
         args.shards,
         rounds.len()
     );
@@ -356,7 +369,8 @@ fn report(
     );
     summary.row(
         format!(
-            "ingress at half rate ({:.0} msg/s), p50 / p99 / p99.9 ms",
+            "ingress at {} ({:.0} msg/s), p50 / p99 / p99.9 ms",
+            paced_share(args),
             paced.rate()
         ),
         ms(&paced.latency),
