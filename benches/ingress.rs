@@ -50,10 +50,10 @@ pub struct Args {
     /// Requests (or publishes) in flight at once.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
-    /// Seconds each full-rate phase runs. At full rate the broker rolls its log over about
-    /// every 15 s, and each rollover slows confirms for several seconds; 30 s phases take in
-    /// about two each, so the rounds agree within a few points (10 s phases took in none or
-    /// one, and their ratios spread over 20 points).
+    /// Seconds each full-rate phase runs. At full rate the broker rolls its log over every
+    /// 20-30 s, and each rollover slows confirms for several seconds; a 30 s phase takes in one
+    /// or two, so each side pays its share (10 s phases took in none or part of one, and their
+    /// ratios spread over 20 points).
     #[arg(long, default_value_t = 30)]
     seconds: u64,
     /// Shard queues.
