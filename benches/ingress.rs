@@ -67,7 +67,7 @@ pub struct Args {
     /// (persistent only, the ceiling of the bare body; the figures before 2026-11-24 used it).
     #[arg(long, value_enum, default_value_t = RawProperties::Ingress)]
     raw_properties: RawProperties,
-    /// Seconds the half-rate phase runs: long enough to take in the broker's log rollovers
+    /// Seconds the paced phase runs: long enough to take in the broker's log rollovers
     /// (one per 512 MiB written, about every 40 s at 10k msg/s), which stall confirms for a
     /// few seconds each; a shorter window either misses them or is dominated by one.
     #[arg(long, default_value_t = 60)]
