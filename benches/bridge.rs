@@ -36,7 +36,7 @@ enum Command {
     /// Ingress → worker → downstream vs the raw relay; the worker's memory.
     E2e(e2e::Args),
     /// Both with their defaults, e2e with PayPal answering at once and after 200 ms (the
-    /// default when no command is given; about 7 minutes).
+    /// default when no command is given; about 8.5 minutes).
     All,
 }
 

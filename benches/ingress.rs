@@ -10,8 +10,10 @@
 //!      the default, the properties the ingress sets) to the same queues at the same concurrency;
 //!    - ingress: the real `ipn-ingress` binary (a child process) gets HTTP POSTs at that
 //!      concurrency; every message of every `200` is then read back from the shard queues;
-//! 2. paced: the ingress again at half its median rate (`--paced-percent`), for its latency
-//!    under that load, and the same read-back.
+//! 2. paced, for the latency under a steady load: the raw publisher, then the ingress, each
+//!    paced to half the ingress's median rate (`--paced-percent`) for `--paced-seconds` on fresh
+//!    queues, and the same read-back. The raw side is the latency the broker gives at that rate
+//!    with no HTTP in front of it: the floor the ingress's p99 is read against.
 //!
 //! The ratio is the median of the rounds' ratios. Needs RabbitMQ on 127.0.0.1:5672
 //! (guest/guest). Uses a unique topology prefix in vhost `/` and deletes its queues and
@@ -43,7 +45,9 @@ use crate::support::{self, Summary};
 
 /// The content type the load generator posts with, and the raw publisher sets.
 const FORM: &str = "application/x-www-form-urlencoded";
-use crate::support::{CpuMeter, Length, Phase, collect, cores, histogram, http_phase, record};
+use crate::support::{
+    CpuMeter, Length, Phase, Tickets, collect, cores, histogram, http_phase, record,
+};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -189,12 +193,15 @@ async fn run(
             tokio::time::sleep(args.settle).await;
             match side {
                 Side::Raw => {
-                    let meter = CpuMeter::start(None);
-                    let mut phase =
-                        raw_publisher(args, config, topology, bodies, connection, duration, round)
-                            .await?;
-                    phase.cpu = meter.per_message(phase.ok);
-                    raw = Some(phase);
+                    let plan = RawPlan {
+                        name: "raw lapin publisher",
+                        duration,
+                        rate: None,
+                        series: round,
+                    };
+                    raw = Some(
+                        raw_publisher(args, config, topology, bodies, connection, plan).await?,
+                    );
                 }
                 Side::Ingress => {
                     let meter = CpuMeter::start(Some(ingress.child.id()));
@@ -221,11 +228,23 @@ async fn run(
         };
         rounds.push(Round { raw, full });
     }
+    // The paced pair: the raw publisher, then the ingress, at the same rate, each on fresh
+    // queues. The raw side is the latency the broker gives at that rate without HTTP.
+    let pace = median(rounds.iter().map(|r| r.full.rate())) * f64::from(args.paced_percent) / 100.0;
+    let paced_duration = Duration::from_secs(args.paced_seconds);
     fresh_queues(connection, topology).await?;
     tokio::time::sleep(args.settle).await;
-    let pace = median(rounds.iter().map(|r| r.full.rate())) * f64::from(args.paced_percent) / 100.0;
+    let plan = RawPlan {
+        name: "raw lapin publisher, paced",
+        duration: paced_duration,
+        rate: Some(pace),
+        series: args.rounds.get(),
+    };
+    let raw = raw_publisher(args, config, topology, bodies, connection, plan).await?;
+    fresh_queues(connection, topology).await?;
+    tokio::time::sleep(args.settle).await;
     let meter = CpuMeter::start(Some(ingress.child.id()));
-    let mut paced = http_phase(
+    let mut full = http_phase(
         "ingress, paced",
         args.concurrency,
         Some(pace),
@@ -233,12 +252,13 @@ async fn run(
         &source,
         &accepted,
         50_000_000_000,
-        Length::Time(Duration::from_secs(args.paced_seconds)),
+        Length::Time(paced_duration),
     )
     .await?;
-    paced.cpu = meter.per_message(paced.ok);
+    full.cpu = meter.per_message(full.ok);
     ingress.stop()?;
     missing += missing_from_queues(connection, topology, &accepted).await?;
+    let paced = Round { raw, full };
     report(args, &rounds, &paced, missing, rss_rest, rss_load)
 }
 
@@ -250,7 +270,8 @@ fn paced_share(args: &Args) -> String {
     }
 }
 
-/// One raw phase and one ingress phase, run back to back.
+/// One raw phase and one ingress phase, run back to back (at full rate, or both paced to the
+/// same rate).
 struct Round {
     raw: Phase,
     full: Phase,
@@ -291,7 +312,7 @@ async fn fresh_queues(connection: &Connection, topology: &Topology) -> anyhow::R
 fn report(
     args: &Args,
     rounds: &[Round],
-    paced: &Phase,
+    paced: &Round,
     missing: usize,
     rss_rest: Option<u64>,
     rss_load: Option<u64>,
@@ -313,7 +334,8 @@ fn report(
         println!("| {} {}", number + 1, round.raw.row());
         println!("| {} {}", number + 1, round.full.row());
     }
-    println!("| – {}", paced.row());
+    println!("| – {}", paced.raw.row());
+    println!("| – {}", paced.full.row());
     let ratios: Vec<String> = rounds
         .iter()
         .map(|r| format!("{:.0}%", 100.0 * r.ratio()))
@@ -329,7 +351,7 @@ fn report(
         rss_rest.unwrap_or(0),
         rss_load.unwrap_or(0)
     );
-    let answered: u64 = rounds.iter().map(|r| r.full.ok).sum::<u64>() + paced.ok;
+    let answered: u64 = rounds.iter().map(|r| r.full.ok).sum::<u64>() + paced.full.ok;
     println!("check: {answered} answers 200, {missing} of them missing from the queues");
     if missing > 0 {
         bail!("{missing} messages answered 200 are not in the queues");
@@ -371,25 +393,42 @@ fn report(
         format!(
             "ingress at {} ({:.0} msg/s), p50 / p99 / p99.9 ms",
             paced_share(args),
-            paced.rate()
+            paced.full.rate()
         ),
-        ms(&paced.latency),
-        "–".to_owned(),
+        ms(&paced.full.latency),
+        format!(
+            "raw publisher at {:.0} msg/s {}",
+            paced.raw.rate(),
+            ms(&paced.raw.latency)
+        ),
         None,
     );
     summary.memory("ipn-ingress", rss_rest, rss_load);
     Ok(summary)
 }
 
+/// One phase of the raw publisher.
+struct RawPlan {
+    name: &'static str,
+    duration: Duration,
+    /// Messages per second, shared by all publishers; `None`: each publishes as soon as its
+    /// previous message is confirmed.
+    rate: Option<f64>,
+    /// Keeps this phase's sequence numbers apart from other phases' (the round's number).
+    series: u16,
+}
+
+/// Publishes from `--concurrency` tasks over the ingress's number of confirm-mode channels for
+/// the plan's duration; returns the phase with the CPU it cost.
 async fn raw_publisher(
     args: &Args,
     config: &Config,
     topology: &Topology,
     bodies: &Arc<Bodies>,
     connection: &Connection,
-    duration: Duration,
-    round: u16,
+    plan: RawPlan,
 ) -> anyhow::Result<Phase> {
+    let meter = CpuMeter::start(None);
     let mut channels = Vec::new();
     for _ in 0..config.amqp.publisher_channels.get() {
         let channel = connection.create_channel().await?;
@@ -398,6 +437,7 @@ async fn raw_publisher(
             .await?;
         channels.push(channel);
     }
+    let (pacer, tickets) = support::pacer(plan.rate);
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -405,21 +445,27 @@ async fn raw_publisher(
         let channel = channels[worker % channels.len()].clone();
         let (stop, bodies, topology) = (Arc::clone(&stop), Arc::clone(bodies), topology.clone());
         // Raw sequence numbers live above 1e12 so they never collide with the HTTP phases.
-        let base =
-            1_000_000_000_000 + worker as u64 * 1_000_000_000 + u64::from(round) * 100_000_000;
-        let raw_properties = args.raw_properties;
+        let base = 1_000_000_000_000
+            + worker as u64 * 1_000_000_000
+            + u64::from(plan.series) * 100_000_000;
         tasks.push(tokio::spawn(raw_worker(
             channel,
             topology,
             bodies,
             stop,
             base,
-            raw_properties,
+            args.raw_properties,
+            tickets.clone(),
         )));
     }
-    tokio::time::sleep(duration).await;
+    tokio::time::sleep(plan.duration).await;
     stop.store(true, Ordering::Relaxed);
-    collect("raw lapin publisher", tasks, started).await
+    let mut phase = collect(plan.name, tasks, started).await?;
+    if let Some(pacer) = pacer {
+        pacer.abort();
+    }
+    phase.cpu = meter.per_message(phase.ok);
+    Ok(phase)
 }
 
 async fn raw_worker(
@@ -429,12 +475,16 @@ async fn raw_worker(
     stop: Arc<AtomicBool>,
     base: u64,
     raw_properties: RawProperties,
+    tickets: Option<Tickets>,
 ) -> (u64, u64, Histogram<u64>) {
     let mut latency = histogram();
     let (mut ok, mut failed) = (0, 0);
     let exchange = topology.inbound_exchange();
     let mut seq = base;
     while !stop.load(Ordering::Relaxed) {
+        if !support::ticket(tickets.as_ref()).await {
+            continue;
+        }
         let body = bodies.get(seq);
         seq += 1;
         let started = Instant::now();

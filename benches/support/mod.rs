@@ -85,7 +85,7 @@ pub async fn http_phase(
         .next()
         .unwrap_or_default()
         .to_owned();
-    let (pacer, tickets) = pacer(rate.map(|r| r.max(1.0)));
+    let (pacer, tickets) = pacer(rate);
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let sequence = Arc::new(AtomicU64::new(first));
@@ -124,7 +124,7 @@ pub fn pacer(rate: Option<f64>) -> (Option<tokio::task::JoinHandle<()>>, Option<
     };
     let (sender, receiver) = tokio::sync::mpsc::channel(1);
     let pacer = tokio::spawn(async move {
-        let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1.0)));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         loop {
             interval.tick().await;
@@ -138,6 +138,19 @@ pub fn pacer(rate: Option<f64>) -> (Option<tokio::task::JoinHandle<()>>, Option<
 
 /// Permission to send one request, shared by the workers of a paced phase.
 pub type Tickets = Arc<Mutex<tokio::sync::mpsc::Receiver<()>>>;
+
+/// Waits for the pacer's next ticket, if the phase is paced. False when none came within 200 ms
+/// (the caller checks whether its phase is over and asks again).
+pub async fn ticket(tickets: Option<&Tickets>) -> bool {
+    let Some(tickets) = tickets else {
+        return true;
+    };
+    let ticket = tokio::time::timeout(Duration::from_millis(200), async {
+        tickets.lock().await.recv().await
+    })
+    .await;
+    matches!(ticket, Ok(Some(())))
+}
 
 struct HttpWorker {
     address: String,
@@ -157,14 +170,8 @@ impl HttpWorker {
         let mut mine = Vec::new();
         let mut connection = None;
         while !self.stop.load(Ordering::Relaxed) {
-            if let Some(tickets) = &self.tickets {
-                let ticket = tokio::time::timeout(Duration::from_millis(200), async {
-                    tickets.lock().await.recv().await
-                })
-                .await;
-                if !matches!(ticket, Ok(Some(()))) {
-                    continue;
-                }
+            if !ticket(self.tickets.as_ref()).await {
+                continue;
             }
             if connection.is_none() {
                 connection = PostClient::connect(&self.address).await;
@@ -429,16 +436,18 @@ impl CpuMeter {
     }
 }
 
-/// The local RabbitMQ's Erlang VM, if it runs on this machine.
+/// The local RabbitMQ's Erlang VM, if it runs on this machine: of the `beam.smp` processes, the
+/// one that has used the most CPU (a `rabbitmqctl` runs in a short-lived `beam.smp` of its own).
 pub fn broker_pid() -> Option<u32> {
     std::fs::read_dir("/proc")
         .ok()?
         .filter_map(Result::ok)
-        .find_map(|entry| {
+        .filter_map(|entry| {
             let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
             let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
             (comm.trim() == "beam.smp").then_some(pid)
         })
+        .max_by(|a, b| cpu_seconds(Some(*a)).total_cmp(&cpu_seconds(Some(*b))))
 }
 
 /// utime + stime of a process, in seconds (clock ticks of 1/100 s, Linux's USER_HZ).
