@@ -46,7 +46,8 @@ use crate::support::{self, Summary};
 /// The content type the load generator posts with, and the raw publisher sets.
 const FORM: &str = "application/x-www-form-urlencoded";
 use crate::support::{
-    CpuMeter, Length, Phase, Tickets, collect, cores, histogram, http_phase, record,
+    CpuMeter, Length, Phase, Tickets, broker_wal_size, collect, cores, histogram, http_phase,
+    record,
 };
 
 #[derive(clap::Args, Debug, Clone)]
@@ -318,8 +319,9 @@ fn report(
     rss_load: Option<u64>,
 ) -> anyhow::Result<Summary> {
     println!(
-        "\nmachine: {} cores; concurrency {}; {} s per phase, {} s at {}; {} shards; {} rounds",
+        "\nmachine: {} cores; broker WAL {}; concurrency {}; {} s per phase, {} s at {}; {} shards; {} rounds",
         cores(),
+        broker_wal_size(),
         args.concurrency,
         args.seconds,
         args.paced_seconds,

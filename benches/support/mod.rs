@@ -415,6 +415,33 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// The local broker's quorum-queue WAL size (`raft.wal_max_size_bytes`), which sets how often
+/// and how much the broker copies into segment files (docs/PERFORMANCE.md, "The disk"), as
+/// "N MiB", or "unknown" when `rabbitmqctl` cannot tell (not installed, no rights, remote broker).
+pub fn broker_wal_size() -> String {
+    let asked = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "eval",
+            "maps:get(wal_max_size_bytes, ra_system:fetch(quorum_queues)).",
+        ])
+        .stderr(std::process::Stdio::null())
+        .output();
+    let bytes = asked
+        .ok()
+        .filter(|output| output.status.success())
+        .and_then(|output| {
+            String::from_utf8_lossy(&output.stdout)
+                .trim()
+                .parse::<u64>()
+                .ok()
+        });
+    bytes.map_or_else(
+        || "unknown".to_owned(),
+        |bytes| format!("{} MiB", bytes as f64 / 1_048_576.0),
+    )
+}
+
 /// CPU time used by the broker, the ingress and this process over one phase.
 pub struct CpuMeter {
     pids: [Option<u32>; 3],
