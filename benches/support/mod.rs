@@ -416,8 +416,9 @@ pub fn cores() -> usize {
 }
 
 /// The local broker's quorum-queue WAL size (`raft.wal_max_size_bytes`), which sets how often
-/// and how much the broker copies into segment files (docs/PERFORMANCE.md, "The disk"), as
-/// "N MiB", or "unknown" when `rabbitmqctl` cannot tell (not installed, no rights, remote broker).
+/// and how much the broker copies into segment files (docs/PERFORMANCE.md, "Runs O–T: the
+/// disk"), as "N MiB", or "unknown" when `rabbitmqctl` cannot tell (not installed, no rights,
+/// remote broker).
 pub fn broker_wal_size() -> String {
     let asked = std::process::Command::new("rabbitmqctl")
         .args([
