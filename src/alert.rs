@@ -18,6 +18,7 @@ use prometheus_client::metrics::family::Family;
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::backoff::Backoff;
 use crate::config;
 
 /// Alerts waiting for the background task; past this, new ones are logged and dropped.
@@ -123,7 +124,11 @@ impl Alerter {
     }
 
     /// Logs the alert and hands it to the channels; returns at once.
-    pub fn raise(&self, alert: Alert) {
+    pub fn raise(&self, mut alert: Alert) {
+        // Every field may come from a request: bounded before it is logged or sent.
+        alert.order_key = crate::bounded::shown(&alert.order_key);
+        alert.txn_id = alert.txn_id.as_deref().map(crate::bounded::shown);
+        alert.reason = crate::bounded::cut(&alert.reason, crate::bounded::MAX_ERROR_BYTES);
         warn!(
             kind = alert.kind.as_str(),
             ipn.order_key = %alert.order_key,
@@ -336,7 +341,7 @@ impl Sender {
         );
         tokio::spawn(async move {
             let label = ChannelLabel { channel };
-            let mut wait = Duration::from_secs(1);
+            let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
             for attempt in 1..=attempts {
                 match channels.send(channel, &notice).await {
                     Ok(()) => {
@@ -345,8 +350,7 @@ impl Sender {
                     }
                     Err(error) => warn!(channel, attempt, %error, "alert not delivered; retrying"),
                 }
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(300));
+                backoff.sleep().await;
             }
             counters.failed.get_or_create(&label).inc();
             warn!(channel, subject = %notice.subject(), "alert given up on this channel");
@@ -364,7 +368,8 @@ impl Channels {
                     .body(notice.json().to_string())
                     .send()
                     .await
-                    .map_err(|e| e.to_string())?;
+                    // reqwest's error text includes the URL, and with it any token in it.
+                    .map_err(|e| crate::bounded::error_chain(&e.without_url()))?;
                 match response.status() {
                     status if status.is_success() => Ok(()),
                     status => Err(format!("webhook answered {status}")),
@@ -382,7 +387,7 @@ impl Channels {
                     .send(message)
                     .await
                     .map(|_| ())
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| crate::bounded::error_chain(&e))
             }
             _ => Err(format!("channel {channel} not configured")),
         }

@@ -110,6 +110,10 @@ pub struct Worker {
     /// Longest wait between tries of one IPN.
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
+    /// Tries in place (unacked, key held) before an IPN failing on our own database or broker
+    /// is sent through the delay tiers instead, so it cannot hold its shard's prefetch window
+    /// forever.
+    pub retry_in_place: std::num::NonZeroU32,
     /// On SIGTERM, IPNs in progress get this long to finish (publish, confirm, ack).
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -135,6 +139,7 @@ impl Default for Worker {
             concurrency: std::num::NonZeroUsize::new(64).unwrap_or(std::num::NonZeroUsize::MIN),
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
+            retry_in_place: std::num::NonZeroU32::new(5).unwrap_or(std::num::NonZeroU32::MIN),
             shutdown_grace: Duration::from_secs(15),
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             id: None,
@@ -227,6 +232,13 @@ pub struct Database {
     /// Longest wait for a free connection.
     #[serde(with = "humantime_serde")]
     pub acquire_timeout: Duration,
+    /// Longest wait for a new connection (and for creating the database) at start-up.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait for any one query or migration; past it the operation fails, naming
+    /// what timed out.
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
     /// Dedup records are kept at least this long after their event was published.
     #[serde(with = "humantime_serde")]
     pub dedup_retention: Duration,
@@ -239,6 +251,8 @@ impl Default for Database {
                 .unwrap_or_else(|_| unreachable!("the default URL parses")),
             max_connections: std::num::NonZeroU32::new(8).unwrap_or(std::num::NonZeroU32::MIN),
             acquire_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            query_timeout: Duration::from_secs(10),
             dedup_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
@@ -333,6 +347,13 @@ pub struct Amqp {
     /// Longest wait between reconnection attempts.
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// AMQP heartbeat asked of the broker (a `heartbeat` in the URL wins): a silent broker is
+    /// noticed after two missed beats. Whole seconds, 0 to 65535 s; 0 turns heartbeats off.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Confirm timeouts in a row after which the publisher takes its connection for dead,
+    /// answers at once that the broker is unavailable and reconnects.
+    pub timeouts_before_reconnect: std::num::NonZeroU32,
 }
 
 impl Default for Amqp {
@@ -344,6 +365,9 @@ impl Default for Amqp {
             connect_timeout: Duration::from_secs(5),
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(10),
+            timeouts_before_reconnect: std::num::NonZeroU32::new(3)
+                .unwrap_or(std::num::NonZeroU32::MIN),
         }
     }
 }
@@ -393,6 +417,9 @@ pub struct Ingress {
     /// On SIGTERM, in-flight requests get this long to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Connections served at once; further ones wait in the listen backlog until one closes.
+    /// Keep it well under the open-file limit.
+    pub max_connections: NonZeroUsize,
 }
 
 impl Default for Ingress {
@@ -405,6 +432,7 @@ impl Default for Ingress {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(15),
+            max_connections: NonZeroUsize::new(512).unwrap_or(NonZeroUsize::MIN),
         }
     }
 }
@@ -684,6 +712,9 @@ impl Config {
                 "retry.tiers",
                 "needs at least one delay, each from 1ms to 49 days",
             ));
+        }
+        if self.amqp.heartbeat.as_secs() > u64::from(u16::MAX) {
+            return Err(invalid("amqp.heartbeat", "must be at most 65535s"));
         }
         if self.amqp.reconnect_min.is_zero() || self.amqp.reconnect_min > self.amqp.reconnect_max {
             return Err(invalid(

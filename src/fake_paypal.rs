@@ -20,7 +20,6 @@ use hyper::header::{CONTENT_TYPE, USER_AGENT};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -154,22 +153,23 @@ impl Drop for FakePaypal {
 }
 
 async fn serve(listener: TcpListener, script: Arc<Mutex<Script>>, stop: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-        };
-        let (script, stop) = (Arc::clone(&script), stop.clone());
-        let service = service_fn(move |request| {
+    let stopped = stop.clone().cancelled_owned();
+    let http = http1::Builder::new();
+    let connections = crate::server::Connections::new(MAX_CONNECTIONS);
+    connections
+        .accept_until(&listener, stopped, |accepted| {
             let (script, stop) = (Arc::clone(&script), stop.clone());
-            async move { Ok::<_, Infallible>(answer(request, &script, &stop).await) }
-        });
-        tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
-    }
+            let service = service_fn(move |request| {
+                let (script, stop) = (Arc::clone(&script), stop.clone());
+                async move { Ok::<_, Infallible>(answer(request, &script, &stop).await) }
+            });
+            accepted.serve(&http, service);
+        })
+        .await;
 }
+
+/// Connections the fake serves at once (the worker's postback client keeps a few per host).
+const MAX_CONNECTIONS: usize = 1024;
 
 async fn answer(
     request: Request<Incoming>,

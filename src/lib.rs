@@ -1,5 +1,7 @@
 //! ipn-bridge: PayPal IPN callbacks made reliable with RabbitMQ in the middle.
 //!
+//! - [`backoff`]: the one retry policy (doubling, capped, jittered) of every retry loop.
+//! - [`bounded`]: bounds on every value derived from a request (keys, stored and logged text).
 //! - [`config`]: defaults, TOML file, `IPN_*` environment; pure loading.
 //! - [`ipn`]: the IPN body read byte-exactly, charset-aware fields, order keys and shards.
 //! - [`policy`]: what a VERIFIED IPN must also be (environment, receiver), else quarantine.
@@ -15,11 +17,14 @@
 //!   blocked keys and held IPNs.
 //! - [`alert`]: email and webhook alerts, rate-limited per cause, never blocking the worker.
 //! - [`ctl`]: what `ipnctl` does.
+//! - [`server`]: the accept loop of every HTTP server (connection cap, accept-error pause).
 //! - [`telemetry`], [`shutdown`]: logs and signals for the binaries.
 #![forbid(unsafe_code)]
 
 pub mod alert;
 pub mod amqp;
+pub mod backoff;
+pub mod bounded;
 pub mod config;
 pub mod ctl;
 pub mod event;
@@ -28,6 +33,7 @@ pub mod ingress;
 pub mod ipn;
 pub mod policy;
 pub mod provider;
+pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

@@ -4,6 +4,7 @@
 //! it is for this merchant and this environment. A sandbox IPN in live mode (or the reverse), or
 //! a genuine IPN of another account replayed at our endpoint, is quarantined with its reason.
 
+use crate::bounded;
 use crate::config::{self, Environment};
 use crate::ipn::Form;
 
@@ -18,12 +19,18 @@ pub enum Reason {
     ForeignReceiver,
     /// Not a form at all; no postback is made for it.
     Unreadable,
+    /// Holds a value the bridge can never store or publish (the database refused it as a value,
+    /// or a message built from it would not fit the broker's frame); the cause is in
+    /// `x-ipn-cause`. Retrying could not help, so it is not retried.
+    Unprocessable,
 }
 
 impl Reason {
-    /// Header value: `invalid`, `wrong-environment`, `foreign-receiver`, `unreadable`.
+    /// Header value: `invalid`, `wrong-environment`, `foreign-receiver`, `unreadable`,
+    /// `unprocessable`.
     pub fn as_str(self) -> &'static str {
         match self {
+            Reason::Unprocessable => "unprocessable",
             Reason::Invalid => "invalid",
             Reason::WrongEnvironment => "wrong-environment",
             Reason::ForeignReceiver => "foreign-receiver",
@@ -46,6 +53,46 @@ pub fn readable(body: &[u8]) -> Result<(), Reason> {
     } else {
         Err(Reason::Unreadable)
     }
+}
+
+/// Fields that identify an IPN or name what it is about: PayPal sends them as short ASCII
+/// tokens. They become order keys, dedup keys, database rows and routing keys.
+pub const ID_FIELDS: [&str; 8] = [
+    "subscr_id",
+    "recurring_payment_id",
+    "mp_id",
+    "parent_txn_id",
+    "txn_id",
+    "ipn_track_id",
+    "txn_type",
+    "payment_status",
+];
+
+/// Checks before the postback: every identifying field ([`ID_FIELDS`]) that is present is
+/// short printable ASCII ([`bounded::id`]'s rule). PayPal never sends anything else there; a
+/// NUL, a control byte, a non-ASCII character or a 3 KB `txn_id` is a forgery or corruption,
+/// quarantined as `unprocessable` with the cause, without asking PayPal.
+pub fn processable(form: &Form) -> Result<(), String> {
+    for field in ID_FIELDS {
+        let Some(value) = form.text(field) else {
+            continue;
+        };
+        let value = value.trim();
+        if value.len() > bounded::MAX_ID_BYTES {
+            return Err(format!(
+                "field `{field}` is {} bytes long (at most {})",
+                value.len(),
+                bounded::MAX_ID_BYTES
+            ));
+        }
+        if let Some(bad) = value.chars().find(|c| !c.is_ascii_graphic()) {
+            return Err(format!(
+                "field `{field}` holds {:?}, not printable ASCII",
+                bad
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks after PayPal's `VERIFIED`: environment, then receiver.
@@ -146,6 +193,27 @@ mod tests {
             check(&form("041_masspay.txt"), &other),
             Err(Reason::ForeignReceiver)
         );
+    }
+
+    #[test]
+    fn identifying_fields_must_be_short_printable_ascii() {
+        for name in [
+            "001_web_accept.txt",
+            "013_subscr_payment.txt",
+            "041_masspay.txt",
+        ] {
+            assert_eq!(processable(&form(name)), Ok(()), "{name}");
+        }
+        let nul = processable(&Form::parse(b"txn_id=AB%00CD&payment_status=Completed"));
+        assert!(nul.as_ref().is_err_and(|e| e.contains("txn_id")), "{nul:?}");
+        let long = format!("txn_id={}", "A".repeat(3000));
+        let long = processable(&Form::parse(long.as_bytes()));
+        assert!(
+            long.as_ref().is_err_and(|e| e.contains("3000 bytes")),
+            "{long:?}"
+        );
+        let inflated = processable(&Form::parse(b"subscr_id=I-%80%80"));
+        assert!(inflated.is_err(), "windows-1252 bytes in an id");
     }
 
     #[test]

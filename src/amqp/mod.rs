@@ -6,7 +6,7 @@
 
 mod publisher;
 
-pub use publisher::{Outgoing, PublishError, Publisher, State};
+pub use publisher::{Outgoing, PublishError, Publisher, State, header_frame_size};
 
 use std::time::Duration;
 
@@ -25,10 +25,16 @@ pub enum Error {
     Broker(#[from] lapin::Error),
 }
 
-/// Opens one connection, named so operators can tell our connections apart in the broker.
+/// Opens one connection, named so operators can tell our connections apart in the broker, with
+/// `amqp.heartbeat` unless the URL names its own.
 pub async fn connect(config: &config::Amqp, name: &str) -> Result<Connection, Error> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let connect = Connection::connect_uri(config.url.uri(), properties);
+    let mut uri = config.url.uri();
+    if uri.query.heartbeat.is_none() {
+        // Validated at load to fit a u16.
+        uri.query.heartbeat = Some(u16::try_from(config.heartbeat.as_secs()).unwrap_or(u16::MAX));
+    }
+    let connect = Connection::connect_uri(uri, properties);
     match tokio::time::timeout(config.connect_timeout, connect).await {
         Ok(result) => Ok(result?),
         Err(_) => Err(Error::ConnectTimeout(config.connect_timeout)),

@@ -7,7 +7,7 @@
 //! offered anew.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::backoff::Backoff;
 use crate::config;
 use crate::topology::Topology;
 
@@ -42,6 +43,45 @@ pub enum PublishError {
     /// The channel failed while publishing; the pool is being rebuilt.
     #[error("broker channel failed")]
     Channel(#[source] lapin::Error),
+    /// The message's properties (headers included) would not fit one content-header frame of
+    /// this connection, with [`BROKER_HEADROOM`] to spare: the broker would close the
+    /// connection (FRAME_ERROR), or lapin the consumer's. Never sent.
+    #[error(
+        "message properties of {size} bytes do not fit the broker's frame size of {frame_max} with room for its own headers"
+    )]
+    TooLarge {
+        /// Encoded content-header frame size.
+        size: usize,
+        /// The negotiated `frame_max`.
+        frame_max: usize,
+    },
+}
+
+impl PublishError {
+    /// True when publishing the same message again cannot succeed.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, PublishError::TooLarge { .. })
+    }
+}
+
+/// Bytes of a content-header frame around its properties: frame header (7), class id and
+/// weight (4), body size (8), frame end (1).
+const HEADER_FRAME_OVERHEAD: usize = 20;
+
+/// Room left in the content-header frame for what the broker adds to a message on its way:
+/// `x-delivery-count` on a quorum queue's redelivery, an `x-death` entry per queue it was
+/// dead-lettered from, `x-first-death-*`. A message that fits the frame on publish but not on
+/// delivery would make lapin close the consuming connection (FACTS.md).
+pub const BROKER_HEADROOM: usize = 8192;
+
+/// The size of the content-header frame `properties` make, exactly as lapin will encode it.
+pub fn header_frame_size(properties: &BasicProperties) -> usize {
+    let encoded = cookie_factory::gen_simple(
+        lapin::protocol::basic::gen_properties(properties),
+        Vec::new(),
+    );
+    // Encoding into a Vec cannot run out of room; count a failure as too large.
+    encoded.map_or(usize::MAX, |bytes| bytes.len() + HEADER_FRAME_OVERHEAD)
 }
 
 /// What the publisher can do right now, for readiness checks.
@@ -82,6 +122,9 @@ struct Pool {
     channels: Vec<Channel>,
     next: AtomicUsize,
     failed: CancellationToken,
+    /// Confirm timeouts in a row; at `timeouts_before_reconnect` the pool is taken for dead.
+    timeouts: AtomicU32,
+    timeouts_before_reconnect: u32,
 }
 
 impl Publisher {
@@ -137,17 +180,29 @@ impl Publisher {
         if pool.connection.status().blocked() {
             return Err(PublishError::Blocked);
         }
-        if !pool.connection.status().connected() {
+        if !pool.connection.status().connected() || pool.failed.is_cancelled() {
             pool.failed.cancel();
             return Err(PublishError::Unavailable);
         }
+        let frame_max =
+            usize::try_from(pool.connection.configuration().frame_max()).unwrap_or(usize::MAX);
+        let size = header_frame_size(&message.properties);
+        if size > frame_max.saturating_sub(BROKER_HEADROOM) {
+            return Err(PublishError::TooLarge { size, frame_max });
+        }
         match tokio::time::timeout(limit, pool.confirm(message)).await {
-            Err(_) => Err(PublishError::Timeout(limit)),
+            Err(_) => {
+                pool.timed_out();
+                Err(PublishError::Timeout(limit))
+            }
             Ok(Err(error)) => {
                 pool.failed.cancel();
                 Err(PublishError::Channel(error))
             }
-            Ok(Ok(confirmation)) => check(confirmation),
+            Ok(Ok(confirmation)) => {
+                pool.timeouts.store(0, Ordering::Relaxed);
+                check(confirmation)
+            }
         }
     }
 
@@ -200,7 +255,22 @@ impl Pool {
             channels,
             next: AtomicUsize::new(0),
             failed: CancellationToken::new(),
+            timeouts: AtomicU32::new(0),
+            timeouts_before_reconnect: config.timeouts_before_reconnect.get(),
         })
+    }
+
+    /// Counts a confirm timeout; a run of them means a silent broker (black-holed network,
+    /// stuck node): the pool is failed so that publishes answer at once and it reconnects.
+    fn timed_out(&self) {
+        let run = self.timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+        if run >= self.timeouts_before_reconnect && !self.failed.is_cancelled() {
+            warn!(
+                timeouts = run,
+                "broker confirms stopped arriving; reconnecting"
+            );
+            self.failed.cancel();
+        }
     }
 
     async fn confirm(&self, message: Outgoing<'_>) -> Result<Confirmation, lapin::Error> {
@@ -240,7 +310,7 @@ struct Keeper {
 
 impl Keeper {
     async fn run(self) {
-        let mut delay = self.config.reconnect_min;
+        let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
         loop {
             let opened = tokio::select! {
                 () = self.stop.cancelled() => return,
@@ -248,20 +318,20 @@ impl Keeper {
             };
             match opened {
                 Ok(pool) => {
-                    delay = self.config.reconnect_min;
+                    backoff.reset();
                     if self.serve(Arc::new(pool)).await {
                         return;
                     }
                 }
                 Err(error) => {
-                    warn!(error = %error, cause = ?std::error::Error::source(&error), "cannot connect to the broker")
+                    let error = crate::bounded::error_chain(&error);
+                    warn!(error, "cannot connect to the broker");
                 }
             }
             tokio::select! {
                 () = self.stop.cancelled() => return,
-                () = tokio::time::sleep(delay) => {}
+                () = backoff.sleep() => {}
             }
-            delay = (delay * 2).min(self.config.reconnect_max);
         }
     }
 

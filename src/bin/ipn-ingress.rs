@@ -2,7 +2,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
 use ipn_bridge::config::Config;
 use ipn_bridge::{ingress, shutdown, telemetry};
@@ -29,20 +28,17 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     telemetry::init(config.telemetry.format);
-    match serve(config).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("ipn-ingress: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn serve(config: Config) -> anyhow::Result<()> {
+    let shutdown = shutdown::signal();
+    ipn_bridge::server::raise_open_file_limit();
     let address = config.ingress.listen;
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .with_context(|| format!("cannot listen on {address}"))?;
-    ingress::run(config, listener, shutdown::signal()).await;
-    Ok(())
+    let listener = match tokio::net::TcpListener::bind(address).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            // A port in use or not ours to bind is a configuration problem: EX_CONFIG.
+            eprintln!("ipn-ingress: cannot listen on {address} (ingress.listen): {error}");
+            return ExitCode::from(64);
+        }
+    };
+    ingress::run(config, listener, shutdown).await;
+    ExitCode::SUCCESS
 }

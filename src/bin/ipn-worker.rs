@@ -28,23 +28,21 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     telemetry::init(config.telemetry.format);
+    let shutdown = shutdown::signal();
+    ipn_bridge::server::raise_open_file_limit();
     let address = config.worker.listen;
     let health = match tokio::net::TcpListener::bind(address).await {
         Ok(listener) => listener,
         Err(error) => {
-            eprintln!("ipn-worker: cannot listen on {address}: {error}");
-            return ExitCode::FAILURE;
+            // A port in use or not ours to bind is a configuration problem: EX_CONFIG.
+            eprintln!("ipn-worker: cannot listen on {address} (worker.listen): {error}");
+            return ExitCode::from(64);
         }
     };
-    match worker::run(config, health, shutdown::signal()).await {
+    match worker::run(config, health, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!(
-                "ipn-worker: {error}: {}",
-                std::error::Error::source(&error)
-                    .map(ToString::to_string)
-                    .unwrap_or_default()
-            );
+            eprintln!("ipn-worker: {}", ipn_bridge::bounded::error_chain(&error));
             ExitCode::FAILURE
         }
     }

@@ -7,8 +7,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -53,7 +53,9 @@ pub fn status_of(rejection: &Rejection) -> StatusCode {
         Rejection::Method => StatusCode::METHOD_NOT_ALLOWED,
         Rejection::MediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         Rejection::Empty | Rejection::BadBody => StatusCode::BAD_REQUEST,
-        Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        Rejection::TooLarge | Rejection::Publish(PublishError::TooLarge { .. }) => {
+            StatusCode::PAYLOAD_TOO_LARGE
+        }
         Rejection::SlowBody => StatusCode::REQUEST_TIMEOUT,
         // Anything the broker did or failed to do: PayPal must resend later.
         Rejection::Publish(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -80,20 +82,50 @@ pub(super) async fn handle<S: Sink>(
 }
 
 async fn ipn<S: Sink>(app: &App<S>, request: Request<Incoming>) -> Response<Full<Bytes>> {
-    app.metrics.in_flight.inc();
+    // Counted by a guard: hyper drops this future when the client hangs up mid-request.
+    let mut counted = Counted::start(&app.metrics);
     let response = match accept(app, request).await {
         Ok(()) => Response::new(Full::new(Bytes::from_static(
             app.provider.acknowledgement(),
         ))),
         Err(rejection) => reject(&rejection),
     };
-    app.metrics.in_flight.dec();
-    let status = response.status().as_u16();
-    app.metrics
-        .requests
-        .get_or_create(&StatusLabel { status })
-        .inc();
+    counted.answered(response.status());
     response
+}
+
+/// One IPN request in the in-flight gauge and, when it ends, in the request counter: under its
+/// status, or under `dropped` when it ended without an answer (the client went away).
+struct Counted<'a> {
+    metrics: &'a super::Metrics,
+    status: Option<StatusCode>,
+}
+
+impl<'a> Counted<'a> {
+    fn start(metrics: &'a super::Metrics) -> Counted<'a> {
+        metrics.in_flight.inc();
+        Counted {
+            metrics,
+            status: None,
+        }
+    }
+
+    fn answered(&mut self, status: StatusCode) {
+        self.status = Some(status);
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+        let status = self
+            .status
+            .map_or_else(|| "dropped".to_owned(), |s| s.as_u16().to_string());
+        self.metrics
+            .requests
+            .get_or_create(&StatusLabel { status })
+            .inc();
+    }
 }
 
 async fn accept<S: Sink>(app: &App<S>, request: Request<Incoming>) -> Result<(), Rejection> {
@@ -112,7 +144,8 @@ async fn accept<S: Sink>(app: &App<S>, request: Request<Incoming>) -> Result<(),
     if declared_length(&request).is_some_and(|length| length > max) {
         return Err(Rejection::TooLarge);
     }
-    let body = read_body(request.into_body(), max, app).await?;
+    let expected = declared_length(&request).unwrap_or(0);
+    let body = read_body(request.into_body(), max, expected, app).await?;
     if body.is_empty() {
         return Err(Rejection::Empty);
     }
@@ -124,20 +157,39 @@ fn declared_length(request: &Request<Incoming>) -> Option<usize> {
     value.to_str().ok()?.parse().ok()
 }
 
-/// Reads at most `max` bytes; stops reading (and rejects) as soon as the limit is passed.
-async fn read_body<S: Sink>(body: Incoming, max: usize, app: &App<S>) -> Result<Bytes, Rejection> {
-    let collect = Limited::new(body, max).collect();
-    match tokio::time::timeout(app.config.body_read_timeout, collect).await {
-        Err(_) => Err(Rejection::SlowBody),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(Rejection::TooLarge)
-        }
-        Ok(Err(error)) => {
+/// Reads at most `max` bytes within `ingress.body_read_timeout`; stops reading (and rejects) as
+/// soon as the limit is passed.
+async fn read_body<S: Sink>(
+    body: Incoming,
+    max: usize,
+    expected: usize,
+    app: &App<S>,
+) -> Result<Bytes, Rejection> {
+    let read = copy_body(body, max, expected);
+    tokio::time::timeout(app.config.body_read_timeout, read)
+        .await
+        .unwrap_or(Err(Rejection::SlowBody))
+}
+
+/// Copies each frame into one buffer of at most `max` bytes and lets the frame go at once:
+/// hyper hands a body dribbled a byte per TCP segment over as a frame per byte, and keeping
+/// the frames (as `collect()` does) pins a read buffer for each (~7 KiB per byte sent).
+async fn copy_body(mut body: Incoming, max: usize, expected: usize) -> Result<Bytes, Rejection> {
+    let mut buffer = BytesMut::with_capacity(expected.min(max));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| {
             debug!(%error, "cannot read request body");
-            Err(Rejection::BadBody)
+            Rejection::BadBody
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers carry nothing for us
+        };
+        if buffer.len() + data.len() > max {
+            return Err(Rejection::TooLarge);
         }
+        buffer.extend_from_slice(&data);
     }
+    Ok(buffer.freeze())
 }
 
 async fn publish<S: Sink>(
@@ -168,7 +220,8 @@ async fn publish<S: Sink>(
         .confirm_seconds
         .observe(started.elapsed().as_secs_f64());
     if let Err(error) = &result {
-        warn!(%error, ipn.order_key = %key, shard, "ipn not persisted; answering 503");
+        let error = crate::bounded::error_chain(error);
+        warn!(error, ipn.order_key = %key, shard, "ipn not persisted");
     }
     Ok(result?)
 }

@@ -11,8 +11,8 @@ use prometheus_client::registry::Registry;
 /// Label of the request counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
-    /// HTTP status answered.
-    pub status: u16,
+    /// HTTP status answered, or `dropped` when the client went away before the answer.
+    pub status: String,
 }
 
 /// Counters, histogram and gauge of one ingress server.

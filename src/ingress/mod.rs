@@ -18,7 +18,6 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -27,6 +26,7 @@ use crate::amqp::{Outgoing, PublishError, Publisher, State};
 use crate::config::{self, Config};
 use crate::ipn::PayPal;
 use crate::provider::Provider;
+use crate::server::Connections;
 use crate::topology::Topology;
 
 /// Where the ingress puts an accepted IPN: the broker, through the [`Publisher`], in production;
@@ -78,11 +78,20 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     if let Ok(address) = listener.local_addr() {
         info!(%address, path = %app.config.path, "ipn-ingress listening");
     }
-    let connections = GracefulShutdown::new();
-    accept_until(&listener, &app, &connections, shutdown).await;
+    let connections = Connections::new(app.config.max_connections.get());
+    let http = app.http();
+    connections
+        .accept_until(&listener, shutdown, |accepted| {
+            let app = Arc::clone(&app);
+            accepted.serve(
+                &http,
+                service_fn(move |request| handler::handle(Arc::clone(&app), request)),
+            );
+        })
+        .await;
     drop(listener);
     app.draining.cancel();
-    drain(connections, app.config.shutdown_grace).await;
+    drain(&connections, app.config.shutdown_grace).await;
     app.publisher.close().await;
     info!("ipn-ingress stopped");
 }
@@ -124,47 +133,11 @@ where
     }
 }
 
-async fn accept_until<S: Sink>(
-    listener: &TcpListener,
-    app: &Arc<App<S>>,
-    connections: &GracefulShutdown,
-    shutdown: impl Future<Output = ()>,
-) {
-    let http = app.http();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            () = &mut shutdown => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // Usually out of file descriptors: wait a little instead of spinning.
-                warn!(%error, "cannot accept a connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        // Answers are small single writes: don't let Nagle hold them behind a delayed ACK.
-        if let Err(error) = stream.set_nodelay(true) {
-            debug!(%peer, %error, "cannot set TCP_NODELAY");
-        }
-        let app = Arc::clone(app);
-        let service = service_fn(move |request| handler::handle(Arc::clone(&app), request));
-        let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                debug!(%peer, %error, "connection ended with an error");
-            }
-        });
-    }
-}
-
-async fn drain(connections: GracefulShutdown, grace: Duration) {
+async fn drain(connections: &Connections, grace: Duration) {
     info!(grace = ?grace, "draining in-flight requests");
-    tokio::select! {
-        () = connections.shutdown() => info!("all requests answered"),
-        () = tokio::time::sleep(grace) => warn!("grace period over; cutting remaining connections"),
+    if connections.drain(grace).await {
+        info!("all requests answered");
+    } else {
+        warn!("grace period over; cutting remaining connections");
     }
 }

@@ -11,15 +11,19 @@ use std::num::NonZeroU16;
 
 use sha2::{Digest, Sha256};
 
+use crate::bounded;
+
 /// The key whose messages must be processed in the order the bridge received them,
 /// e.g. `profile:I-7PX4WQ2N9KD3`, `txn:8FX91612UX4519215`, `msg:<sha256>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct OrderKey(String);
 
 impl OrderKey {
-    /// A key of a kind (`profile`, `txn`, ...) and an id.
+    /// A key of a kind (`profile`, `txn`, ...) and an id. An id that is too long or not
+    /// printable ASCII is replaced by its digest ([`bounded::id`]): the key stays short and
+    /// safe in a header, a log line and the database, and the same id still gives the same key.
     pub fn new(kind: &str, id: &str) -> OrderKey {
-        OrderKey(format!("{kind}:{id}"))
+        OrderKey(format!("{kind}:{}", bounded::id(id)))
     }
 
     /// The key of a message that orders with nothing else: the SHA-256 of its body.
@@ -27,9 +31,14 @@ impl OrderKey {
         OrderKey::new("msg", &body_hash(body))
     }
 
-    /// A key as the ingress wrote it in `x-ipn-order-key`.
+    /// A key as the ingress wrote it in `x-ipn-order-key`. A header no ingress could have
+    /// written (too long, or not printable ASCII) becomes `key:sha256:<hex>` of it.
     pub fn from_header(text: &str) -> OrderKey {
-        OrderKey(text.to_owned())
+        if bounded::is_token(text) {
+            OrderKey(text.to_owned())
+        } else {
+            OrderKey::new("key", text)
+        }
     }
 
     /// The key as text.
@@ -62,6 +71,12 @@ pub struct DedupKeys {
 }
 
 impl DedupKeys {
+    /// The semantic key as the database stores it: itself, or its digest when it is too long
+    /// or holds a NUL ([`bounded::dedup_key`]), so it can always be stored and indexed.
+    pub fn stored_semantic(&self) -> Option<std::borrow::Cow<'_, str>> {
+        self.semantic.as_deref().map(bounded::dedup_key)
+    }
+
     /// The stable event id: a UUIDv5 of the semantic key when there is one (so a manual resend,
     /// whose bytes differ, gets the same id), else of the body hash.
     pub fn event_id(&self) -> uuid::Uuid {
@@ -162,6 +177,31 @@ mod tests {
             .to_string()
         );
         assert_eq!(bytes_only.event_id().get_version_num(), 5);
+    }
+
+    #[test]
+    fn keys_stay_short_whatever_the_id() {
+        // 0x80-0xFF bytes decode to 2-3 UTF-8 bytes each: 40 KB of them must not make a key.
+        let inflated = "\u{20ac}".repeat(40_000);
+        let key = OrderKey::new("txn", &inflated);
+        assert!(
+            key.as_str().len() <= bounded::MAX_KEY_BYTES,
+            "{}",
+            key.as_str().len()
+        );
+        assert_eq!(
+            key,
+            OrderKey::new("txn", &inflated),
+            "the same id, the same key"
+        );
+        assert!(
+            OrderKey::new("txn", "AB\0CD")
+                .as_str()
+                .starts_with("txn:sha256:")
+        );
+        assert_eq!(OrderKey::from_header("txn:ABC").as_str(), "txn:ABC");
+        let hostile = OrderKey::from_header(&"x".repeat(1000));
+        assert!(hostile.as_str().starts_with("key:sha256:"));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! Unique constraints on the body hash, the semantic key and (key, sequence) make the database,
 //! not our code, the judge of races. Migrations in `migrations/` run at connect.
 
+use std::future::Future;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -37,6 +38,60 @@ pub enum Error {
     /// A query failed.
     #[error("database query failed")]
     Query(#[from] sqlx::Error),
+    /// PostgreSQL did not answer in time (`database.connect_timeout` or `query_timeout`).
+    #[error("PostgreSQL did not answer `{what}` within {after:?}")]
+    Timeout {
+        /// The operation that timed out: `connect`, `create database`, `migrate`, or the
+        /// query's name.
+        what: &'static str,
+        /// The limit that passed.
+        after: Duration,
+    },
+}
+
+/// Bounds a database future by a timeout that names what timed out.
+trait Within<T> {
+    fn within(self, limit: Duration, what: &'static str) -> impl Future<Output = Result<T, Error>>;
+}
+
+impl<T, F: Future<Output = Result<T, sqlx::Error>>> Within<T> for F {
+    async fn within(self, limit: Duration, what: &'static str) -> Result<T, Error> {
+        match tokio::time::timeout(limit, self).await {
+            Ok(result) => result.map_err(Error::Query),
+            Err(_) => Err(Error::Timeout { what, after: limit }),
+        }
+    }
+}
+
+/// Bounds any future by `limit`, as [`Error::Timeout`] naming `what`.
+async fn bounded<T>(
+    limit: Duration,
+    what: &'static str,
+    future: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or(Err(Error::Timeout { what, after: limit }))
+}
+
+/// SQLSTATEs that say a value can never be stored, however often it is tried: a NUL in text
+/// (22021), an untranslatable character (22P05), a value too long for its column (22001), a
+/// malformed value (22P02), a row too large for an index (54000).
+/// <https://www.postgresql.org/docs/15/errcodes-appendix.html>
+const PERMANENT_SQLSTATES: [&str; 5] = ["22021", "22P05", "22001", "22P02", "54000"];
+
+impl Error {
+    /// True when retrying cannot help: the database refused the value itself, not because it
+    /// was unavailable. Such an IPN is quarantined as `unprocessable`, never retried forever.
+    pub fn is_permanent(&self) -> bool {
+        let Error::Query(error) = self else {
+            return false;
+        };
+        error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .is_some_and(|code| PERMANENT_SQLSTATES.contains(&code.as_ref()))
+    }
 }
 
 /// The event id and per-key sequence number an IPN publishes under.
@@ -147,24 +202,57 @@ pub struct Held {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    query_timeout: Duration,
 }
 
 impl Store {
     /// Connects (creating the database if it does not exist yet) and applies the migrations.
+    ///
+    /// Every step is bounded: `database.connect_timeout` for connecting and creating the
+    /// database, `database.query_timeout` for the migrations and every query after.
     pub async fn connect(config: &config::Database) -> Result<Store, Error> {
+        let store = Store::open(config, true).await?;
+        let migrate = async {
+            sqlx::migrate!("./migrations")
+                .run(&store.pool)
+                .await
+                .map_err(Error::Migrate)
+        };
+        bounded(config.query_timeout, "migrate", migrate).await?;
+        Ok(store)
+    }
+
+    /// Connects to an existing database without creating or migrating anything (for
+    /// read-only tools): a missing database is [`Error::Connect`] naming it.
+    pub async fn connect_existing(config: &config::Database) -> Result<Store, Error> {
+        Store::open(config, false).await
+    }
+
+    async fn open(config: &config::Database, create: bool) -> Result<Store, Error> {
         let options: PgConnectOptions = config.url.options();
-        ensure_database(&options).await?;
-        let pool = PgPoolOptions::new()
+        if create {
+            bounded(
+                config.connect_timeout,
+                "create database",
+                ensure_database(&options),
+            )
+            .await?;
+        }
+        let connect = PgPoolOptions::new()
             .max_connections(config.max_connections.get())
             .acquire_timeout(config.acquire_timeout)
-            .connect_with(options)
+            .connect_with(options);
+        let pool = connect
+            .within(config.connect_timeout, "connect")
             .await
-            .map_err(Error::Connect)?;
-        sqlx::migrate!("./migrations")
-            .run(&pool)
-            .await
-            .map_err(Error::Migrate)?;
-        Ok(Store { pool })
+            .map_err(|error| match error {
+                Error::Query(error) => Error::Connect(error),
+                other => other,
+            })?;
+        Ok(Store {
+            pool,
+            query_timeout: config.query_timeout,
+        })
     }
 
     /// Finds or reserves the row of an IPN; see the module docs for the protocol.
@@ -211,11 +299,12 @@ impl Store {
              SELECT event_id, sequence, state, true AS new FROM inserted",
         )
         .bind(&keys.body_sha256)
-        .bind(&keys.semantic)
+        .bind(keys.stored_semantic().map(std::borrow::Cow::into_owned))
         .bind(order_key)
         .bind(keys.event_id())
         .bind(paid_txn)
         .fetch_one(&self.pool)
+        .within(self.query_timeout, "claim_paid")
         .await?;
         let reservation = Reservation {
             event_id: row.try_get("event_id")?,
@@ -234,6 +323,7 @@ impl Store {
         sqlx::query("UPDATE ipn_event SET state = 'done', done_at = now() WHERE event_id = $1 AND state = 'pending'")
             .bind(event_id)
             .execute(&self.pool)
+            .within(self.query_timeout, "mark_done")
             .await?;
         Ok(())
     }
@@ -247,6 +337,7 @@ impl Store {
         )
         .bind(seconds)
         .execute(&self.pool)
+        .within(self.query_timeout, "purge_older_than")
         .await?;
         // Refunds and chargebacks come within months of a payment, not years: the map of
         // payments to profiles lives as long as the dedup records.
@@ -255,6 +346,7 @@ impl Store {
         )
         .bind(seconds)
         .execute(&self.pool)
+        .within(self.query_timeout, "purge_older_than")
         .await?;
         Ok(result.rows_affected())
     }
@@ -266,6 +358,7 @@ impl Store {
         )
         .bind(order_key)
         .fetch_optional(&self.pool)
+        .within(self.query_timeout, "blocked")
         .await?;
         let Some(row) = row else { return Ok(None) };
         let state: String = row.try_get("state")?;
@@ -296,6 +389,7 @@ impl Store {
         .bind(block.txn_type)
         .bind(block.txn_id)
         .execute(&self.pool)
+        .within(self.query_timeout, "block")
         .await?;
         Ok(())
     }
@@ -305,6 +399,7 @@ impl Store {
         sqlx::query("DELETE FROM ipn_blocked_key WHERE order_key = $1")
             .bind(order_key)
             .execute(&self.pool)
+            .within(self.query_timeout, "unblock")
             .await?;
         Ok(())
     }
@@ -323,6 +418,7 @@ impl Store {
         .bind(&held.received_at)
         .bind(held.attempt)
         .execute(&self.pool)
+        .within(self.query_timeout, "hold")
         .await?;
         Ok(())
     }
@@ -335,6 +431,7 @@ impl Store {
         )
         .bind(order_key)
         .fetch_optional(&self.pool)
+        .within(self.query_timeout, "next_held")
         .await?;
         let Some(row) = row else { return Ok(None) };
         let held = Held {
@@ -353,6 +450,7 @@ impl Store {
         sqlx::query("DELETE FROM ipn_held WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
+            .within(self.query_timeout, "remove_held")
             .await?;
         Ok(())
     }
@@ -366,6 +464,7 @@ impl Store {
              FROM ipn_blocked_key b ORDER BY b.blocked_at, b.order_key",
         )
         .fetch_all(&self.pool)
+        .within(self.query_timeout, "blocked_keys")
         .await?;
         rows.iter()
             .map(|row| {
@@ -392,6 +491,7 @@ impl Store {
                     (SELECT count(*) FROM ipn_held) AS held",
         )
         .fetch_one(&self.pool)
+        .within(self.query_timeout, "blocked_totals")
         .await?;
         Ok((row.try_get("keys")?, row.try_get("held")?))
     }
@@ -405,6 +505,7 @@ impl Store {
         .bind(worker_id)
         .bind(host)
         .execute(&self.pool)
+        .within(self.query_timeout, "heartbeat")
         .await?;
         Ok(())
     }
@@ -414,6 +515,7 @@ impl Store {
     pub async fn live_workers(&self, within: Duration) -> Result<Vec<LiveWorker>, Error> {
         sqlx::query("DELETE FROM ipn_worker WHERE heartbeat_at < now() - interval '1 day'")
             .execute(&self.pool)
+            .within(self.query_timeout, "live_workers")
             .await?;
         let rows = sqlx::query(
             "SELECT worker_id, host,
@@ -424,6 +526,7 @@ impl Store {
         )
         .bind(within.as_secs_f64())
         .fetch_all(&self.pool)
+        .within(self.query_timeout, "live_workers")
         .await?;
         rows.iter()
             .map(|row| {
@@ -445,18 +548,18 @@ impl Store {
         sqlx::query("DELETE FROM ipn_worker WHERE worker_id = $1")
             .bind(worker_id)
             .execute(&self.pool)
+            .within(self.query_timeout, "leave")
             .await?;
         Ok(())
     }
 
     /// The profile key `txn_id` was paid under, if the bridge saw that payment.
     pub async fn profile_of_txn(&self, txn_id: &str) -> Result<Option<String>, Error> {
-        Ok(
-            sqlx::query_scalar("SELECT order_key FROM ipn_txn_profile WHERE txn_id = $1")
-                .bind(txn_id)
-                .fetch_optional(&self.pool)
-                .await?,
-        )
+        sqlx::query_scalar("SELECT order_key FROM ipn_txn_profile WHERE txn_id = $1")
+            .bind(txn_id)
+            .fetch_optional(&self.pool)
+            .within(self.query_timeout, "profile_of_txn")
+            .await
     }
 
     /// Closes every connection.

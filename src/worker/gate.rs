@@ -36,7 +36,9 @@ use super::metrics::TierLabel;
 use super::pipeline::{Error, Inbound, Outcome, Pipeline, Screened, Step, header_text, text};
 use crate::alert::{Alert, Kind};
 use crate::amqp::Outgoing;
+use crate::bounded;
 use crate::ipn::{Form, OrderKey};
+use crate::policy::Reason;
 use crate::store::{Block, Blocked, Held};
 use crate::topology::Topology;
 
@@ -85,7 +87,43 @@ pub enum Settled {
 impl Pipeline {
     /// Takes one delivery through the gate: processes it, defers or parks it, or holds it behind
     /// its key's blocker. `Err` means not finished (database or broker trouble): do not ack.
+    ///
+    /// A permanent error (a value the bridge can never store or publish) ends in quarantine as
+    /// `unprocessable`, at whichever step it happened, instead of being retried forever.
     pub async fn settle(&self, inbound: &Inbound) -> Result<Settled, Error> {
+        match self.settle_once(inbound).await {
+            Err(error) if error.is_permanent() => {
+                let outcome = self.quarantine_unprocessable(inbound, &error).await?;
+                Ok(Settled::Finished {
+                    outcome,
+                    released: 0,
+                })
+            }
+            settled => settled,
+        }
+    }
+
+    /// After `worker.retry_in_place` transient failures in a row: sends the IPN through the
+    /// delay tiers like a PayPal failure, its key blocked behind it, so it stops holding the
+    /// shard's prefetch window while the others go on. Not when another IPN blocks its key
+    /// (then it was being held, and deferring it would let it overtake that one): it stays in
+    /// place (`Ok(None)`).
+    pub async fn defer_stuck(
+        &self,
+        inbound: &Inbound,
+        error: &Error,
+    ) -> Result<Option<Settled>, Error> {
+        let key = inbound.key();
+        match self.store.blocked(key.as_str()).await? {
+            Some(blocked) if blocked.blocker_id != inbound.message_id => Ok(None),
+            _ => {
+                let chain = bounded::error_chain(error);
+                Ok(Some(self.defer(inbound, &key, &chain).await?))
+            }
+        }
+    }
+
+    async fn settle_once(&self, inbound: &Inbound) -> Result<Settled, Error> {
         let key = inbound.key();
         if let Some(control) = &inbound.control {
             return self.control(control, &key).await;
@@ -153,7 +191,17 @@ impl Pipeline {
                 outcome,
                 released: 0,
             }),
-            Err(Error::Verify(error)) => self.defer(inbound, key, &error_chain(&error)).await,
+            Err(Error::Verify(error)) => {
+                self.defer(inbound, key, &bounded::error_chain(&error))
+                    .await
+            }
+            Err(error) if error.is_permanent() => {
+                let outcome = self.quarantine_unprocessable(inbound, &error).await?;
+                Ok(Settled::Finished {
+                    outcome,
+                    released: 0,
+                })
+            }
             Err(other) => Err(other),
         }
     }
@@ -215,6 +263,11 @@ impl Pipeline {
         self.crash_point(Step::Deferred)?;
         let form = Form::parse(&inbound.body);
         let (txn_type, txn_id) = (form.text("txn_type"), form.text("txn_id"));
+        // Shown to operators only: bounded and free of NUL, so the row can always be stored.
+        let (txn_type, txn_id) = (
+            txn_type.as_deref().map(bounded::shown),
+            txn_id.as_deref().map(bounded::shown),
+        );
         let block = Block {
             order_key: key.as_str(),
             blocker_id: &inbound.message_id,
@@ -273,9 +326,20 @@ impl Pipeline {
                         released: 0,
                     });
                 }
+                Ok(Screened::Unprocessable(cause)) => {
+                    let unprocessable = Some(cause.as_str());
+                    let outcome = self
+                        .quarantine_with(inbound, Reason::Unprocessable, unprocessable)
+                        .await?;
+                    return Ok(Settled::Finished {
+                        outcome,
+                        released: 0,
+                    });
+                }
                 Ok(Screened::Passed(..)) => {}
                 Err(error) => {
-                    warn!(%error, ipn.order_key = %key, "cannot verify an ipn held behind a parked one; it is verified when released");
+                    let error = bounded::error_chain(&error);
+                    warn!(error, ipn.order_key = %key, "cannot verify an ipn held behind a parked one; it is verified when released");
                 }
             }
         }
@@ -331,6 +395,7 @@ impl Pipeline {
 
     async fn control(&self, control: &str, key: &OrderKey) -> Result<Settled, Error> {
         if control != RELEASE {
+            let control = bounded::shown(control);
             warn!(control, ipn.order_key = %key, "unknown control message ignored");
             return Ok(Settled::Controlled { released: 0 });
         }
@@ -363,16 +428,4 @@ fn held_inbound(held: Held) -> Inbound {
 
 fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_millis(time).to_string()
-}
-
-/// An error with its causes, one line, for a header and the operator's listing.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text.chars().take(500).collect()
 }

@@ -1,19 +1,27 @@
 //! `ipn-worker`: turns raw IPNs from the shard queues into verified, deduplicated business
 //! events on `<p>.events`, each exactly once under a stable id, in order per key.
 //!
+//! - [`service`]: the worker assembled: its parts, the loops beside the session, shutdown.
+//! - [`session`]: the consume connection: a consumer per owned shard, reconnects, bounded RPCs.
+//! - [`lanes`]: one shard's deliveries in lanes per order key; in-place retries; acks.
 //! - [`pipeline`]: the steps of one IPN (verify, policy, claim, publish, confirm, mark done).
 //! - [`gate`]: order while a key waits: delay tiers, parking, blocked keys and held IPNs.
-//! - [`consume`]: subscriptions to every shard queue, lanes per order key, acks, shutdown, and
-//!   `/healthz`, `/readyz`, `/metrics` on `worker.listen`.
 //! - [`ownership`]: which worker processes which shard (rendezvous hashing over live workers).
+//! - [`health`]: `/healthz`, `/readyz`, `/metrics` on `worker.listen`.
+//! - [`housekeeping`]: purging old dedup records, refreshing the blocked-key gauges.
 //! - [`metrics`]: the worker's Prometheus metrics.
 
-pub mod consume;
 pub mod gate;
+mod health;
+mod housekeeping;
+mod lanes;
 pub mod metrics;
 pub mod ownership;
 pub mod pipeline;
+pub mod service;
+mod session;
 
-pub use consume::run;
 pub use gate::Settled;
 pub use pipeline::{Inbound, Outcome, Pipeline};
+pub use service::{Error, run};
+pub use session::host;

@@ -15,6 +15,8 @@ use tracing::{info, warn};
 use super::metrics::{Metrics, OutcomeLabel, ReasonLabel};
 use crate::alert::{Alert, Alerter, Kind};
 use crate::amqp::{Outgoing, PublishError, Publisher, State};
+use crate::backoff::Backoff;
+use crate::bounded;
 use crate::config::{self, Config};
 use crate::event::{Context, Event};
 use crate::ipn::{Form, OrderKey, PayPal};
@@ -61,8 +63,9 @@ impl Inbound {
             Some(AMQPValue::LongInt(n)) => i64::from(*n),
             _ => 0,
         };
+        // An id no ingress or worker wrote (too long, control bytes) is not trusted as identity.
         let message_id = match properties.message_id() {
-            Some(id) if !id.as_str().is_empty() => id.to_string(),
+            Some(id) if !id.as_str().is_empty() && bounded::is_token(id.as_str()) => id.to_string(),
             _ => format!("sha256:{}", crate::ipn::body_hash(&body)),
         };
         Inbound {
@@ -106,6 +109,8 @@ pub(super) enum Screened {
     Passed(Form, SystemTime),
     /// To be quarantined for this reason.
     Rejected(Reason),
+    /// To be quarantined as `unprocessable`, with this cause.
+    Unprocessable(String),
 }
 
 /// What became of an IPN; each is final, so the caller acks.
@@ -159,6 +164,19 @@ pub enum Error {
     /// A fault injector stopped the IPN here (tests of crash safety only).
     #[error("fault injected after {0:?}")]
     Injected(Step),
+}
+
+impl Error {
+    /// True when trying again cannot help: the database refused one of the IPN's values, or a
+    /// message built from it cannot be published. The IPN is then quarantined as
+    /// `unprocessable`; every other error is transient.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::Store(error) => error.is_permanent(),
+            Error::Publish(error) => error.is_permanent(),
+            Error::Verify(_) | Error::Injected(_) => false,
+        }
+    }
 }
 
 /// Everything one IPN needs; shared by all of a worker's tasks.
@@ -250,6 +268,9 @@ impl Pipeline {
             return Ok(Screened::Rejected(reason));
         }
         let form = Form::parse(&inbound.body);
+        if let Err(cause) = policy::processable(&form) {
+            return Ok(Screened::Unprocessable(cause));
+        }
         let verified_at = match self.verify(&inbound.body).await? {
             Verdict::Invalid => return Ok(Screened::Rejected(Reason::Invalid)),
             Verdict::Verified => SystemTime::now(),
@@ -265,13 +286,19 @@ impl Pipeline {
         let (form, verified_at) = match self.screen(inbound).await? {
             Screened::Passed(form, verified_at) => (form, verified_at),
             Screened::Rejected(reason) => return self.quarantine(inbound, reason).await,
+            Screened::Unprocessable(cause) => {
+                return self
+                    .quarantine_with(inbound, Reason::Unprocessable, Some(&cause))
+                    .await;
+            }
         };
         let order_key = inbound.key();
         let keys = PayPal::dedup_keys(&form, &inbound.body);
         // A later refund or chargeback naming only this txn_id follows the profile's order.
         let paid = form
             .text("txn_id")
-            .filter(|_| order_key.as_str().starts_with(PROFILE_PREFIX));
+            .filter(|_| order_key.as_str().starts_with(PROFILE_PREFIX))
+            .map(|txn| bounded::id(txn.trim()).into_owned());
         let claimed = self
             .store
             .claim_paid(&keys, order_key.as_str(), paid.as_deref())
@@ -319,7 +346,7 @@ impl Pipeline {
 
     /// Postbacks with in-process retries: `verify_attempts`, waiting `verify_backoff`, doubling.
     async fn verify(&self, body: &[u8]) -> Result<Verdict, Error> {
-        let mut wait = self.worker.verify_backoff;
+        let mut backoff = Backoff::new(self.worker.verify_backoff, self.worker.retry_max);
         let mut attempt = 1;
         loop {
             let started = std::time::Instant::now();
@@ -341,10 +368,12 @@ impl Pipeline {
                 Err(error) if attempt >= self.worker.verify_attempts.get() => {
                     return Err(Error::Verify(error));
                 }
-                Err(error) => warn!(%error, attempt, "verification failed; retrying"),
+                Err(error) => {
+                    let error = bounded::error_chain(&error);
+                    warn!(error, attempt, "verification failed; retrying");
+                }
             }
-            tokio::time::sleep(wait).await;
-            wait = wait.saturating_mul(2);
+            backoff.sleep().await;
             attempt += 1;
         }
     }
@@ -382,22 +411,56 @@ impl Pipeline {
         inbound: &Inbound,
         reason: Reason,
     ) -> Result<Outcome, Error> {
+        self.quarantine_with(inbound, reason, None).await
+    }
+
+    /// Quarantines an IPN that failed with a permanent error (`unprocessable`), the error's
+    /// whole chain in `x-ipn-cause`.
+    pub(super) async fn quarantine_unprocessable(
+        &self,
+        inbound: &Inbound,
+        error: &Error,
+    ) -> Result<Outcome, Error> {
+        let cause = bounded::error_chain(error);
+        warn!(ipn.order_key = %inbound.key(), cause, "ipn cannot be processed; quarantining it");
+        self.quarantine_with(inbound, Reason::Unprocessable, Some(&cause))
+            .await
+    }
+
+    pub(super) async fn quarantine_with(
+        &self,
+        inbound: &Inbound,
+        reason: Reason,
+        cause: Option<&str>,
+    ) -> Result<Outcome, Error> {
         let mut headers = inbound.properties.headers().clone().unwrap_or_default();
         headers.insert("x-ipn-reason".into(), text(reason.as_str()));
+        if let Some(cause) = cause {
+            headers.insert("x-ipn-cause".into(), text(cause));
+        }
         headers.insert(
             "x-ipn-attempt".into(),
             AMQPValue::LongLongInt(inbound.attempt),
         );
         let queue = self.topology.quarantine_queue();
-        let message = Outgoing {
+        let mut message = Outgoing {
             exchange: "",
             routing_key: &queue,
             body: &inbound.body,
             properties: inbound.properties.clone().with_headers(headers),
         };
-        self.publisher
-            .publish(message, self.worker.confirm_timeout)
-            .await?;
+        let limit = self.worker.confirm_timeout;
+        match self.publisher.publish(message.clone(), limit).await {
+            Err(PublishError::TooLarge { size, .. }) => {
+                // Someone else's headers made it too large (ours are bounded): keep ours only,
+                // so quarantine always ends an IPN.
+                warn!(ipn.order_key = %inbound.key(), size, "quarantining with the bridge's own headers only");
+                let properties = own_properties(inbound, reason, cause);
+                message.properties = properties;
+                self.publisher.publish(message, limit).await?;
+            }
+            other => other?,
+        }
         let label = ReasonLabel {
             reason: reason.as_str(),
         };
@@ -406,12 +469,44 @@ impl Pipeline {
         self.alerter.raise(Alert {
             kind: Kind::Quarantined,
             order_key: inbound.key().to_string(),
-            txn_id: form.text("txn_id"),
+            txn_id: form.text("txn_id").map(|t| bounded::shown(&t)),
+            // The reason alone, so alerts of one reason are rate-limited together; the cause
+            // (which varies) goes with the fix.
             reason: reason.as_str().to_owned(),
-            fix: quarantine_fix(reason, &inbound.message_id),
+            fix: match cause {
+                Some(cause) => format!("{cause}; {}", quarantine_fix(reason, &inbound.message_id)),
+                None => quarantine_fix(reason, &inbound.message_id),
+            },
         });
         Ok(Outcome::Quarantined(reason))
     }
+}
+
+/// The properties of `inbound` with only the bridge's own headers, bounded whatever the message
+/// carried, and `x-ipn-headers-dropped` saying so.
+fn own_properties(inbound: &Inbound, reason: Reason, cause: Option<&str>) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert("x-ipn-order-key".into(), text(inbound.key().as_str()));
+    headers.insert("x-ipn-reason".into(), text(reason.as_str()));
+    headers.insert(
+        "x-ipn-attempt".into(),
+        AMQPValue::LongLongInt(inbound.attempt),
+    );
+    headers.insert("x-ipn-headers-dropped".into(), AMQPValue::Boolean(true));
+    if let Some(cause) = cause {
+        headers.insert("x-ipn-cause".into(), text(cause));
+    }
+    if let Some(received_at) = inbound.received_at {
+        let received_at = humantime::format_rfc3339_millis(received_at).to_string();
+        headers.insert("x-ipn-received-at".into(), text(&received_at));
+    }
+    let mut properties = BasicProperties::default()
+        .with_message_id(ShortString::from(inbound.message_id.as_str()))
+        .with_headers(headers);
+    if let Some(content_type) = inbound.properties.content_type() {
+        properties = properties.with_content_type(content_type.clone());
+    }
+    properties
 }
 
 /// What an operator can do about a quarantined IPN.
@@ -428,6 +523,9 @@ fn quarantine_fix(reason: Reason, message_id: &str) -> String {
             "addressed to another PayPal account: check paypal.receiver_ids/receiver_emails; once they are right, {replay}"
         ),
         Reason::Unreadable => "not a form body; nothing to replay".to_owned(),
+        Reason::Unprocessable => format!(
+            "the bridge can never store or publish one of its values (see x-ipn-cause): most likely a forged or malformed IPN. Nothing is published. If it is genuine, report it as a bug; after a fix, {replay}"
+        ),
     }
 }
 

@@ -21,7 +21,7 @@ pub(crate) struct RunningWorker {
     /// Where `/healthz`, `/readyz` and `/metrics` answer.
     address: std::net::SocketAddr,
     shutdown: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), ipn_bridge::worker::consume::Error>>,
+    task: JoinHandle<Result<(), ipn_bridge::worker::Error>>,
 }
 
 impl RunningWorker {

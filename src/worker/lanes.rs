@@ -1,0 +1,211 @@
+//! One shard's lanes: a queue of waiting deliveries per order key.
+//!
+//! Keeps the fourth promise within a shard: messages of one order key are handled strictly one
+//! after another in delivery order (a lane), different keys concurrently (bounded by
+//! `worker.concurrency`). A delivery is acked only after the gate settled it. A failure of our
+//! own database or broker keeps the IPN at the head of its lane and retries it in place with
+//! backoff, unacked, so the key's later IPNs cannot overtake it; after `worker.retry_in_place`
+//! tries it goes through the delay tiers instead (its key blocked behind it), so no message can
+//! hold the shard's prefetch window forever.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::Consumer;
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::Error;
+use super::pipeline::{self, Inbound, Pipeline, header_text};
+use crate::backoff::Backoff;
+use crate::bounded;
+use crate::config;
+
+/// How a lane retries an IPN in place.
+#[derive(Debug, Clone, Copy)]
+struct Retries {
+    min: Duration,
+    max: Duration,
+    in_place: u32,
+    /// Bound on an ack: a silent broker must not hold a lane past shutdown.
+    ack_timeout: Duration,
+}
+
+/// A shard's deliveries, sorted into lanes by order key.
+pub(super) struct Lanes {
+    shard: u16,
+    pipeline: Arc<Pipeline>,
+    limit: Arc<Semaphore>,
+    retries: Retries,
+    stop: CancellationToken,
+    waiting: HashMap<String, VecDeque<Delivery>>,
+    busy: HashSet<String>,
+}
+
+impl Lanes {
+    pub(super) fn new(
+        shard: u16,
+        pipeline: Arc<Pipeline>,
+        limit: Arc<Semaphore>,
+        config: &config::Config,
+        stop: CancellationToken,
+    ) -> Lanes {
+        let worker = &config.worker;
+        Lanes {
+            shard,
+            pipeline,
+            limit,
+            retries: Retries {
+                min: worker.retry_min,
+                max: worker.retry_max,
+                in_place: worker.retry_in_place.get(),
+                ack_timeout: config.amqp.connect_timeout,
+            },
+            stop,
+            waiting: HashMap::new(),
+            busy: HashSet::new(),
+        }
+    }
+
+    /// Feeds deliveries into lanes until stopped; then lets the running IPNs finish. Returns
+    /// `None` when stopped, or what ended the consumer.
+    pub(super) async fn run(mut self, mut consumer: Consumer) -> Option<Error> {
+        let mut running: JoinSet<String> = JoinSet::new();
+        let ended = loop {
+            tokio::select! {
+                () = self.stop.cancelled() => break None,
+                Some(done) = running.join_next() => {
+                    if let Ok(key) = done {
+                        self.next_in_lane(key, &mut running);
+                    }
+                }
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(delivery)) => self.admit(delivery, &mut running),
+                    Some(Err(error)) => break Some(Error::from(error)),
+                    None => break Some(Error::ConsumerLost(self.shard)),
+                },
+            }
+        };
+        if ended.is_some() {
+            // The session is over (its `stop` is this session's own token): IPNs retrying in
+            // place must give up now, unacked, instead of waiting for a broker that is gone.
+            self.stop.cancel();
+        }
+        // Finish what is running; deliveries still waiting stay unacked for redelivery.
+        while running.join_next().await.is_some() {}
+        ended
+    }
+
+    fn admit(&mut self, delivery: Delivery, running: &mut JoinSet<String>) {
+        let key = lane_of(&delivery);
+        if self.busy.contains(&key) {
+            self.waiting.entry(key).or_default().push_back(delivery);
+        } else {
+            self.busy.insert(key.clone());
+            running.spawn(self.process(key, delivery));
+        }
+    }
+
+    fn next_in_lane(&mut self, key: String, running: &mut JoinSet<String>) {
+        let next = self.waiting.get_mut(&key).and_then(VecDeque::pop_front);
+        if self.waiting.get(&key).is_some_and(VecDeque::is_empty) {
+            self.waiting.remove(&key);
+        }
+        match next {
+            Some(delivery) if !self.stop.is_cancelled() => {
+                running.spawn(self.process(key, delivery));
+            }
+            _ => {
+                self.busy.remove(&key);
+            }
+        }
+    }
+
+    /// Handles one delivery until it is settled and acked, retrying transient failures; gives
+    /// up (unacked) only when the worker stops.
+    fn process(&self, key: String, delivery: Delivery) -> impl Future<Output = String> + use<> {
+        let (pipeline, limit, stop) = (
+            Arc::clone(&self.pipeline),
+            Arc::clone(&self.limit),
+            self.stop.clone(),
+        );
+        let retries = self.retries;
+        async move {
+            let inbound = Inbound::new(delivery.data.clone(), delivery.properties.clone());
+            let mut backoff = Backoff::new(retries.min, retries.max);
+            let mut failures: u32 = 0;
+            let mut last_error: Option<pipeline::Error> = None;
+            loop {
+                let outcome = {
+                    let Ok(_permit) = limit.acquire().await else {
+                        return key;
+                    };
+                    let stuck = last_error.as_ref().filter(|_| failures >= retries.in_place);
+                    settle(&pipeline, &inbound, stuck).await
+                };
+                match outcome {
+                    Ok(()) => {
+                        ack(&delivery, &key, retries.ack_timeout).await;
+                        return key;
+                    }
+                    Err(error) => {
+                        failures = failures.saturating_add(1);
+                        let wait = backoff.next_wait();
+                        let cause = bounded::error_chain(&error);
+                        warn!(error = cause, ipn.order_key = %key, attempt = failures, retry_in = ?wait, "ipn not finished; retrying in place");
+                        last_error = Some(error);
+                        tokio::select! {
+                            () = stop.cancelled() => return key,
+                            () = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Settles an IPN; when it is `stuck` (failed in place too often), defers it through the
+/// delay tiers instead, where its key's order allows.
+async fn settle(
+    pipeline: &Pipeline,
+    inbound: &Inbound,
+    stuck: Option<&pipeline::Error>,
+) -> Result<(), pipeline::Error> {
+    if let Some(error) = stuck
+        && pipeline.defer_stuck(inbound, error).await?.is_some()
+    {
+        return Ok(());
+    }
+    pipeline.settle(inbound).await.map(|_| ())
+}
+
+async fn ack(delivery: &Delivery, key: &str, limit: Duration) {
+    let acked = tokio::time::timeout(limit, delivery.acker.ack(BasicAckOptions::default())).await;
+    let error = match acked {
+        Ok(Ok(_)) => return,
+        Ok(Err(error)) => bounded::error_chain(&error),
+        Err(_) => format!("no answer within {limit:?}"),
+    };
+    // Settled but not acked: the redelivery will be a duplicate.
+    warn!(error, ipn.order_key = %key, "cannot ack a settled ipn");
+}
+
+/// The lane of a delivery: its `x-ipn-order-key` (bounded), or (without one) the key the body
+/// gives.
+fn lane_of(delivery: &Delivery) -> String {
+    match header_text(&delivery.properties, "x-ipn-order-key") {
+        Some(key) => crate::ipn::OrderKey::from_header(&key).to_string(),
+        None => {
+            let form = crate::ipn::Form::parse(&delivery.data);
+            crate::ipn::PayPal::order_key_of(&form, &delivery.data).to_string()
+        }
+    }
+}

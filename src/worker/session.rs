@@ -1,0 +1,305 @@
+//! The consume session: one broker connection carrying a channel and a consumer per shard this
+//! worker owns, kept up for as long as the worker runs.
+//!
+//! Keeps three rules whatever the broker does: a lost or refused connection, channel or
+//! consumer ends the session and a new one follows (with the shared backoff), always; every
+//! broker operation of the session (connect, declare, qos, consume, close) is bounded by
+//! `amqp.connect_timeout`; and `stop` is honoured in every state, so a stop drains within
+//! `worker.shutdown_grace`. Ownership of shards among workers is recomputed every
+//! `worker.heartbeat` ([`super::ownership`]); a shard no longer owned is drained, then its
+//! channel closed, so the next owner's consumer becomes active with the rest in order.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::Error;
+use super::lanes::Lanes;
+use super::ownership;
+use super::pipeline::Pipeline;
+use crate::amqp;
+use crate::backoff::Backoff;
+use crate::bounded;
+use crate::config::Config;
+use crate::store::Store;
+use crate::topology::Topology;
+
+/// Declaring the whole topology is many RPCs (every shard, tier and downstream queue): it gets
+/// this many times `amqp.connect_timeout`.
+const DECLARE_RPCS: u32 = 12;
+
+/// What the consume sessions of one worker share.
+pub(super) struct Session<'a> {
+    pub(super) config: &'a Config,
+    pub(super) store: &'a Store,
+    pub(super) id: String,
+    pub(super) topology: &'a Topology,
+    pub(super) pipeline: &'a Arc<Pipeline>,
+    pub(super) limit: Arc<Semaphore>,
+    /// True while every owned shard has a live consumer (`/readyz`).
+    pub(super) consuming: &'a AtomicBool,
+    pub(super) stop: &'a CancellationToken,
+}
+
+/// The shards a session consumes: a stop token and a task each.
+struct Owned {
+    tokens: HashMap<u16, CancellationToken>,
+    tasks: JoinSet<(u16, Option<Error>)>,
+}
+
+impl Session<'_> {
+    /// Connects and consumes; after a loss, waits and does it again; returns when stopped.
+    pub(super) async fn keep_consuming(&self) {
+        let amqp = &self.config.amqp;
+        let mut backoff = Backoff::new(amqp.reconnect_min, amqp.reconnect_max);
+        while !self.stop.is_cancelled() {
+            let mut reached_consuming = false;
+            let result = self.connect_and_consume(&mut reached_consuming).await;
+            self.consuming.store(false, Ordering::Relaxed);
+            let error = match result {
+                Ok(()) => return,
+                Err(error) => bounded::error_chain(&error),
+            };
+            if reached_consuming {
+                // The broker is there: what failed was this session, so start over quickly.
+                backoff.reset();
+            }
+            let wait = backoff.next_wait();
+            warn!(error, retry_in = ?wait, "not consuming; reconnecting");
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn connect_and_consume(&self, reached_consuming: &mut bool) -> Result<(), Error> {
+        let connect = amqp::connect(&self.config.amqp, "ipn-worker-consume");
+        let connection = tokio::select! {
+            () = self.stop.cancelled() => return Ok(()),
+            connection = connect => connection?,
+        };
+        let result = self.consume(&connection, reached_consuming).await;
+        // Closing returns whatever is still unacked to the queues, in order. A connection
+        // that already broke fails at once; a silent one is given up on.
+        let close = connection.close(200, "worker stopping".into());
+        let _ = tokio::time::timeout(self.config.amqp.connect_timeout, close).await;
+        if result.is_ok() {
+            // A clean stop: the others take the shards over now, not after `worker.takeover`.
+            let _ = self.store.leave(&self.id).await;
+        }
+        result
+    }
+
+    /// One connection's life: every `worker.heartbeat`, record this worker as alive and
+    /// subscribe to the shards it owns among the live workers, handing over (drain, then close
+    /// the shard's channel) those it no longer owns; until `stop` (drain within the grace
+    /// period, `Ok`) or until a consumer or an operation fails (`Err`).
+    async fn consume(&self, connection: &Connection, reached: &mut bool) -> Result<(), Error> {
+        let limit = self.config.amqp.connect_timeout;
+        let declare = async {
+            let channel = rpc("open a channel", limit, connection.create_channel()).await?;
+            let declared = self.topology.declare(&channel);
+            rpc("declare the topology", limit * DECLARE_RPCS, declared).await?;
+            let close = channel.close(200, "topology declared".into());
+            rpc("close the declaring channel", limit, close).await
+        };
+        tokio::select! {
+            () = self.stop.cancelled() => return Ok(()),
+            declared = declare => declared?,
+        }
+        let session_stop = self.stop.child_token();
+        let mut owned = Owned {
+            tokens: HashMap::new(),
+            tasks: JoinSet::new(),
+        };
+        let mut tick = tokio::time::interval(self.config.worker.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let lost = loop {
+            tokio::select! {
+                () = self.stop.cancelled() => break None,
+                _ = tick.tick() => {
+                    let step = self.rebalance(connection, &mut owned, &session_stop);
+                    let stepped = tokio::select! {
+                        () = self.stop.cancelled() => break None,
+                        stepped = step => stepped,
+                    };
+                    match stepped {
+                        Ok(()) => {
+                            *reached = true;
+                            self.consuming.store(true, Ordering::Relaxed);
+                        }
+                        Err(error) => break Some(error),
+                    }
+                }
+                Some(ended) = owned.tasks.join_next() => match ended {
+                    Ok((shard, None)) => info!(shard, "shard handed over"),
+                    Ok((_, Some(error))) => break Some(error),
+                    Err(_) => break Some(Error::ConsumerLost(u16::MAX)),
+                },
+            }
+        };
+        self.consuming.store(false, Ordering::Relaxed);
+        session_stop.cancel();
+        self.drain(&mut owned.tasks).await;
+        self.pipeline.metrics().owned_shards.set(0);
+        lost.map_or(Ok(()), Err)
+    }
+
+    /// Lets the shards' running IPNs finish within `worker.shutdown_grace`; what is cut off
+    /// stays unacked and is redelivered.
+    async fn drain(&self, shards: &mut JoinSet<(u16, Option<Error>)>) {
+        let grace = self.config.worker.shutdown_grace;
+        let drained =
+            tokio::time::timeout(grace, async { while shards.join_next().await.is_some() {} });
+        if drained.await.is_err() {
+            warn!(
+                ?grace,
+                "grace period over; unfinished IPNs stay unacked and will be redelivered"
+            );
+            shards.abort_all();
+        }
+    }
+
+    /// Records the heartbeat, then subscribes to the shards owned now and hands over the rest.
+    /// When the database cannot tell who owns what, the shards held now are kept (single active
+    /// consumer still guards each shard).
+    async fn rebalance(
+        &self,
+        connection: &Connection,
+        owned: &mut Owned,
+        session_stop: &CancellationToken,
+    ) -> Result<(), Error> {
+        match self.my_shards().await {
+            Some(mine) => self.reconcile(connection, &mine, owned, session_stop).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Records the heartbeat and computes the shards this worker owns; `None` when the database
+    /// cannot tell.
+    async fn my_shards(&self) -> Option<Vec<u16>> {
+        let within = self.config.worker.takeover;
+        let beat = self.store.heartbeat(&self.id, &host()).await;
+        let live = match beat {
+            Ok(()) => self.store.live_workers(within).await,
+            Err(error) => Err(error),
+        };
+        match live {
+            Ok(live) => {
+                let ids: Vec<String> = live.into_iter().map(|w| w.worker_id).collect();
+                Some(ownership::owned_by(
+                    &self.id,
+                    &ids,
+                    self.topology.shards().get(),
+                ))
+            }
+            Err(error) => {
+                let error = bounded::error_chain(&error);
+                warn!(
+                    error,
+                    "cannot record the heartbeat; keeping the shards held now"
+                );
+                None
+            }
+        }
+    }
+
+    /// Subscribes to the shards newly owned and starts handing over those no longer owned.
+    async fn reconcile(
+        &self,
+        connection: &Connection,
+        mine: &[u16],
+        owned: &mut Owned,
+        session_stop: &CancellationToken,
+    ) -> Result<(), Error> {
+        owned.tokens.retain(|shard, token| {
+            let keep = mine.contains(shard);
+            if !keep {
+                info!(shard, "shard now owned by another worker; draining it");
+                token.cancel();
+            }
+            keep
+        });
+        for &shard in mine {
+            if owned.tokens.contains_key(&shard) {
+                continue;
+            }
+            let token = session_stop.child_token();
+            let (channel, consumer) = self.subscribe(connection, shard).await?;
+            let lanes = Lanes::new(
+                shard,
+                Arc::clone(self.pipeline),
+                Arc::clone(&self.limit),
+                self.config,
+                token.clone(),
+            );
+            let close_limit = self.config.amqp.connect_timeout;
+            owned.tasks.spawn(async move {
+                let ended = lanes.run(consumer).await;
+                if ended.is_none() {
+                    // Drained: closing the channel returns the deliveries never started, in
+                    // order, and lets the next consumer of the shard become active.
+                    let close = channel.close(200, "shard handed over".into());
+                    let _ = tokio::time::timeout(close_limit, close).await;
+                }
+                (shard, ended)
+            });
+            owned.tokens.insert(shard, token);
+        }
+        let count = i64::try_from(owned.tokens.len()).unwrap_or(i64::MAX);
+        self.pipeline.metrics().owned_shards.set(count);
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        connection: &Connection,
+        shard: u16,
+    ) -> Result<(Channel, Consumer), Error> {
+        let limit = self.config.amqp.connect_timeout;
+        let channel = rpc("open a shard channel", limit, connection.create_channel()).await?;
+        let qos = channel.basic_qos(
+            self.config.worker.prefetch.get(),
+            BasicQosOptions::default(),
+        );
+        rpc("set the prefetch", limit, qos).await?;
+        let queue = self.topology.shard_queue(shard);
+        let consume = channel.basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        );
+        let consumer = rpc("subscribe to a shard", limit, consume).await?;
+        Ok((channel, consumer))
+    }
+}
+
+/// A broker operation, bounded by `limit`: a broker that stops answering ends the session
+/// instead of hanging it.
+async fn rpc<T, E: Into<Error>>(
+    what: &'static str,
+    limit: Duration,
+    operation: impl Future<Output = Result<T, E>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(limit, operation).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(Error::BrokerTimeout { what, after: limit }),
+    }
+}
+
+/// The host name, for `ipnctl workers`.
+pub fn host() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".to_owned())
+}
