@@ -10,12 +10,14 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
-use hyper::service::HttpService;
+use hyper::service::Service;
+use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -26,6 +28,9 @@ use tracing::{debug, info, warn};
 /// How long the loop pauses after an accept error: EMFILE/ENFILE clear only when some
 /// connection closes, so trying again at once would spin a core.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// How long a full server waits for the connection it asked to close before asking the next.
+const EVICTION_STEP: Duration = Duration::from_millis(50);
 
 /// The connections of one server: a cap, their order of arrival, and a drain.
 #[derive(Debug)]
@@ -72,15 +77,9 @@ impl Connections {
     ) {
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
-            if self.slots.available_permits() == 0 {
-                self.close_oldest();
-            }
             let permit = tokio::select! {
                 () = &mut shutdown => return,
-                permit = Arc::clone(&self.slots).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return, // never closed
-                },
+                permit = self.slot() => permit,
             };
             let accepted = tokio::select! {
                 () = &mut shutdown => return,
@@ -129,6 +128,22 @@ impl Connections {
         }
     }
 
+    /// A free slot; while there is none, asks the oldest connection to close, and the next
+    /// oldest after each [`EVICTION_STEP`] that freed nothing (the oldest may be finishing a
+    /// request).
+    async fn slot(&self) -> OwnedSemaphorePermit {
+        loop {
+            if let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() {
+                return permit;
+            }
+            self.close_oldest();
+            let acquire = Arc::clone(&self.slots).acquire_owned();
+            if let Ok(Ok(permit)) = tokio::time::timeout(EVICTION_STEP, acquire).await {
+                return permit;
+            }
+        }
+    }
+
     /// Asks the oldest live connection to close.
     fn close_oldest(&self) {
         let Ok(mut arrivals) = self.arrivals.lock() else {
@@ -156,16 +171,22 @@ impl Connections {
 
 impl Accepted {
     /// Serves HTTP/1 on this connection with `http` and `service`, in a task of its own, until
-    /// the client closes or the server asks it to (then after the request in progress).
+    /// the client closes or the server asks it to close: at once when no request is in the
+    /// service (idle, or still sending its request head), else after that request's answer.
     pub fn serve<S, B>(self, http: &http1::Builder, service: S)
     where
-        S: HttpService<Incoming, ResBody = B> + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         B: Body + Send + 'static,
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let busy = Arc::new(AtomicUsize::new(0));
+        let service = Tracked {
+            inner: service,
+            busy: Arc::clone(&busy),
+        };
         let connection = http.serve_connection(TokioIo::new(self.stream), service);
         let (peer, permit, close, alive) = (self.peer, self.permit, self.close, self.alive);
         self.tracker.spawn(async move {
@@ -173,6 +194,11 @@ impl Accepted {
             let ended = tokio::select! {
                 ended = connection.as_mut() => ended,
                 () = close.cancelled() => {
+                    if busy.load(Ordering::Acquire) == 0 {
+                        debug!(%peer, "closing a connection with no request in progress");
+                        drop((permit, alive));
+                        return;
+                    }
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
@@ -182,6 +208,42 @@ impl Accepted {
             }
             drop((permit, alive));
         });
+    }
+}
+
+/// A service that counts the requests it is handling, so a connection knows whether closing it
+/// would cut a request short.
+struct Tracked<S> {
+    inner: S,
+    busy: Arc<AtomicUsize>,
+}
+
+/// Counts one request for as long as its handler runs (dropped with it, if it is cancelled).
+struct Busy(Arc<AtomicUsize>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl<S: Service<Request<Incoming>>> Service<Request<Incoming>> for Tracked<S>
+where
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        let busy = Busy(Arc::clone(&self.busy));
+        let handling = self.inner.call(request);
+        Box::pin(async move {
+            let answer = handling.await;
+            drop(busy);
+            answer
+        })
     }
 }
 

@@ -98,7 +98,7 @@ pub struct Worker {
 
 /// The live workers (heartbeat within `worker.takeover`) and the shards each owns.
 pub async fn workers(config: &Config) -> anyhow::Result<Vec<Worker>> {
-    let store = crate::store::Store::connect(&config.database)
+    let store = crate::store::Store::connect_existing(&config.database)
         .await
         .context("cannot connect to the worker's database")?;
     let live = store.live_workers(config.worker.takeover).await;

@@ -147,7 +147,7 @@ pub struct BlockedKey {
 
 /// Every blocked key, oldest first.
 pub async fn blocked_keys(config: &Config) -> anyhow::Result<Vec<BlockedKey>> {
-    let store = Store::connect(&config.database)
+    let store = Store::connect_existing(&config.database)
         .await
         .context("cannot connect to the worker's database")?;
     let rows = store
@@ -175,7 +175,7 @@ pub async fn blocked_keys(config: &Config) -> anyhow::Result<Vec<BlockedKey>> {
 /// otherwise it stays there (a later replay publishes it after the released ones). Returns
 /// whether the key was blocked.
 pub async fn release(config: &Config, key: &str, purge_blocker: bool) -> anyhow::Result<bool> {
-    let store = Store::connect(&config.database)
+    let store = Store::connect_existing(&config.database)
         .await
         .context("cannot connect to the worker's database")?;
     let blocked = store.blocked(key).await.context("cannot read the key")?;

@@ -123,6 +123,15 @@ async fn the_ipnctl_binary_lists_and_releases_as_an_operator_expects() {
     let table = ipnctl(&["quarantine", "list"]);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.starts_with("KEY"), "{table}");
+    // Read-only commands create nothing: before a worker made the database, they say so.
+    let missing = ipnctl(&["key", "list"]);
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    let store = ipn_bridge::store::Store::connect(&config.database)
+        .await
+        .expect("the worker's database, created as a worker does");
+    store.close().await;
     let keys = ipnctl(&["key", "list"]);
     assert!(String::from_utf8_lossy(&keys.stdout).contains("HELD"));
     let release = ipnctl(&["key", "release", "profile:I-NOTBLOCKED"]);

@@ -8,6 +8,7 @@ mod cli;
 mod compose;
 mod faults;
 mod gate;
+mod hostile;
 mod ingress;
 mod pipeline_e2e;
 mod scaling;

@@ -39,6 +39,12 @@ impl RunningWorker {
         }
     }
 
+    /// The status `/readyz` answers now (0 when it does not answer).
+    pub(crate) async fn readiness(&self) -> u16 {
+        let url = format!("http://{}/readyz", self.address);
+        reqwest::get(url).await.map_or(0, |r| r.status().as_u16())
+    }
+
     /// One metric's value from `/metrics` (the first line starting with `name`).
     pub(crate) async fn metric(&self, name: &str) -> Option<f64> {
         crate::support::metric(&format!("http://{}/metrics", self.address), name).await
@@ -120,7 +126,7 @@ pub(crate) fn raw(event: &serde_json::Value) -> Vec<u8> {
         .expect("base64")
 }
 
-fn live_samples() -> Vec<Vec<u8>> {
+pub(crate) fn live_samples() -> Vec<Vec<u8>> {
     samples()
         .into_iter()
         .map(|(_, body)| body)

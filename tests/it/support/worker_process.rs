@@ -69,7 +69,8 @@ impl WorkerProcess {
             .env("IPN_WORKER__ID", &self.id)
             .env("IPN_WORKER__LISTEN", format!("127.0.0.1:{}", self.port))
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            // Log lines go to stdout, start-up errors to stderr: both into the log file.
+            .stdout(Stdio::from(log.try_clone().expect("clone log handle")))
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
             .spawn()

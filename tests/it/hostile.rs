@@ -1,0 +1,521 @@
+//! Attacks on the public ingress URL, end to end: bodies that inflate header values, ids PayPal
+//! never sends (NUL, 3 KB), bodies dribbled a byte at a time, floods of idle connections under a
+//! low open-file limit, a broker or database that stops answering, clients that hang up, and a
+//! failing alert webhook. Each must be refused or absorbed with nothing lost, and every other
+//! IPN must keep flowing.
+
+use std::num::NonZeroU16;
+use std::time::{Duration, Instant};
+
+use lapin::types::AMQPValue;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::pipeline_e2e::{RunningWorker, Stack, live_samples};
+use crate::support::ingress::ingress_binary;
+use crate::support::{
+    PATIENCE, Proxy, post_form, ready_ingress, sample, spawn_ingress, with_fields,
+};
+
+/// `count` copies of `%80`: each byte is € in windows-1252, three bytes of UTF-8 once decoded.
+fn inflating(count: usize) -> String {
+    "%80".repeat(count)
+}
+
+/// A header of a delivery as text.
+fn header(delivery: &lapin::message::Delivery, name: &str) -> Option<String> {
+    match delivery.properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
+/// A stack with one shard, so that every IPN shares the shard the attack lands on.
+async fn one_shard_stack() -> Stack {
+    let mut stack = Stack::new().await;
+    stack.config.topology.shards = NonZeroU16::MIN;
+    stack.config.worker.prefetch = NonZeroU16::new(4).expect("non-zero");
+    stack
+}
+
+#[tokio::test]
+async fn a_key_inflating_body_is_quarantined_under_a_bounded_key_while_ordinary_ipns_get_their_events()
+ {
+    let stack = one_shard_stack().await;
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
+    // 43.6 KB of body; decoded, a 130 KB txn_id: today's frame_max is 131 072.
+    let hostile = with_fields(
+        &sample("001_web_accept.txt"),
+        &[("txn_id", &inflating(14_500))],
+    );
+    assert!(hostile.len() > 43_000 && hostile.len() < 65_536);
+    assert_eq!(post_form(&ingress.url, hostile).await.0, 200);
+    let ordinary = live_samples();
+    for body in &ordinary {
+        assert_eq!(post_form(&ingress.url, body.clone()).await.0, 200);
+    }
+    let events = stack.events(ordinary.len() as u32).await;
+    assert_eq!(events.len(), ordinary.len());
+    stack.wait_for("ipn.quarantine", 1).await;
+    let channel = stack.broker.channel().await;
+    let quarantined = stack.broker.drain(&channel, "ipn.quarantine").await;
+    assert_eq!(quarantined.len(), 1);
+    let message = &quarantined[0];
+    assert_eq!(
+        header(message, "x-ipn-reason").as_deref(),
+        Some("unprocessable")
+    );
+    let cause = header(message, "x-ipn-cause").expect("a cause");
+    assert!(cause.contains("txn_id"), "{cause}");
+    let key = header(message, "x-ipn-order-key").expect("a key");
+    assert!(key.starts_with("txn:sha256:") && key.len() < 100, "{key}");
+    assert_eq!(worker.readiness().await, 200, "ready while consuming");
+    // Stops within PATIENCE (asserted by stop) with nothing left unacked.
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn repeated_key_inflating_posts_beside_valid_traffic_leave_every_valid_ipn_answered_200() {
+    let stack = Stack::new().await;
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let valid = sample("001_web_accept.txt");
+    // Just under the 64 KiB body limit: a 196 KB key once decoded.
+    let hostile = format!("txn_id={}", inflating(21_800)).into_bytes();
+    assert!(hostile.len() < 65_536);
+    for _ in 0..20 {
+        let attack = tokio::spawn(post_form_owned(ingress.url.clone(), hostile.clone()));
+        let mut posts = Vec::new();
+        for _ in 0..5 {
+            posts.push(tokio::spawn(post_form_owned(
+                ingress.url.clone(),
+                valid.clone(),
+            )));
+        }
+        for post in posts {
+            assert_eq!(
+                post.await.expect("post").0,
+                200,
+                "a valid IPN beside the attack"
+            );
+        }
+        assert_eq!(
+            attack.await.expect("post").0,
+            200,
+            "persisted under a bounded key"
+        );
+    }
+    assert_eq!(
+        ingress
+            .metric("ipn_ingress_requests_total{status=\"503\"}")
+            .await,
+        None,
+        "no 503 at all: the broker connection never dropped"
+    );
+    ingress.stop().await;
+}
+
+async fn post_form_owned(url: String, body: Vec<u8>) -> (u16, String) {
+    post_form(&url, body).await
+}
+
+#[tokio::test]
+async fn nul_and_3_kb_ids_are_quarantined_as_unprocessable_and_the_shard_keeps_flowing() {
+    let stack = one_shard_stack().await;
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
+    let base = sample("001_web_accept.txt");
+    // More poison than the shard's prefetch window (4): retried forever, it would stall it.
+    for i in 0..6 {
+        let nul = with_fields(&base, &[("txn_id", &format!("AB%00CD{i}"))]);
+        assert_eq!(post_form(&ingress.url, nul).await.0, 200);
+        let long = with_fields(&base, &[("txn_id", &format!("{i}{}", "A".repeat(3000)))]);
+        assert_eq!(post_form(&ingress.url, long).await.0, 200);
+    }
+    let ordinary = live_samples();
+    for body in &ordinary {
+        assert_eq!(post_form(&ingress.url, body.clone()).await.0, 200);
+    }
+    let events = stack.events(ordinary.len() as u32).await;
+    assert_eq!(events.len(), ordinary.len());
+    stack.wait_for("ipn.quarantine", 12).await;
+    let channel = stack.broker.channel().await;
+    let quarantined = stack.broker.drain(&channel, "ipn.quarantine").await;
+    assert_eq!(quarantined.len(), 12);
+    for message in &quarantined {
+        assert_eq!(
+            header(message, "x-ipn-reason").as_deref(),
+            Some("unprocessable")
+        );
+        assert!(header(message, "x-ipn-cause").is_some_and(|c| c.contains("txn_id")));
+    }
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// POSTs `body` a byte per TCP segment (a pause after each), then reads the status code.
+async fn dribble(port: u16, body: Vec<u8>) -> Option<u16> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    stream.set_nodelay(true).ok()?;
+    let head = format!(
+        "POST /ipn HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.ok()?;
+    for byte in body {
+        stream.write_all(&[byte]).await.ok()?;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut answer = vec![0u8; 256];
+    let n = tokio::time::timeout(PATIENCE, stream.read(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    String::from_utf8_lossy(&answer[..n])
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[tokio::test]
+async fn bodies_dribbled_a_byte_per_segment_on_several_connections_keep_the_ingress_memory_bounded()
+{
+    let stack = Stack::new().await;
+    let (child, port) =
+        ingress_binary(&stack.broker, &[("IPN_INGRESS__BODY_READ_TIMEOUT", "120s")]).await;
+    let pid = child.id().expect("running");
+    let before = rss_kib(pid);
+    let mut body = sample("001_web_accept.txt");
+    body.extend_from_slice(b"&custom=");
+    body.resize(6_000, b'a');
+    let dribbles: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(dribble(port, body.clone())))
+        .collect();
+    let mut peak = before;
+    while !dribbles.iter().all(|d| d.is_finished()) {
+        peak = peak.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for dribbled in dribbles {
+        assert_eq!(dribbled.await.expect("task"), Some(200));
+    }
+    // Keeping every 1-byte frame pinned ~7 KiB each: 8 x 6 000 bytes would be ~330 MiB.
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 32,
+        "RSS grew {grown_mib} MiB ({before} -> {peak} KiB)"
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_beyond_the_cap_under_a_low_open_file_limit_leave_valid_ipns_answered() {
+    let stack = Stack::new().await;
+    let port = free_port();
+    // Soft 128, hard 256: the binary raises the soft limit to 256 and serves 64 at once.
+    let mut child = tokio::process::Command::new("prlimit")
+        .arg("--nofile=128:256")
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_ipn-ingress"))
+        .env(
+            "IPN_AMQP__URL",
+            stack.broker.url_via(crate::support::broker::BROKER),
+        )
+        .env("IPN_TOPOLOGY__SHARDS", "4")
+        .env("IPN_INGRESS__LISTEN", format!("127.0.0.1:{port}"))
+        .env("IPN_INGRESS__MAX_CONNECTIONS", "64")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ipn-ingress starts under prlimit");
+    wait_ready(port).await;
+    let pid = child.id().expect("running");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("line");
+    assert_eq!(
+        open_files.split_whitespace().nth(3),
+        Some("256"),
+        "soft limit raised to the hard one: {open_files}"
+    );
+    // Twice the open-file limit in idle connections, half of them with a started request.
+    let mut idle = Vec::new();
+    for i in 0..512 {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await else {
+            continue;
+        };
+        if i % 2 == 0 {
+            let _ = stream.write_all(b"POST /ipn HTTP/1.1\r\nhost: x\r\n").await;
+        }
+        idle.push(stream);
+    }
+    let url = format!("http://127.0.0.1:{port}/ipn");
+    for _ in 0..10 {
+        let started = Instant::now();
+        let posted = tokio::time::timeout(PATIENCE, post_form(&url, sample("001_web_accept.txt")));
+        let (status, _) = posted.await.expect("answered despite the flood");
+        assert_eq!(status, 200);
+        // Far below the 10 s header timeout that would otherwise have to free a slot.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert!(child.try_wait().expect("status").is_none(), "still running");
+    drop(idle);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+async fn wait_ready(port: u16) {
+    let ready = async {
+        loop {
+            let readiness = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await;
+            if readiness.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, ready).await.expect("ready");
+}
+
+#[tokio::test]
+async fn a_black_holed_broker_makes_the_ingress_unready_within_the_heartbeat_window_then_answers_503_at_once()
+ {
+    let stack = Stack::new().await;
+    let proxy = Proxy::start().await;
+    let mut config = stack.broker.config_via(proxy.address());
+    config.amqp.heartbeat = Duration::from_secs(2);
+    config.ingress.confirm_timeout = Duration::from_secs(3);
+    let ingress = spawn_ingress(config).await;
+    ingress.wait_ready().await;
+    let valid = sample("001_web_accept.txt");
+    assert_eq!(post_form(&ingress.url, valid.clone()).await.0, 200);
+    // The broker keeps the sockets but sends nothing: no confirm, no heartbeat.
+    proxy.hold_replies();
+    let posts: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(post_form_owned(ingress.url.clone(), valid.clone())))
+        .collect();
+    for post in posts {
+        assert_eq!(post.await.expect("post").0, 503);
+    }
+    let readyz = ingress.path("/readyz");
+    let unready = async {
+        while reqwest::get(&readyz).await.is_ok_and(|r| r.status() == 200) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, unready)
+        .await
+        .expect("readyz 503");
+    let started = Instant::now();
+    assert_eq!(post_form(&ingress.url, valid.clone()).await.0, 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered without waiting for a confirm: {:?}",
+        started.elapsed()
+    );
+    proxy.restore();
+    ingress.wait_ready().await;
+    assert_eq!(post_form(&ingress.url, valid).await.0, 200);
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_hanging_up_while_its_ipn_waits_for_a_confirm_leaves_the_gauge_at_zero() {
+    let stack = Stack::new().await;
+    let proxy = Proxy::start().await;
+    let mut config = stack.broker.config_via(proxy.address());
+    config.ingress.confirm_timeout = Duration::from_secs(60);
+    let ingress = spawn_ingress(config).await;
+    ingress.wait_ready().await;
+    proxy.hold_replies();
+    let body = sample("001_web_accept.txt");
+    let mut stream = TcpStream::connect(ingress.address).await.expect("connect");
+    let head = format!(
+        "POST /ipn HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("head");
+    stream.write_all(&body).await.expect("body");
+    let gauge = |want: f64| {
+        let ingress = &ingress;
+        async move {
+            let reached = async {
+                while ingress.metric("ipn_ingress_in_flight").await != Some(want) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
+            tokio::time::timeout(PATIENCE, reached).await.is_ok()
+        }
+    };
+    assert!(gauge(1.0).await, "the IPN waits for its confirm");
+    drop(stream);
+    assert!(gauge(0.0).await, "the gauge follows the hang-up");
+    let dropped = ingress
+        .metric("ipn_ingress_requests_total{status=\"dropped\"}")
+        .await;
+    assert_eq!(dropped, Some(1.0));
+    proxy.restore();
+    ingress.stop().await;
+}
+
+/// Runs a binary with `env` (no inherited `IPN_*`), killed on drop.
+fn binary(path: &str, args: &[&str], env: &[(&str, String)]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(path);
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("IPN_")) {
+        command.env_remove(name);
+    }
+    command
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+#[tokio::test]
+async fn a_black_holed_database_ends_worker_start_up_and_ipnctl_with_a_clear_error_in_time() {
+    let stack = Stack::new().await;
+    let proxy = Proxy::to(crate::support::db::POSTGRES).await;
+    proxy.hold_replies();
+    let db = crate::support::TestDb::new();
+    let env = [
+        (
+            "IPN_AMQP__URL",
+            stack.broker.url_via(crate::support::broker::BROKER),
+        ),
+        ("IPN_DATABASE__URL", db.url_via(proxy.address())),
+        ("IPN_DATABASE__CONNECT_TIMEOUT", "2s".to_owned()),
+        ("IPN_WORKER__LISTEN", format!("127.0.0.1:{}", free_port())),
+    ];
+    let worker = binary(env!("CARGO_BIN_EXE_ipn-worker"), &[], &env).output();
+    let output = tokio::time::timeout(PATIENCE, worker)
+        .await
+        .expect("ended in time")
+        .expect("ran");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("PostgreSQL did not answer `create database` within 2s"),
+        "{stderr}"
+    );
+    for args in [["key", "list"], ["workers", "--json"]] {
+        let ctl = binary(env!("CARGO_BIN_EXE_ipnctl"), &args, &env).output();
+        let output = tokio::time::timeout(PATIENCE, ctl)
+            .await
+            .expect("ended in time")
+            .expect("ran");
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("PostgreSQL did not answer `connect` within 2s"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigterm_during_a_start_up_that_waits_for_the_database_ends_the_worker_at_once() {
+    let stack = Stack::new().await;
+    let proxy = Proxy::to(crate::support::db::POSTGRES).await;
+    proxy.hold_replies();
+    let db = crate::support::TestDb::new();
+    let env = [
+        (
+            "IPN_AMQP__URL",
+            stack.broker.url_via(crate::support::broker::BROKER),
+        ),
+        ("IPN_DATABASE__URL", db.url_via(proxy.address())),
+        ("IPN_DATABASE__CONNECT_TIMEOUT", "120s".to_owned()),
+        ("IPN_WORKER__LISTEN", format!("127.0.0.1:{}", free_port())),
+    ];
+    let mut worker = binary(env!("CARGO_BIN_EXE_ipn-worker"), &[], &env)
+        .spawn()
+        .expect("starts");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = worker.id().expect("running").to_string();
+    let signalled = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await;
+    assert!(signalled.expect("kill runs").success());
+    let status = tokio::time::timeout(PATIENCE, worker.wait())
+        .await
+        .expect("stopped long before the 120 s connect timeout")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn a_failing_alert_webhook_never_puts_its_url_or_token_in_the_logs() {
+    let stack = Stack::new().await;
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    // Nothing listens on port 1: every delivery fails with a connection error, whose text
+    // (reqwest's) would carry the URL.
+    let token = "s3cr3t-T0KEN-in-the-path";
+    let env = vec![
+        (
+            "IPN_AMQP__URL".to_owned(),
+            stack.broker.url_via(crate::support::broker::BROKER),
+        ),
+        (
+            "IPN_DATABASE__URL".to_owned(),
+            stack.config.database.url.to_string(),
+        ),
+        ("IPN_TOPOLOGY__SHARDS".to_owned(), "4".to_owned()),
+        (
+            "IPN_PAYPAL__VERIFY_URL".to_owned(),
+            stack.paypal.url().to_string(),
+        ),
+        (
+            "IPN_ALERT__WEBHOOK_URL".to_owned(),
+            format!("http://127.0.0.1:1/hooks/{token}?key={token}"),
+        ),
+        ("IPN_ALERT__ATTEMPTS".to_owned(), "2".to_owned()),
+    ];
+    let mut worker = crate::support::WorkerProcess::start("w-webhook", &env).await;
+    let poison = with_fields(&sample("001_web_accept.txt"), &[("txn_id", "AB%00CD")]);
+    assert_eq!(post_form(&ingress.url, poison).await.0, 200);
+    let log = worker.keep_log();
+    let failed = async {
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("alert given up on this channel") {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let Ok(text) = tokio::time::timeout(PATIENCE, failed).await else {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        panic!("both attempts should have failed by now; the log:\n{text}");
+    };
+    let _ = std::fs::remove_file(&log);
+    assert!(text.contains("alert not delivered"), "{text}");
+    assert!(!text.contains(token), "the token leaked:\n{text}");
+    assert!(!text.contains("/hooks/"), "the URL leaked:\n{text}");
+    worker.stop().await;
+    ingress.stop().await;
+}
