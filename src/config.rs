@@ -16,6 +16,9 @@ use std::time::Duration;
 use lapin::uri::AMQPUri;
 use serde::Deserialize;
 
+/// Channels one connection may use, under RabbitMQ's default `channel_max` of 2047.
+const MAX_CHANNELS: usize = 2000;
+
 /// Environment variables that name the config file rather than a setting.
 pub const CONFIG_FILE_VAR: &str = "IPN_CONFIG";
 const ENV_PREFIX: &str = "IPN_";
@@ -120,6 +123,7 @@ pub struct Worker {
     /// Address of the worker's `/healthz`, `/readyz` and `/metrics`.
     pub listen: SocketAddr,
     /// This worker's id among the workers sharing the shards; unset: a fresh one per start.
+    #[serde(deserialize_with = "optional_text")]
     pub id: Option<String>,
     /// How often the worker records that it is alive and recomputes which shards it owns.
     #[serde(with = "humantime_serde")]
@@ -194,6 +198,7 @@ pub struct Alert {
     /// (STARTTLS). Never printed with its password.
     pub smtp_url: Option<SmtpUrl>,
     /// The sender of alert emails.
+    #[serde(deserialize_with = "text_or_number")]
     pub email_from: String,
     /// Recipients of alert emails. Environment: comma-separated.
     #[serde(deserialize_with = "list")]
@@ -402,6 +407,7 @@ pub struct Ingress {
     /// Address to listen on.
     pub listen: SocketAddr,
     /// Path PayPal posts to.
+    #[serde(deserialize_with = "text_or_number")]
     pub path: String,
     /// Larger bodies get 413; reading stops at the limit.
     pub max_body_bytes: NonZeroUsize,
@@ -637,9 +643,26 @@ impl Config {
             })?),
             None => None,
         };
-        let env: BTreeMap<String, String> = std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-            .collect();
+        let mut env = BTreeMap::new();
+        for (name, value) in std::env::vars_os() {
+            // Only our own variables matter; one of them that is not UTF-8 is an error, not
+            // a setting silently dropped.
+            let Some(name) = name.to_str().map(str::to_owned) else {
+                continue;
+            };
+            match value.into_string() {
+                Ok(value) => {
+                    env.insert(name, value);
+                }
+                Err(_) if name.starts_with(ENV_PREFIX) => {
+                    return Err(Error::Invalid {
+                        key: name,
+                        problem: "the value is not valid UTF-8".to_owned(),
+                    });
+                }
+                Err(_) => {}
+            }
+        }
         Config::load(text.as_deref(), &env)
     }
 
@@ -655,6 +678,46 @@ impl Config {
         })
     }
 
+    /// Timeouts of zero would fail every operation at once.
+    fn validate_timeouts(&self) -> Result<(), Error> {
+        let timeouts = [
+            ("amqp.connect_timeout", self.amqp.connect_timeout),
+            ("ingress.confirm_timeout", self.ingress.confirm_timeout),
+            (
+                "ingress.header_read_timeout",
+                self.ingress.header_read_timeout,
+            ),
+            ("ingress.body_read_timeout", self.ingress.body_read_timeout),
+            ("worker.confirm_timeout", self.worker.confirm_timeout),
+            ("paypal.verify_timeout", self.paypal.verify_timeout),
+            ("database.acquire_timeout", self.database.acquire_timeout),
+            ("database.connect_timeout", self.database.connect_timeout),
+            ("database.query_timeout", self.database.query_timeout),
+        ];
+        match timeouts.iter().find(|(_, limit)| limit.is_zero()) {
+            Some((key, _)) => Err(Error::Invalid {
+                key: (*key).to_owned(),
+                problem: "must be above zero".to_owned(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Alert addresses must parse as mailboxes (`Name <a@b>` or `a@b`).
+    fn validate_emails(&self) -> Result<(), Error> {
+        let addresses = std::iter::once(("alert.email_from", &self.alert.email_from))
+            .chain(self.alert.email_to.iter().map(|to| ("alert.email_to", to)));
+        for (key, address) in addresses {
+            if let Err(error) = address.parse::<lettre::message::Mailbox>() {
+                return Err(Error::Invalid {
+                    key: key.to_owned(),
+                    problem: format!("`{address}` is not an email address: {error}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), Error> {
         let invalid = |key: &str, problem: &str| Error::Invalid {
             key: key.to_owned(),
@@ -663,6 +726,18 @@ impl Config {
         if !self.ingress.path.starts_with('/') {
             return Err(invalid("ingress.path", "must start with `/`"));
         }
+        if !self
+            .ingress
+            .path
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#')
+        {
+            return Err(invalid(
+                "ingress.path",
+                "must be a plain path: printable ASCII without spaces, `?` or `#`",
+            ));
+        }
+        self.validate_timeouts()?;
         if ["/healthz", "/readyz", "/metrics"].contains(&self.ingress.path.as_str()) {
             return Err(invalid(
                 "ingress.path",
@@ -679,6 +754,26 @@ impl Config {
                 "must be 1-200 characters of letters, digits, `-`, `_` or `.`",
             ));
         }
+        if self.topology.prefix.starts_with("amq.") {
+            return Err(invalid(
+                "topology.prefix",
+                "must not start with `amq.`: RabbitMQ reserves those names",
+            ));
+        }
+        // The worker opens a channel per shard plus a few; RabbitMQ's channel_max is 2047.
+        if self.amqp.publisher_channels.get() > MAX_CHANNELS {
+            return Err(invalid(
+                "amqp.publisher_channels",
+                "must be at most 2000 (RabbitMQ allows 2047 channels per connection)",
+            ));
+        }
+        if usize::from(self.topology.shards.get()) > MAX_CHANNELS {
+            return Err(invalid(
+                "topology.shards",
+                "must be at most 2000: the worker consumes each on a channel of one connection (RabbitMQ allows 2047)",
+            ));
+        }
+        self.validate_emails()?;
         for (index, downstream) in self.downstream.iter().enumerate() {
             let name_ok = !downstream.queue.is_empty() && downstream.queue.len() <= 255;
             if !name_ok
@@ -747,18 +842,36 @@ fn overlay(table: &mut toml::Table, name: &str, path: &str, value: &str) -> Resu
     Ok(())
 }
 
-/// Environment values that look like numbers arrive as numbers; a text key takes them as text.
-fn text_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Text {
-        Text(String),
-        Number(i64),
+/// A text value that the environment may have turned into a number or a boolean.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Text {
+    Plain(String),
+    Number(i64),
+    Boolean(bool),
+}
+
+impl Text {
+    fn into_string(self) -> String {
+        match self {
+            Text::Plain(text) => text,
+            Text::Number(number) => number.to_string(),
+            Text::Boolean(value) => value.to_string(),
+        }
     }
-    Ok(match Text::deserialize(deserializer)? {
-        Text::Text(text) => text,
-        Text::Number(number) => number.to_string(),
-    })
+}
+
+/// Environment values that look like numbers arrive as numbers; a text key takes them as text
+/// (`IPN_WORKER__ID=42` is the id "42").
+fn text_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Ok(Text::deserialize(deserializer)?.into_string())
+}
+
+/// [`text_or_number`] for an optional key.
+fn optional_text<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    Ok(Option::<Text>::deserialize(deserializer)?.map(Text::into_string))
 }
 
 /// A list from TOML (`["a", "b"]`) or from the environment (`a,b`); blanks are dropped.
@@ -766,12 +879,12 @@ fn list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum List {
-        Items(Vec<String>),
-        Text(String),
+        Items(Vec<Text>),
+        Text(Text),
     }
-    let items = match List::deserialize(deserializer)? {
-        List::Items(items) => items,
-        List::Text(text) => text.split(',').map(str::to_owned).collect(),
+    let items: Vec<String> = match List::deserialize(deserializer)? {
+        List::Items(items) => items.into_iter().map(Text::into_string).collect(),
+        List::Text(text) => (text.into_string().split(',')).map(str::to_owned).collect(),
     };
     Ok(items
         .into_iter()
@@ -971,6 +1084,66 @@ mod tests {
     fn a_numeric_prefix_from_the_environment_stays_text() {
         let config = Config::load(None, &env(&[("IPN_TOPOLOGY__PREFIX", "2024")])).expect("loads");
         assert_eq!(config.topology.prefix, "2024");
+    }
+
+    #[test]
+    fn text_keys_take_numbers_and_booleans_from_the_environment_as_text() {
+        let vars = env(&[
+            ("IPN_WORKER__ID", "42"),
+            ("IPN_PAYPAL__RECEIVER_IDS", "12345"),
+            ("IPN_INGRESS__PATH", "/ipn"),
+        ]);
+        let config = Config::load(None, &vars).expect("loads");
+        assert_eq!(config.worker.id.as_deref(), Some("42"));
+        assert_eq!(config.paypal.receiver_ids, ["12345"]);
+        let file = "[paypal]\nreceiver_ids = [\"K8L3Z5QH2W9PA\", \"777\"]\n";
+        let config = Config::load(Some(file), &env(&[])).expect("loads");
+        assert_eq!(config.paypal.receiver_ids, ["K8L3Z5QH2W9PA", "777"]);
+    }
+
+    #[test]
+    fn configuration_that_loads_but_cannot_work_is_refused_naming_its_key() {
+        let refused = [
+            (
+                "IPN_INGRESS__CONFIRM_TIMEOUT",
+                "0s",
+                "ingress.confirm_timeout",
+            ),
+            (
+                "IPN_INGRESS__BODY_READ_TIMEOUT",
+                "0s",
+                "ingress.body_read_timeout",
+            ),
+            (
+                "IPN_DATABASE__QUERY_TIMEOUT",
+                "0s",
+                "database.query_timeout",
+            ),
+            ("IPN_TOPOLOGY__PREFIX", "amq.ipn", "topology.prefix"),
+            ("IPN_INGRESS__PATH", "/ipn?x=1", "ingress.path"),
+            ("IPN_INGRESS__PATH", "/my ipn", "ingress.path"),
+            (
+                "IPN_AMQP__PUBLISHER_CHANNELS",
+                "5000",
+                "amqp.publisher_channels",
+            ),
+            ("IPN_TOPOLOGY__SHARDS", "4000", "topology.shards"),
+            (
+                "IPN_ALERT__EMAIL_FROM",
+                "not an address",
+                "alert.email_from",
+            ),
+            (
+                "IPN_ALERT__EMAIL_TO",
+                "ops@example.com,nobody",
+                "alert.email_to",
+            ),
+            ("IPN_AMQP__HEARTBEAT", "100000s", "amqp.heartbeat"),
+        ];
+        for (name, value, key) in refused {
+            let error = Config::load(None, &env(&[(name, value)])).expect_err(value);
+            assert!(error.to_string().contains(key), "{name}={value}: {error}");
+        }
     }
 
     #[test]

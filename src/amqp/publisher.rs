@@ -131,6 +131,16 @@ impl Publisher {
     /// Starts connecting in the background; publishes fail with `Unavailable` until connected.
     /// `name` shows in the broker's connection list.
     pub fn start(config: &config::Amqp, topology: Topology, name: &str) -> Publisher {
+        Publisher::spawn(config, Some(topology), name)
+    }
+
+    /// Like [`Publisher::start`], but declares nothing: for tools that only move messages
+    /// between queues that must exist already (`ipnctl`'s reviews).
+    pub fn start_undeclared(config: &config::Amqp, name: &str) -> Publisher {
+        Publisher::spawn(config, None, name)
+    }
+
+    fn spawn(config: &config::Amqp, topology: Option<Topology>, name: &str) -> Publisher {
         let (sender, current) = watch::channel(None);
         let stop = CancellationToken::new();
         let keeper = Keeper {
@@ -235,13 +245,15 @@ fn check(confirmation: Confirmation) -> Result<(), PublishError> {
 impl Pool {
     async fn open(
         config: &config::Amqp,
-        topology: &Topology,
+        topology: Option<&Topology>,
         name: &str,
     ) -> Result<Pool, super::Error> {
         let connection = super::connect(config, name).await?;
-        let setup = connection.create_channel().await?;
-        topology.declare(&setup).await?;
-        setup.close(200, "topology declared".into()).await?;
+        if let Some(topology) = topology {
+            let setup = connection.create_channel().await?;
+            topology.declare(&setup).await?;
+            setup.close(200, "topology declared".into()).await?;
+        }
         let mut channels = Vec::with_capacity(config.publisher_channels.get());
         for _ in 0..config.publisher_channels.get() {
             let channel = connection.create_channel().await?;
@@ -302,7 +314,7 @@ impl Pool {
 /// The background task that keeps one pool alive.
 struct Keeper {
     config: config::Amqp,
-    topology: Topology,
+    topology: Option<Topology>,
     name: String,
     sender: watch::Sender<Option<Arc<Pool>>>,
     stop: CancellationToken,
@@ -314,7 +326,7 @@ impl Keeper {
         loop {
             let opened = tokio::select! {
                 () = self.stop.cancelled() => return,
-                opened = Pool::open(&self.config, &self.topology, &self.name) => opened,
+                opened = Pool::open(&self.config, self.topology.as_ref(), &self.name) => opened,
             };
             match opened {
                 Ok(pool) => {

@@ -32,7 +32,7 @@ enum Command {
         #[command(subcommand)]
         action: Review,
     },
-    /// IPNs quarantined: INVALID, wrong environment, foreign receiver, unreadable.
+    /// IPNs quarantined: INVALID, wrong environment, foreign receiver, unreadable, unprocessable.
     Quarantine {
         #[command(subcommand)]
         action: Review,
@@ -209,7 +209,12 @@ async fn review(config: &Config, queue: Queue, action: Review) -> anyhow::Result
         Review::Purge(which) => review::purge(config, queue, &which.selection()).await?,
     };
     println!("{} taken, {} left", pass.taken, pass.kept);
-    Ok(ExitCode::SUCCESS)
+    // Nothing matched: most likely a mistyped key or id, which a script should notice.
+    Ok(if pass.taken == 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Prints rows as pretty JSON or as the readable table `table` makes.

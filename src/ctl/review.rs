@@ -188,7 +188,7 @@ pub async fn release(config: &Config, key: &str, purge_blocker: bool) -> anyhow:
         purge(config, Queue::Parked, &selection).await?;
     }
     let topology = Topology::of(config);
-    let publisher = publisher(config, &topology).await?;
+    let publisher = publisher(config).await?;
     let mut headers = FieldTable::default();
     headers.insert("x-ipn-control".into(), text(RELEASE));
     headers.insert("x-ipn-order-key".into(), text(key));
@@ -214,7 +214,7 @@ async fn pass(
     take: Take,
 ) -> anyhow::Result<Pass> {
     let topology = Topology::of(config);
-    let publisher = publisher(config, &topology).await?;
+    let publisher = publisher(config).await?;
     let connection = crate::amqp::connect(&config.amqp, "ipnctl")
         .await
         .with_context(|| format!("cannot connect to {}", config.amqp.url))?;
@@ -323,8 +323,8 @@ fn listed(properties: &BasicProperties, body: &[u8], key: &OrderKey) -> Listed {
     Listed {
         message_id: properties.message_id().as_ref().map(|id| id.to_string()),
         order_key: key.to_string(),
-        txn_type: form.text("txn_type"),
-        txn_id: form.text("txn_id"),
+        txn_type: form.text("txn_type").map(|t| crate::bounded::shown(&t)),
+        txn_id: form.text("txn_id").map(|t| crate::bounded::shown(&t)),
         reason: header("x-ipn-reason"),
         attempts,
         age_seconds: received.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs()),
@@ -332,8 +332,9 @@ fn listed(properties: &BasicProperties, body: &[u8], key: &OrderKey) -> Listed {
     }
 }
 
-async fn publisher(config: &Config, topology: &Topology) -> anyhow::Result<Publisher> {
-    let publisher = Publisher::start(&config.amqp, topology.clone(), "ipnctl-publish");
+/// A publisher that declares nothing: a review only moves messages between queues that exist.
+async fn publisher(config: &Config) -> anyhow::Result<Publisher> {
+    let publisher = Publisher::start_undeclared(&config.amqp, "ipnctl-publish");
     if !publisher.wait_connected(config.amqp.connect_timeout).await {
         publisher.close().await;
         bail!("cannot connect to {}", config.amqp.url);

@@ -137,10 +137,47 @@ async fn the_ipnctl_binary_lists_and_releases_as_an_operator_expects() {
     let release = ipnctl(&["key", "release", "profile:I-NOTBLOCKED"]);
     assert_eq!(release.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&release.stdout).contains("is not blocked"));
+    let nothing = ipnctl(&["quarantine", "purge", "--key", "txn:NOTQUARANTINED"]);
+    assert_eq!(
+        nothing.status.code(),
+        Some(2),
+        "a purge that matched nothing"
+    );
+    assert!(String::from_utf8_lossy(&nothing.stdout).contains("0 taken"));
     let ambiguous = ipnctl(&["parked", "replay", "--all", "--key", "txn:A"]);
     assert_eq!(
         ambiguous.status.code(),
         Some(2),
         "clap refuses two selections"
     );
+}
+
+#[test]
+fn a_non_utf8_variable_or_a_port_in_use_stops_each_binary_with_exit_code_64() {
+    use std::os::unix::ffi::OsStrExt;
+    let not_utf8 = std::ffi::OsStr::from_bytes(b"/ipn\xff");
+    let output = Command::new(env!("CARGO_BIN_EXE_ipn-ingress"))
+        .env("IPN_INGRESS__PATH", not_utf8)
+        .output()
+        .expect("binary runs");
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("IPN_INGRESS__PATH") && stderr.contains("UTF-8"),
+        "{stderr}"
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = taken.local_addr().expect("address").to_string();
+    for (binary, key) in [
+        (env!("CARGO_BIN_EXE_ipn-ingress"), "IPN_INGRESS__LISTEN"),
+        (env!("CARGO_BIN_EXE_ipn-worker"), "IPN_WORKER__LISTEN"),
+    ] {
+        let output = Command::new(binary)
+            .env(key, &address)
+            .output()
+            .expect("binary runs");
+        assert_eq!(output.status.code(), Some(64), "{binary}: {output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("cannot listen on"), "{stderr}");
+    }
 }

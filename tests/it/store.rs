@@ -188,3 +188,52 @@ async fn purging_removes_only_old_done_records_and_numbering_continues() {
     assert_eq!(again.sequence, 3);
     store.close().await;
 }
+
+#[tokio::test]
+async fn values_postgresql_refuses_are_permanent_errors_and_a_silent_server_is_a_named_timeout() {
+    let db = TestDb::new();
+    let store = Store::connect(&db.config()).await.expect("store");
+    // A NUL in text (22021) and a key past the btree row limit (54000): never storable.
+    let nul = store
+        .claim(&keys("a", None), "txn:A\0B")
+        .await
+        .expect_err("NUL");
+    assert!(nul.is_permanent(), "{nul:?}");
+    // Incompressible (PostgreSQL compresses index entries): hashes, 12 800 hex digits.
+    let huge: String = (0..200)
+        .map(|i| body_hash(format!("{i}").as_bytes()))
+        .collect();
+    let too_large = store
+        .claim(&keys("b", None), &format!("txn:{huge}"))
+        .await
+        .expect_err("index row too large");
+    assert!(too_large.is_permanent(), "{too_large:?}");
+    // A semantic key with a NUL or of 3 KB is stored as its digest: the claim works.
+    let odd = keys(
+        "c",
+        Some(&format!("t|web_accept|{}\0|Completed", "A".repeat(3000))),
+    );
+    assert!(matches!(
+        store.claim(&odd, "txn:C").await,
+        Ok(Claim::New(_))
+    ));
+    assert!(matches!(
+        store.claim(&odd, "txn:C").await,
+        Ok(Claim::Pending(_))
+    ));
+    store.close().await;
+
+    let proxy = crate::support::Proxy::to(crate::support::db::POSTGRES).await;
+    let mut config = db.config();
+    config.url = db.url_via(proxy.address()).parse().expect("url");
+    config.query_timeout = Duration::from_millis(500);
+    let store = Store::connect(&config).await.expect("through the proxy");
+    proxy.hold_replies();
+    let silent = store.blocked("txn:A").await.expect_err("no answer");
+    assert!(!silent.is_permanent());
+    assert_eq!(
+        silent.to_string(),
+        "PostgreSQL did not answer `blocked` within 500ms"
+    );
+    proxy.restore();
+}
