@@ -7,14 +7,19 @@
 //!   accepted, and never when it refuses;
 //! - every message handed to the sink has a non-empty body within the size limit, an accepted
 //!   form content type, the order key header equal to the provider's key of that body, and the
-//!   routing key of that key's shard.
+//!   routing key of that key's shard;
+//! - whatever the body, what we build stays bounded: the order key is a short printable-ASCII
+//!   token (no NUL, which PostgreSQL `text` refuses; far below its btree row limit), and the
+//!   message's content-header frame stays under a fixed size, so it always fits the broker's
+//!   `frame_max` with room for the headers the broker adds.
 #![no_main]
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ipn_bridge::amqp::{Outgoing, PublishError, State};
+use ipn_bridge::amqp::{BROKER_HEADROOM, Outgoing, PublishError, State, header_frame_size};
+use ipn_bridge::bounded;
 use ipn_bridge::config::Config;
 use ipn_bridge::ingress::{self, Sink};
 use ipn_bridge::ipn::PayPal;
@@ -26,8 +31,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MAX_BODY: usize = 512;
 
-/// What the sink was given: routing key, body, content type, order key header.
-type Recorded = (String, Vec<u8>, Option<String>, Option<String>);
+/// What the sink was given: routing key, body, content type, order key header, and the size of
+/// the content-header frame its properties make.
+type Recorded = (String, Vec<u8>, Option<String>, Option<String>, usize);
+
+/// Bound on the content-header frame of an inbound message: content type (at most 255 bytes),
+/// message id, timestamp, app id and our four headers with a bounded key.
+const MAX_HEADER_FRAME: usize = 1024;
 
 #[derive(Clone)]
 struct Recording {
@@ -43,11 +53,13 @@ impl Sink for Recording {
             .content_type()
             .as_ref()
             .map(|c| c.to_string());
+        let frame = header_frame_size(&message.properties);
         self.published.lock().unwrap().push((
             message.routing_key.to_owned(),
             message.body.to_vec(),
             content_type,
             key,
+            frame,
         ));
         if self.accept {
             Ok(())
@@ -114,7 +126,14 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(acks, 0, "200 without a confirmed message");
     }
     let topology = Topology::of(&config);
-    for (routing_key, body, content_type, key) in published.iter() {
+    for (routing_key, body, content_type, key, frame) in published.iter() {
+        assert!(
+            *frame <= MAX_HEADER_FRAME,
+            "a header frame of {frame} bytes"
+        );
+        assert!(*frame <= 131_072 - BROKER_HEADROOM);
+        let key_text = key.as_deref().unwrap_or_default();
+        assert!(bounded::is_token(key_text), "unbounded key {key_text:?}");
         assert!(
             !body.is_empty() && body.len() <= MAX_BODY,
             "body of {} bytes",

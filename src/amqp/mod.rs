@@ -6,7 +6,7 @@
 
 mod publisher;
 
-pub use publisher::{Outgoing, PublishError, Publisher, State, header_frame_size};
+pub use publisher::{BROKER_HEADROOM, Outgoing, PublishError, Publisher, State, header_frame_size};
 
 use std::time::Duration;
 

@@ -212,6 +212,7 @@ async fn bodies_dribbled_a_byte_per_segment_on_several_connections_keep_the_ingr
     }
     // Keeping every 1-byte frame pinned ~7 KiB each: 8 x 6 000 bytes would be ~330 MiB.
     let grown_mib = peak.saturating_sub(before) / 1024;
+    eprintln!("dribbled 8 x 6000 bytes: RSS {before} -> peak {peak} KiB");
     assert!(
         grown_mib < 32,
         "RSS grew {grown_mib} MiB ({before} -> {peak} KiB)"
@@ -261,6 +262,7 @@ async fn idle_connections_beyond_the_cap_under_a_low_open_file_limit_leave_valid
         idle.push(stream);
     }
     let url = format!("http://127.0.0.1:{port}/ipn");
+    let mut slowest = Duration::ZERO;
     for _ in 0..10 {
         let started = Instant::now();
         let posted = tokio::time::timeout(PATIENCE, post_form(&url, sample("001_web_accept.txt")));
@@ -272,7 +274,12 @@ async fn idle_connections_beyond_the_cap_under_a_low_open_file_limit_leave_valid
             "{:?}",
             started.elapsed()
         );
+        slowest = slowest.max(started.elapsed());
     }
+    eprintln!(
+        "{} idle connections held: slowest of 10 valid IPNs {slowest:?}",
+        idle.len()
+    );
     assert!(child.try_wait().expect("status").is_none(), "still running");
     drop(idle);
 }
@@ -312,6 +319,7 @@ async fn a_black_holed_broker_makes_the_ingress_unready_within_the_heartbeat_win
     assert_eq!(post_form(&ingress.url, valid.clone()).await.0, 200);
     // The broker keeps the sockets but sends nothing: no confirm, no heartbeat.
     proxy.hold_replies();
+    let silenced = Instant::now();
     let posts: Vec<_> = (0..3)
         .map(|_| tokio::spawn(post_form_owned(ingress.url.clone(), valid.clone())))
         .collect();
@@ -327,6 +335,10 @@ async fn a_black_holed_broker_makes_the_ingress_unready_within_the_heartbeat_win
     tokio::time::timeout(PATIENCE, unready)
         .await
         .expect("readyz 503");
+    eprintln!(
+        "broker silenced: /readyz 503 after {:?}",
+        silenced.elapsed()
+    );
     let started = Instant::now();
     assert_eq!(post_form(&ingress.url, valid.clone()).await.0, 503);
     assert!(
@@ -334,6 +346,7 @@ async fn a_black_holed_broker_makes_the_ingress_unready_within_the_heartbeat_win
         "answered without waiting for a confirm: {:?}",
         started.elapsed()
     );
+    eprintln!("then 503 in {:?}", started.elapsed());
     proxy.restore();
     ingress.wait_ready().await;
     assert_eq!(post_form(&ingress.url, valid).await.0, 200);
