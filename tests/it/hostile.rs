@@ -532,3 +532,44 @@ async fn a_failing_alert_webhook_never_puts_its_url_or_token_in_the_logs() {
     worker.stop().await;
     ingress.stop().await;
 }
+
+#[tokio::test]
+async fn the_worker_is_ready_only_while_consuming_and_stops_in_time_with_a_silent_broker() {
+    let stack = one_shard_stack().await;
+    let proxy = Proxy::start().await;
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let mut config = stack.config.clone();
+    config.amqp.url = stack.broker.url_via(proxy.address()).parse().expect("url");
+    config.amqp.heartbeat = Duration::from_secs(2);
+    config.worker.shutdown_grace = Duration::from_secs(2);
+    let worker = RunningWorker::spawn(config).await;
+    let readiness_becomes = |want: u16| {
+        let worker = &worker;
+        async move {
+            let reached = async {
+                while worker.readiness().await != want {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            };
+            tokio::time::timeout(PATIENCE, reached).await.is_ok()
+        }
+    };
+    assert!(readiness_becomes(200).await, "ready once consuming");
+    proxy.cut();
+    assert!(
+        readiness_becomes(503).await,
+        "not ready while not consuming"
+    );
+    proxy.restore();
+    assert!(
+        readiness_becomes(200).await,
+        "ready again after reconnecting"
+    );
+    let body = sample("001_web_accept.txt");
+    assert_eq!(post_form(&ingress.url, body).await.0, 200);
+    assert_eq!(stack.events(1).await.len(), 1, "consuming again");
+    // A broker that accepts bytes and answers none: the stop is still honoured in time.
+    proxy.hold_replies();
+    worker.stop().await;
+    ingress.stop().await;
+}
