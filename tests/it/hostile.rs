@@ -408,21 +408,40 @@ fn binary(path: &str, args: &[&str], env: &[(&str, String)]) -> tokio::process::
     command
 }
 
+/// A vhost, and a database behind a proxy that accepts connections and never answers.
+struct SilentDatabase {
+    stack: Stack,
+    proxy: Proxy,
+    db: crate::support::TestDb,
+}
+
+impl SilentDatabase {
+    async fn start() -> SilentDatabase {
+        let stack = Stack::new().await;
+        let proxy = Proxy::to(crate::support::db::POSTGRES).await;
+        proxy.hold_replies();
+        let db = crate::support::TestDb::new();
+        SilentDatabase { stack, proxy, db }
+    }
+
+    /// The binaries' settings for it, with `connect_timeout` for PostgreSQL.
+    fn env(&self, connect_timeout: &str) -> [(&'static str, String); 4] {
+        [
+            (
+                "IPN_AMQP__URL",
+                self.stack.broker.url_via(crate::support::broker::BROKER),
+            ),
+            ("IPN_DATABASE__URL", self.db.url_via(self.proxy.address())),
+            ("IPN_DATABASE__CONNECT_TIMEOUT", connect_timeout.to_owned()),
+            ("IPN_WORKER__LISTEN", format!("127.0.0.1:{}", free_port())),
+        ]
+    }
+}
+
 #[tokio::test]
 async fn a_black_holed_database_ends_worker_start_up_and_ipnctl_with_a_clear_error_in_time() {
-    let stack = Stack::new().await;
-    let proxy = Proxy::to(crate::support::db::POSTGRES).await;
-    proxy.hold_replies();
-    let db = crate::support::TestDb::new();
-    let env = [
-        (
-            "IPN_AMQP__URL",
-            stack.broker.url_via(crate::support::broker::BROKER),
-        ),
-        ("IPN_DATABASE__URL", db.url_via(proxy.address())),
-        ("IPN_DATABASE__CONNECT_TIMEOUT", "2s".to_owned()),
-        ("IPN_WORKER__LISTEN", format!("127.0.0.1:{}", free_port())),
-    ];
+    let silent = SilentDatabase::start().await;
+    let env = silent.env("2s");
     let worker = binary(env!("CARGO_BIN_EXE_ipn-worker"), &[], &env).output();
     let output = tokio::time::timeout(PATIENCE, worker)
         .await
@@ -451,19 +470,8 @@ async fn a_black_holed_database_ends_worker_start_up_and_ipnctl_with_a_clear_err
 
 #[tokio::test]
 async fn sigterm_during_a_start_up_that_waits_for_the_database_ends_the_worker_at_once() {
-    let stack = Stack::new().await;
-    let proxy = Proxy::to(crate::support::db::POSTGRES).await;
-    proxy.hold_replies();
-    let db = crate::support::TestDb::new();
-    let env = [
-        (
-            "IPN_AMQP__URL",
-            stack.broker.url_via(crate::support::broker::BROKER),
-        ),
-        ("IPN_DATABASE__URL", db.url_via(proxy.address())),
-        ("IPN_DATABASE__CONNECT_TIMEOUT", "120s".to_owned()),
-        ("IPN_WORKER__LISTEN", format!("127.0.0.1:{}", free_port())),
-    ];
+    let silent = SilentDatabase::start().await;
+    let env = silent.env("120s");
     let mut worker = binary(env!("CARGO_BIN_EXE_ipn-worker"), &[], &env)
         .spawn()
         .expect("starts");
