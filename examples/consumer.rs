@@ -1,7 +1,7 @@
 //! A business service consuming ipn-bridge events: the pattern to copy.
 //!
 //! ```sh
-//! cargo run --example consumer -- --queue billing --bind 'subscr_*.#' --bind '#.refunded'
+//! cargo run --example consumer -- --queue billing --bind 'subscr_payment.#' --bind '#.refunded'
 //! ```
 //! It declares its own durable quorum queue, binds it to `<prefix>.events`, and for each event:
 //! 1. skips it if its `event_id` was applied before (ipn-bridge publishes at least once: after a

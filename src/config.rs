@@ -81,7 +81,9 @@ pub struct Config {
 pub struct Downstream {
     /// Queue name (a durable quorum queue, created if missing).
     pub queue: String,
-    /// Topic patterns on `<txn_type>.<payment_status>`, e.g. `subscr_*.#`, `#.refunded`.
+    /// Topic patterns on `<txn_type>.<payment_status>`, e.g. `subscr_payment.#`, `#.refunded`.
+    /// RabbitMQ's `*` and `#` match whole words only, so a word that mixes them with letters
+    /// (`subscr_*`) would match nothing: it is refused at load.
     #[serde(default = "all_events")]
     pub bindings: Vec<String>,
 }
@@ -775,6 +777,18 @@ impl Config {
         }
         self.validate_emails()?;
         for (index, downstream) in self.downstream.iter().enumerate() {
+            if let Some(pattern) = downstream
+                .bindings
+                .iter()
+                .find(|b| !whole_word_wildcards(b))
+            {
+                return Err(invalid(
+                    &format!("downstream[{index}].bindings"),
+                    &format!(
+                        "`{pattern}` matches nothing: RabbitMQ's `*` (one word) and `#` (any words) stand for whole dot-separated words only; bind each txn_type, e.g. `subscr_signup.#`, `subscr_payment.#` (docs/events.md lists them)"
+                    ),
+                ));
+            }
             let name_ok = !downstream.queue.is_empty() && downstream.queue.len() <= 255;
             if !name_ok
                 || downstream
@@ -819,6 +833,13 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// True when every `*` and `#` in a topic pattern is a whole word of its own.
+fn whole_word_wildcards(pattern: &str) -> bool {
+    pattern
+        .split('.')
+        .all(|word| word == "*" || word == "#" || !word.contains(['*', '#']))
 }
 
 /// Sets `IPN_A__B=value` as `a.b = value` in `table`. Values that read as integers or booleans
@@ -1071,11 +1092,20 @@ mod tests {
 
     #[test]
     fn downstream_queues_come_from_the_file_with_all_events_by_default() {
-        let file = "[[downstream]]\nqueue = \"billing\"\nbindings = [\"subscr_*.#\"]\n\n[[downstream]]\nqueue = \"audit\"\n";
+        let file = "[[downstream]]\nqueue = \"billing\"\nbindings = [\"subscr_payment.#\"]\n\n[[downstream]]\nqueue = \"audit\"\n";
         let config = Config::load(Some(file), &env(&[])).expect("loads");
         assert_eq!(config.downstream.len(), 2);
-        assert_eq!(config.downstream[0].bindings, ["subscr_*.#"]);
+        assert_eq!(config.downstream[0].bindings, ["subscr_payment.#"]);
         assert_eq!(config.downstream[1].bindings, ["#"]);
+        for pattern in ["subscr_*.#", "recurring_payment*.#", "#.refund#"] {
+            let file = format!("[[downstream]]\nqueue = \"b\"\nbindings = [\"{pattern}\"]\n");
+            let err = Config::load(Some(&file), &env(&[])).unwrap_err();
+            assert!(err.to_string().contains("downstream[0].bindings"), "{err}");
+        }
+        for pattern in ["*.refunded", "#", "subscr_payment.*", "a.#.b"] {
+            let file = format!("[[downstream]]\nqueue = \"b\"\nbindings = [\"{pattern}\"]\n");
+            assert!(Config::load(Some(&file), &env(&[])).is_ok(), "{pattern}");
+        }
         let err = Config::load(Some("[[downstream]]\nqueue = \"\"\n"), &env(&[])).unwrap_err();
         assert!(err.to_string().contains("downstream[0]"), "{err}");
     }

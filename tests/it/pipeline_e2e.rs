@@ -413,3 +413,67 @@ async fn the_worker_reconnects_after_losing_the_broker_and_goes_on() {
         "and only once"
     );
 }
+
+/// The `bindings` docs/events.md and config/example.toml show for a billing service.
+const DOCUMENTED_BILLING: [&str; 8] = [
+    "subscr_signup.#",
+    "subscr_payment.#",
+    "subscr_modify.#",
+    "subscr_failed.#",
+    "subscr_cancel.#",
+    "subscr_eot.#",
+    "#.refunded",
+    "#.reversed",
+];
+
+#[tokio::test]
+async fn the_documented_bindings_receive_the_events_the_docs_say() {
+    let mut stack = Stack::new().await;
+    stack.config.downstream.push(Downstream {
+        queue: "billing".to_owned(),
+        bindings: DOCUMENTED_BILLING.map(str::to_owned).to_vec(),
+    });
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
+    let live = live_samples();
+    for body in &live {
+        assert_eq!(post_form(&ingress.url, body.clone()).await.0, 200);
+    }
+    let all = stack
+        .events(u32::try_from(live.len()).expect("small"))
+        .await;
+    // What the docs say: every subscription event, and refunds and reversals.
+    let promised: std::collections::BTreeSet<String> = all
+        .iter()
+        .filter(|event| {
+            let txn_type = event["txn_type"].as_str().unwrap_or_default();
+            let status = event["payment_status"].as_str().unwrap_or_default();
+            txn_type.starts_with("subscr_")
+                || ["refunded", "reversed"].contains(&status.to_lowercase().as_str())
+        })
+        .map(|event| event["event_id"].as_str().expect("id").to_owned())
+        .collect();
+    assert!(
+        !promised.is_empty() && promised.len() < all.len(),
+        "the live samples hold subscription events and others: {} of {}",
+        promised.len(),
+        all.len()
+    );
+    stack
+        .wait_for("billing", u32::try_from(promised.len()).expect("small"))
+        .await;
+    let channel = stack.broker.channel().await;
+    let billed: std::collections::BTreeSet<String> = stack
+        .broker
+        .drain(&channel, "billing")
+        .await
+        .iter()
+        .map(|d| {
+            let event: serde_json::Value = serde_json::from_slice(&d.data).expect("JSON");
+            event["event_id"].as_str().expect("id").to_owned()
+        })
+        .collect();
+    assert_eq!(billed, promised);
+    worker.stop().await;
+    ingress.stop().await;
+}
