@@ -36,11 +36,25 @@ pub fn digest(value: &[u8]) -> String {
 /// An id as an order key may hold it: itself when it is short printable ASCII without spaces
 /// (what PayPal sends), else its [`digest`]. Deterministic, so a key's order still holds.
 pub fn id(value: &str) -> Cow<'_, str> {
-    if value.len() <= MAX_ID_BYTES && value.bytes().all(|b| b.is_ascii_graphic()) {
+    if id_problem(value).is_none() {
         Cow::Borrowed(value)
     } else {
         Cow::Owned(digest(value.as_bytes()))
     }
+}
+
+/// Why `value` cannot be kept verbatim as an id (longer than [`MAX_ID_BYTES`], or a byte that
+/// is not printable ASCII), or `None` when it can. The one rule for ids: [`id`] applies it,
+/// `policy::processable` reports it.
+pub fn id_problem(value: &str) -> Option<String> {
+    if value.len() > MAX_ID_BYTES {
+        return Some(format!(
+            "is {} bytes long (at most {MAX_ID_BYTES})",
+            value.len()
+        ));
+    }
+    let bad = value.chars().find(|c| !c.is_ascii_graphic())?;
+    Some(format!("holds {bad:?}, not printable ASCII"))
 }
 
 /// A whole key or id (as read from a header) within the bounds an ingress gives it: printable

@@ -69,27 +69,17 @@ pub const ID_FIELDS: [&str; 8] = [
 ];
 
 /// Checks before the postback: every identifying field ([`ID_FIELDS`]) that is present is
-/// short printable ASCII ([`bounded::id`]'s rule). PayPal never sends anything else there; a
-/// NUL, a control byte, a non-ASCII character or a 3 KB `txn_id` is a forgery or corruption,
-/// quarantined as `unprocessable` with the cause, without asking PayPal.
+/// short printable ASCII ([`bounded::id_problem`], the rule order keys use). PayPal never
+/// sends anything else there; a NUL, a control byte, a non-ASCII character or a 3 KB `txn_id`
+/// is a forgery or corruption, quarantined as `unprocessable` with the cause, without asking
+/// PayPal.
 pub fn processable(form: &Form) -> Result<(), String> {
     for field in ID_FIELDS {
         let Some(value) = form.text(field) else {
             continue;
         };
-        let value = value.trim();
-        if value.len() > bounded::MAX_ID_BYTES {
-            return Err(format!(
-                "field `{field}` is {} bytes long (at most {})",
-                value.len(),
-                bounded::MAX_ID_BYTES
-            ));
-        }
-        if let Some(bad) = value.chars().find(|c| !c.is_ascii_graphic()) {
-            return Err(format!(
-                "field `{field}` holds {:?}, not printable ASCII",
-                bad
-            ));
+        if let Some(problem) = bounded::id_problem(value.trim()) {
+            return Err(format!("field `{field}` {problem}"));
         }
     }
     Ok(())

@@ -190,13 +190,14 @@ impl Accepted {
         let connection = http.serve_connection(TokioIo::new(self.stream), service);
         let (peer, permit, close, alive) = (self.peer, self.permit, self.close, self.alive);
         self.tracker.spawn(async move {
+            // Held until the connection ends: its slot, and its place in the arrival list.
+            let _held = (permit, alive);
             let mut connection = std::pin::pin!(connection);
             let ended = tokio::select! {
                 ended = connection.as_mut() => ended,
                 () = close.cancelled() => {
                     if busy.load(Ordering::Acquire) == 0 {
                         debug!(%peer, "closing a connection with no request in progress");
-                        drop((permit, alive));
                         return;
                     }
                     connection.as_mut().graceful_shutdown();
@@ -206,7 +207,6 @@ impl Accepted {
             if let Err(error) = ended {
                 debug!(%peer, %error, "connection ended with an error");
             }
-            drop((permit, alive));
         });
     }
 }

@@ -141,11 +141,11 @@ async fn accept<S: Sink>(app: &App<S>, request: Request<Incoming>) -> Result<(),
         .and_then(|v| ShortString::try_new(v).ok())
         .ok_or(Rejection::MediaType)?;
     let max = app.config.max_body_bytes.get();
-    if declared_length(&request).is_some_and(|length| length > max) {
+    let declared = declared_length(&request);
+    if declared.is_some_and(|length| length > max) {
         return Err(Rejection::TooLarge);
     }
-    let expected = declared_length(&request).unwrap_or(0);
-    let body = read_body(request.into_body(), max, expected, app).await?;
+    let body = read_body(request.into_body(), max, declared.unwrap_or(0), app).await?;
     if body.is_empty() {
         return Err(Rejection::Empty);
     }

@@ -56,15 +56,12 @@ trait Within<T> {
 
 impl<T, F: Future<Output = Result<T, sqlx::Error>>> Within<T> for F {
     async fn within(self, limit: Duration, what: &'static str) -> Result<T, Error> {
-        match tokio::time::timeout(limit, self).await {
-            Ok(result) => result.map_err(Error::Query),
-            Err(_) => Err(Error::Timeout { what, after: limit }),
-        }
+        timed(limit, what, async { self.await.map_err(Error::Query) }).await
     }
 }
 
 /// Bounds any future by `limit`, as [`Error::Timeout`] naming `what`.
-async fn bounded<T>(
+async fn timed<T>(
     limit: Duration,
     what: &'static str,
     future: impl Future<Output = Result<T, Error>>,
@@ -218,7 +215,7 @@ impl Store {
                 .await
                 .map_err(Error::Migrate)
         };
-        bounded(config.query_timeout, "migrate", migrate).await?;
+        timed(config.query_timeout, "migrate", migrate).await?;
         Ok(store)
     }
 
@@ -231,7 +228,7 @@ impl Store {
     async fn open(config: &config::Database, create: bool) -> Result<Store, Error> {
         let options: PgConnectOptions = config.url.options();
         if create {
-            bounded(
+            timed(
                 config.connect_timeout,
                 "create database",
                 ensure_database(&options),

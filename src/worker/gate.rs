@@ -38,7 +38,6 @@ use crate::alert::{Alert, Kind};
 use crate::amqp::Outgoing;
 use crate::bounded;
 use crate::ipn::{Form, OrderKey};
-use crate::policy::Reason;
 use crate::store::{Block, Blocked, Held};
 use crate::topology::Topology;
 
@@ -92,15 +91,22 @@ impl Pipeline {
     /// `unprocessable`, at whichever step it happened, instead of being retried forever.
     pub async fn settle(&self, inbound: &Inbound) -> Result<Settled, Error> {
         match self.settle_once(inbound).await {
-            Err(error) if error.is_permanent() => {
-                let outcome = self.quarantine_unprocessable(inbound, &error).await?;
-                Ok(Settled::Finished {
-                    outcome,
-                    released: 0,
-                })
-            }
+            Err(error) if error.is_permanent() => self.finish_unprocessable(inbound, &error).await,
             settled => settled,
         }
+    }
+
+    /// Quarantines an IPN that failed with a permanent error; final, so the caller acks.
+    async fn finish_unprocessable(
+        &self,
+        inbound: &Inbound,
+        error: &Error,
+    ) -> Result<Settled, Error> {
+        let outcome = self.quarantine_unprocessable(inbound, error).await?;
+        Ok(Settled::Finished {
+            outcome,
+            released: 0,
+        })
     }
 
     /// After `worker.retry_in_place` transient failures in a row: sends the IPN through the
@@ -195,13 +201,7 @@ impl Pipeline {
                 self.defer(inbound, key, &bounded::error_chain(&error))
                     .await
             }
-            Err(error) if error.is_permanent() => {
-                let outcome = self.quarantine_unprocessable(inbound, &error).await?;
-                Ok(Settled::Finished {
-                    outcome,
-                    released: 0,
-                })
-            }
+            Err(error) if error.is_permanent() => self.finish_unprocessable(inbound, &error).await,
             Err(other) => Err(other),
         }
     }
@@ -262,12 +262,9 @@ impl Pipeline {
         };
         self.crash_point(Step::Deferred)?;
         let form = Form::parse(&inbound.body);
-        let (txn_type, txn_id) = (form.text("txn_type"), form.text("txn_id"));
         // Shown to operators only: bounded and free of NUL, so the row can always be stored.
-        let (txn_type, txn_id) = (
-            txn_type.as_deref().map(bounded::shown),
-            txn_id.as_deref().map(bounded::shown),
-        );
+        let shown = |field| form.text(field).as_deref().map(bounded::shown);
+        let (txn_type, txn_id) = (shown("txn_type"), shown("txn_id"));
         let block = Block {
             order_key: key.as_str(),
             blocker_id: &inbound.message_id,
@@ -319,18 +316,8 @@ impl Pipeline {
     ) -> Result<Settled, Error> {
         if blocked.parked {
             match self.screen(inbound).await {
-                Ok(Screened::Rejected(reason)) => {
-                    let outcome = self.quarantine(inbound, reason).await?;
-                    return Ok(Settled::Finished {
-                        outcome,
-                        released: 0,
-                    });
-                }
-                Ok(Screened::Unprocessable(cause)) => {
-                    let unprocessable = Some(cause.as_str());
-                    let outcome = self
-                        .quarantine_with(inbound, Reason::Unprocessable, unprocessable)
-                        .await?;
+                Ok(Screened::Rejected(reason, cause)) => {
+                    let outcome = self.quarantine(inbound, reason, cause.as_deref()).await?;
                     return Ok(Settled::Finished {
                         outcome,
                         released: 0,

@@ -198,14 +198,8 @@ async fn ack(delivery: &Delivery, key: &str, limit: Duration) {
     warn!(error, ipn.order_key = %key, "cannot ack a settled ipn");
 }
 
-/// The lane of a delivery: its `x-ipn-order-key` (bounded), or (without one) the key the body
-/// gives.
+/// The lane of a delivery: the order key [`pipeline::key_of`] gives it.
 fn lane_of(delivery: &Delivery) -> String {
-    match header_text(&delivery.properties, "x-ipn-order-key") {
-        Some(key) => crate::ipn::OrderKey::from_header(&key).to_string(),
-        None => {
-            let form = crate::ipn::Form::parse(&delivery.data);
-            crate::ipn::PayPal::order_key_of(&form, &delivery.data).to_string()
-        }
-    }
+    let header = header_text(&delivery.properties, "x-ipn-order-key");
+    pipeline::key_of(header.as_deref(), &delivery.data).to_string()
 }

@@ -83,10 +83,16 @@ impl Inbound {
     /// The key this IPN is ordered by: its `x-ipn-order-key`, or (without one) the key its body
     /// gives.
     pub fn key(&self) -> OrderKey {
-        match &self.order_key {
-            Some(key) => OrderKey::from_header(key),
-            None => PayPal::order_key_of(&Form::parse(&self.body), &self.body),
-        }
+        key_of(self.order_key.as_deref(), &self.body)
+    }
+}
+
+/// The order key of a message: its `x-ipn-order-key` header (bounded by
+/// [`OrderKey::from_header`]), or without one the key its body gives.
+pub fn key_of(header: Option<&str>, body: &[u8]) -> OrderKey {
+    match header {
+        Some(key) => OrderKey::from_header(key),
+        None => PayPal::order_key_of(&Form::parse(body), body),
     }
 }
 
@@ -107,10 +113,8 @@ pub fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
 pub(super) enum Screened {
     /// Verified by PayPal and within policy: the form and when PayPal said so.
     Passed(Form, SystemTime),
-    /// To be quarantined for this reason.
-    Rejected(Reason),
-    /// To be quarantined as `unprocessable`, with this cause.
-    Unprocessable(String),
+    /// To be quarantined for this reason, with a cause for `x-ipn-cause` when there is one.
+    Rejected(Reason, Option<String>),
 }
 
 /// What became of an IPN; each is final, so the caller acks.
@@ -265,19 +269,19 @@ impl Pipeline {
     /// Readable, verified, within policy: the checks before an IPN may become an event.
     pub(super) async fn screen(&self, inbound: &Inbound) -> Result<Screened, Error> {
         if let Err(reason) = policy::readable(&inbound.body) {
-            return Ok(Screened::Rejected(reason));
+            return Ok(Screened::Rejected(reason, None));
         }
         let form = Form::parse(&inbound.body);
         if let Err(cause) = policy::processable(&form) {
-            return Ok(Screened::Unprocessable(cause));
+            return Ok(Screened::Rejected(Reason::Unprocessable, Some(cause)));
         }
         let verified_at = match self.verify(&inbound.body).await? {
-            Verdict::Invalid => return Ok(Screened::Rejected(Reason::Invalid)),
+            Verdict::Invalid => return Ok(Screened::Rejected(Reason::Invalid, None)),
             Verdict::Verified => SystemTime::now(),
         };
         Ok(match policy::check(&form, &self.paypal) {
             Ok(()) => Screened::Passed(form, verified_at),
-            Err(reason) => Screened::Rejected(reason),
+            Err(reason) => Screened::Rejected(reason, None),
         })
     }
 
@@ -285,11 +289,8 @@ impl Pipeline {
     pub async fn handle(&self, inbound: &Inbound) -> Result<Outcome, Error> {
         let (form, verified_at) = match self.screen(inbound).await? {
             Screened::Passed(form, verified_at) => (form, verified_at),
-            Screened::Rejected(reason) => return self.quarantine(inbound, reason).await,
-            Screened::Unprocessable(cause) => {
-                return self
-                    .quarantine_with(inbound, Reason::Unprocessable, Some(&cause))
-                    .await;
+            Screened::Rejected(reason, cause) => {
+                return self.quarantine(inbound, reason, cause.as_deref()).await;
             }
         };
         let order_key = inbound.key();
@@ -405,15 +406,6 @@ impl Pipeline {
             .await?)
     }
 
-    /// Puts the raw IPN in `<p>.quarantine` with its reason, and waits for the confirm.
-    pub(super) async fn quarantine(
-        &self,
-        inbound: &Inbound,
-        reason: Reason,
-    ) -> Result<Outcome, Error> {
-        self.quarantine_with(inbound, reason, None).await
-    }
-
     /// Quarantines an IPN that failed with a permanent error (`unprocessable`), the error's
     /// whole chain in `x-ipn-cause`.
     pub(super) async fn quarantine_unprocessable(
@@ -423,11 +415,13 @@ impl Pipeline {
     ) -> Result<Outcome, Error> {
         let cause = bounded::error_chain(error);
         warn!(ipn.order_key = %inbound.key(), cause, "ipn cannot be processed; quarantining it");
-        self.quarantine_with(inbound, Reason::Unprocessable, Some(&cause))
+        self.quarantine(inbound, Reason::Unprocessable, Some(&cause))
             .await
     }
 
-    pub(super) async fn quarantine_with(
+    /// Puts the raw IPN in `<p>.quarantine` with its reason (and the cause, when there is one,
+    /// in `x-ipn-cause`), and waits for the confirm.
+    pub(super) async fn quarantine(
         &self,
         inbound: &Inbound,
         reason: Reason,
@@ -469,7 +463,7 @@ impl Pipeline {
         self.alerter.raise(Alert {
             kind: Kind::Quarantined,
             order_key: inbound.key().to_string(),
-            txn_id: form.text("txn_id").map(|t| bounded::shown(&t)),
+            txn_id: form.text("txn_id"),
             // The reason alone, so alerts of one reason are rate-limited together; the cause
             // (which varies) goes with the fix.
             reason: reason.as_str().to_owned(),
