@@ -133,10 +133,7 @@ async fn bench_in_runtime(args: &Args) -> anyhow::Result<Summary> {
     config.topology.prefix = format!("bench-e2e-{id}");
     config.topology.shards = std::num::NonZeroU16::new(args.shards).context("shards > 0")?;
     let downstream = format!("{}.downstream", config.topology.prefix);
-    config.downstream = vec![Downstream {
-        queue: downstream.clone(),
-        bindings: vec!["#".to_owned()],
-    }];
+    config.downstream = vec![Downstream::new(&downstream, &["#"])];
     let database = format!("bench_e2e_{id}");
     let database_url = format!("{}/{database}", args.postgres);
     config.database.url = database_url.parse().map_err(anyhow::Error::msg)?;
@@ -150,7 +147,8 @@ async fn bench_in_runtime(args: &Args) -> anyhow::Result<Summary> {
         database_url: &database_url,
     };
     let result = run(args, &config, &topology, &connection, &names).await;
-    support::cleanup(&connection, &topology, &[&downstream]).await?;
+    let dead = ipn_bridge::config::dead_letter_queue(&downstream);
+    support::cleanup(&connection, &topology, &[&downstream, &dead]).await?;
     drop_database(&args.postgres, &database).await?;
     result
 }

@@ -3,12 +3,21 @@
 //! ```sh
 //! cargo run --example consumer -- --queue billing --bind 'subscr_payment.#' --bind '#.refunded'
 //! ```
-//! It declares its own durable quorum queue, binds it to `<prefix>.events`, and for each event:
+//! It declares its queue exactly as the bridge declares a `[[downstream]]` queue (durable quorum,
+//! a delivery limit, and `<queue>.dead` for what it cannot take), binds it to `<prefix>.events`,
+//! and for each event:
 //! 1. skips it if its `event_id` was applied before (ipn-bridge publishes at least once: after a
-//!    crash at the wrong moment an event can arrive twice, always with the same id and number);
+//!    crash at the wrong moment an event can arrive twice, always with the same id and number;
+//!    `ipnctl downstream dead replay` and `ipnctl events redeliver` send the same id again too);
 //! 2. skips it if its `sequence` is not above the last one applied for its `order_key` (events of
 //!    one key arrive in order; a lower number is an old copy);
 //! 3. applies it (here: prints one line), then records the id and the number, then acks.
+//!
+//! An event it cannot apply (unreadable, or refused by the business rules) is *rejected* without
+//! requeue: the broker moves it to `<queue>.dead`, the bridge alerts, and an operator replays it
+//! after the fix. It never requeues in a loop (the delivery limit would dead-letter it anyway):
+//! when its own database is down it stops consuming and comes back later, so the unacked events
+//! return to the queue in order.
 //!
 //! A real service keeps step 3's record in its own database, in the same transaction as the
 //! business change, so a crash between applying and acking cannot apply an event twice. This
@@ -19,10 +28,9 @@ use std::collections::{HashMap, HashSet};
 
 use clap::Parser;
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use ipn_bridge::config::Downstream;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use serde::Deserialize;
 
@@ -44,6 +52,10 @@ struct Args {
     /// Routing-key patterns (`<txn_type>.<payment_status>`); default every event.
     #[arg(long = "bind", default_values_t = vec!["#".to_owned()])]
     bindings: Vec<String>,
+    /// Returns of one event before the broker dead-letters it; must equal the bridge's
+    /// `delivery_limit` when the queue is also a `[[downstream]]` entry.
+    #[arg(long, default_value_t = 20)]
+    delivery_limit: u16,
     /// Stop after this many events (for demos and tests); default never.
     #[arg(long)]
     max: Option<u64>,
@@ -103,30 +115,12 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let connection = Connection::connect(&args.amqp, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    channel
-        .queue_declare(args.queue.as_str().into(), durable, arguments)
-        .await?;
+    let bindings: Vec<&str> = args.bindings.iter().map(String::as_str).collect();
+    let mut queue = Downstream::new(&args.queue, &bindings);
+    queue.delivery_limit = std::num::NonZeroU16::new(args.delivery_limit)
+        .ok_or_else(|| anyhow::anyhow!("--delivery-limit must be above zero"))?;
     let exchange = format!("{}.events", args.prefix);
-    for pattern in &args.bindings {
-        channel
-            .queue_bind(
-                args.queue.as_str().into(),
-                exchange.as_str().into(),
-                pattern.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-    }
+    ipn_bridge::topology::declare_service_queue(&channel, &exchange, &queue).await?;
     // One consumer, in order: a key's events must be applied one after another.
     channel.basic_qos(32, BasicQosOptions::default()).await?;
     let mut consumer = channel
@@ -156,8 +150,14 @@ async fn main() -> anyhow::Result<()> {
                 }
                 skipped => eprintln!("skipped {} ({skipped:?})", event.event_id),
             },
-            // Not an event we understand: ack it so it does not block the queue, and say so.
-            Err(error) => eprintln!("unreadable event acked and dropped: {error}"),
+            // Not an event we understand: reject it (no requeue) so the broker moves it to
+            // <queue>.dead for a human, and the events behind it go on.
+            Err(error) => {
+                eprintln!("unreadable event rejected to {}.dead: {error}", args.queue);
+                let reject = BasicRejectOptions { requeue: false };
+                delivery.acker.reject(reject).await?;
+                continue;
+            }
         }
         delivery.acker.ack(BasicAckOptions::default()).await?;
         seen += 1;

@@ -36,6 +36,12 @@ pub enum Kind {
     HeldBehindParked,
     /// An event could not be routed: no queue is bound to `<p>.events` for it.
     Unroutable,
+    /// A business service's queue dead-lettered events to `<queue>.dead`.
+    DownstreamDeadLettered,
+    /// A business service's queue has had no consumer for `no_consumer_after`.
+    DownstreamNoConsumer,
+    /// A business service's queue holds more than `max_depth` events and grows.
+    DownstreamBacklog,
 }
 
 impl Kind {
@@ -46,6 +52,20 @@ impl Kind {
             Kind::Parked => "parked",
             Kind::HeldBehindParked => "held-behind-parked",
             Kind::Unroutable => "unroutable",
+            Kind::DownstreamDeadLettered => "downstream-dead-lettered",
+            Kind::DownstreamNoConsumer => "downstream-no-consumer",
+            Kind::DownstreamBacklog => "downstream-backlog",
+        }
+    }
+
+    /// What the alert's `order_key` names: an IPN's order key, or (for the downstream kinds) a
+    /// business service's queue.
+    pub fn subject(self) -> &'static str {
+        match self {
+            Kind::DownstreamDeadLettered | Kind::DownstreamNoConsumer | Kind::DownstreamBacklog => {
+                "queue"
+            }
+            _ => "key",
         }
     }
 }
@@ -55,7 +75,7 @@ impl Kind {
 pub struct Alert {
     /// What it is about.
     pub kind: Kind,
-    /// The IPN's order key.
+    /// The IPN's order key; for the downstream kinds, the queue's name.
     pub order_key: String,
     /// The IPN's txn_id, when it has one.
     pub txn_id: Option<String>,
@@ -217,16 +237,18 @@ impl Notice {
         let txn = alert.txn_id.as_deref().unwrap_or("-");
         if self.count == 1 {
             format!(
-                "{}\nkey: {}\ntxn_id: {txn}\nreason: {}\nfix: {}",
+                "{}\n{}: {}\ntxn_id: {txn}\nreason: {}\nfix: {}",
                 self.subject(),
+                alert.kind.subject(),
                 alert.order_key,
                 alert.reason,
                 alert.fix
             )
         } else {
             format!(
-                "{}\nkeys: {}{}\nreason: {}\nfix (for each key): {}",
+                "{}\n{}s: {}{}\nreason: {}\nfix (for each): {}",
                 self.subject(),
+                alert.kind.subject(),
                 self.keys.join(", "),
                 if self.count > self.keys.len() {
                     ", ..."

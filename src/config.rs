@@ -86,10 +86,56 @@ pub struct Downstream {
     /// (`subscr_*`) would match nothing: it is refused at load.
     #[serde(default = "all_events")]
     pub bindings: Vec<String>,
+    /// Returns of one event to the queue (a requeue, or a consumer gone with it unacked) before
+    /// the broker dead-letters it to `<queue>.dead`, so it is delivered at most
+    /// `delivery_limit + 1` times (RabbitMQ 3.10 counts returns): a service that requeues a
+    /// poison event cannot loop on it forever.
+    #[serde(default = "default_delivery_limit")]
+    pub delivery_limit: NonZeroU16,
+    /// Events nobody consumed for this long move to `<queue>.dead` (off by default).
+    #[serde(default, with = "humantime_serde")]
+    pub message_ttl: Option<Duration>,
+    /// The worker alerts when the queue has had no consumer for this long.
+    #[serde(default = "default_no_consumer_after", with = "humantime_serde")]
+    pub no_consumer_after: Duration,
+    /// The worker alerts when the queue holds more than this many events and still grows.
+    #[serde(default = "default_max_depth")]
+    pub max_depth: u32,
+}
+
+impl Downstream {
+    /// A queue bound with `bindings`, every other setting at its default.
+    pub fn new(queue: &str, bindings: &[&str]) -> Downstream {
+        Downstream {
+            queue: queue.to_owned(),
+            bindings: bindings.iter().map(|b| (*b).to_owned()).collect(),
+            delivery_limit: default_delivery_limit(),
+            message_ttl: None,
+            no_consumer_after: default_no_consumer_after(),
+            max_depth: default_max_depth(),
+        }
+    }
+}
+
+/// A downstream queue's dead-letter queue: `<queue>.dead`.
+pub fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}.dead")
 }
 
 fn all_events() -> Vec<String> {
     vec!["#".to_owned()]
+}
+
+fn default_delivery_limit() -> NonZeroU16 {
+    NonZeroU16::new(20).unwrap_or(NonZeroU16::MIN)
+}
+
+fn default_no_consumer_after() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_max_depth() -> u32 {
+    10_000
 }
 
 /// How the worker processes each IPN.
@@ -133,6 +179,10 @@ pub struct Worker {
     /// A worker silent this long is taken for dead; its shards go to the others.
     #[serde(with = "humantime_serde")]
     pub takeover: Duration,
+    /// How often one of the workers looks at each `[[downstream]]` queue (depth, consumers,
+    /// dead-lettered) for the metrics and the alerts.
+    #[serde(with = "humantime_serde")]
+    pub downstream_check: Duration,
 }
 
 impl Default for Worker {
@@ -151,6 +201,7 @@ impl Default for Worker {
             id: None,
             heartbeat: Duration::from_secs(5),
             takeover: Duration::from_secs(15),
+            downstream_check: Duration::from_secs(30),
         }
     }
 }
@@ -388,7 +439,8 @@ pub struct Topology {
     pub prefix: String,
     /// Number of shard queues. Fixed per deployment: changing it is a drained migration.
     pub shards: NonZeroU16,
-    /// Deliveries of one message before the broker dead-letters it to `<prefix>.dead`.
+    /// Returns of one message to its shard queue (redeliveries) before the broker dead-letters
+    /// it to `<prefix>.dead` (RabbitMQ 3.10 counts returns: `delivery_limit + 1` deliveries).
     pub delivery_limit: NonZeroU16,
 }
 
@@ -695,6 +747,7 @@ impl Config {
             ("database.acquire_timeout", self.database.acquire_timeout),
             ("database.connect_timeout", self.database.connect_timeout),
             ("database.query_timeout", self.database.query_timeout),
+            ("worker.downstream_check", self.worker.downstream_check),
         ];
         match timeouts.iter().find(|(_, limit)| limit.is_zero()) {
             Some((key, _)) => Err(Error::Invalid {
@@ -789,7 +842,8 @@ impl Config {
                     ),
                 ));
             }
-            let name_ok = !downstream.queue.is_empty() && downstream.queue.len() <= 255;
+            // Room for `.dead`: RabbitMQ names are at most 255 bytes.
+            let name_ok = !downstream.queue.is_empty() && downstream.queue.len() <= 250;
             if !name_ok
                 || downstream
                     .bindings
@@ -798,7 +852,45 @@ impl Config {
             {
                 return Err(invalid(
                     &format!("downstream[{index}]"),
-                    "queue and bindings must be 1-255 characters",
+                    "queue must be 1-250 characters (it gets a `.dead` queue beside it) and bindings 1-255",
+                ));
+            }
+            if downstream.queue.starts_with("amq.") {
+                return Err(invalid(
+                    &format!("downstream[{index}].queue"),
+                    "must not start with `amq.`: RabbitMQ reserves those names",
+                ));
+            }
+            let dead = dead_letter_queue(&downstream.queue);
+            if self.downstream.iter().any(|other| other.queue == dead) {
+                return Err(invalid(
+                    &format!("downstream[{index}].queue"),
+                    &format!(
+                        "`{dead}` is its dead-letter queue and cannot be a downstream queue too"
+                    ),
+                ));
+            }
+            if self.downstream[..index]
+                .iter()
+                .any(|other| other.queue == downstream.queue)
+            {
+                return Err(invalid(
+                    &format!("downstream[{index}].queue"),
+                    "is listed twice; merge the bindings into one entry",
+                ));
+            }
+            if downstream.message_ttl.is_some_and(|ttl| {
+                ttl < Duration::from_millis(1) || ttl.as_millis() > u128::from(u32::MAX)
+            }) {
+                return Err(invalid(
+                    &format!("downstream[{index}].message_ttl"),
+                    "must be between 1ms and 49 days (RabbitMQ's x-message-ttl is a 32-bit count of milliseconds)",
+                ));
+            }
+            if downstream.no_consumer_after.is_zero() {
+                return Err(invalid(
+                    &format!("downstream[{index}].no_consumer_after"),
+                    "must be above zero",
                 ));
             }
         }
@@ -1206,5 +1298,37 @@ mod tests {
         let text = include_str!("../config/example.toml");
         let example = Config::load(Some(text), &env(&[])).expect("example loads");
         assert_eq!(format!("{example:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
+    fn the_example_downstream_entry_uncommented_states_the_defaults() {
+        let text = include_str!("../config/example.toml");
+        let settings = [
+            "[[downstream]]",
+            "queue =",
+            "bindings =",
+            "            ",
+            "delivery_limit =",
+            "no_consumer_after =",
+            "max_depth =",
+        ];
+        let uncommented: String = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("# "))
+            .filter(|line| settings.iter().any(|s| line.starts_with(s)))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let config = Config::load(Some(&uncommented), &env(&[])).expect("loads");
+        let bindings = [
+            "subscr_signup.#",
+            "subscr_payment.#",
+            "subscr_modify.#",
+            "subscr_failed.#",
+            "subscr_cancel.#",
+            "subscr_eot.#",
+            "#.refunded",
+            "#.reversed",
+        ];
+        assert_eq!(config.downstream, [Downstream::new("billing", &bindings)]);
     }
 }

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use base64::Engine;
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde::Serialize;
 
 use crate::ipn::{Form, OrderKey};
@@ -109,10 +111,27 @@ impl Event {
     }
 
     /// The JSON body.
-    pub fn to_json(&self) -> Vec<u8> {
+    pub fn to_json(&self) -> String {
         // Serializing plain strings, numbers and maps cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        serde_json::to_string(self).unwrap_or_default()
     }
+}
+
+/// The AMQP properties an event is published with: JSON, its event id as message id, and its
+/// order key and sequence in `x-ipn-order-key` and `x-ipn-sequence` (so a consumer can order
+/// and dedup without parsing the body). The same when `ipnctl` delivers it again.
+pub fn properties(event_id: &str, order_key: &str, sequence: i64) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-ipn-order-key".into(),
+        AMQPValue::LongString(LongString::from(order_key)),
+    );
+    headers.insert("x-ipn-sequence".into(), AMQPValue::LongLongInt(sequence));
+    BasicProperties::default()
+        .with_content_type(ShortString::from("application/json"))
+        .with_message_id(ShortString::from(event_id))
+        .with_app_id(ShortString::from("ipn-worker"))
+        .with_headers(headers)
 }
 
 fn rfc3339(time: SystemTime) -> String {

@@ -27,6 +27,7 @@ pub mod backoff;
 pub mod bounded;
 pub mod config;
 pub mod ctl;
+pub mod downstream;
 pub mod event;
 pub mod fake_paypal;
 pub mod ingress;

@@ -9,7 +9,9 @@
 //!                                      dead-letters (at-least-once) to <p>.inbound, keeping the
 //!                                      shard routing key the message was published with
 //! <p>.parked                                               quorum; retries exhausted
-//! <p>.events (topic) --rk = <txn_type>.<payment_status>--> business services' queues
+//! <p>.events (topic) --rk = <txn_type>.<payment_status>--> <queue> of each [[downstream]]
+//!                                      quorum, x-delivery-limit, x-message-ttl (optional),
+//!                                      dead-letters (at-least-once) to <queue>.dead
 //! ```
 //! Delays are one queue per delay with a queue TTL, never a per-message `expiration`: an expired
 //! message leaves only from the head, so mixed delays in one queue would block each other
@@ -153,6 +155,11 @@ impl Topology {
         queues
     }
 
+    /// The business services' queues, as configured.
+    pub fn downstream(&self) -> &[config::Downstream] {
+        &self.downstream
+    }
+
     /// Every exchange name, for tools that remove them.
     pub fn exchanges(&self) -> Vec<String> {
         vec![
@@ -278,26 +285,8 @@ impl Topology {
     }
 
     async fn declare_downstream(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
         for downstream in &self.downstream {
-            let queue = downstream.queue.as_str();
-            channel
-                .queue_declare(queue.into(), durable, quorum_args())
-                .await?;
-            for pattern in &downstream.bindings {
-                channel
-                    .queue_bind(
-                        queue.into(),
-                        self.events_exchange().into(),
-                        pattern.as_str().into(),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
-            }
+            declare_service_queue(channel, &self.events_exchange(), downstream).await?;
         }
         Ok(())
     }
@@ -321,6 +310,60 @@ impl Topology {
         insert(&mut args, "x-overflow", text("reject-publish"));
         args
     }
+}
+
+/// Declares a business service's queue as the bridge does (with its `<queue>.dead`) and binds
+/// it to `events_exchange` (`<p>.events`, which must exist). A service declaring its own queue
+/// calls this too, so its arguments always equal the bridge's (RabbitMQ refuses a second
+/// declaration with other arguments).
+pub async fn declare_service_queue(
+    channel: &Channel,
+    events_exchange: &str,
+    downstream: &config::Downstream,
+) -> Result<(), lapin::Error> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = downstream.queue.as_str();
+    let dead = config::dead_letter_queue(queue);
+    channel
+        .queue_declare(dead.as_str().into(), durable, quorum_args())
+        .await?;
+    channel
+        .queue_declare(queue.into(), durable, downstream_args(downstream))
+        .await?;
+    for pattern in &downstream.bindings {
+        channel
+            .queue_bind(
+                queue.into(),
+                events_exchange.into(),
+                pattern.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// A business service's queue: a rejected event, one requeued `delivery_limit` times, or (with
+/// `message_ttl`) one nobody consumed in time moves to `<queue>.dead`, at least once.
+fn downstream_args(downstream: &config::Downstream) -> FieldTable {
+    let mut args = quorum_args();
+    let limit = i64::from(downstream.delivery_limit.get());
+    insert(&mut args, "x-delivery-limit", AMQPValue::LongLongInt(limit));
+    insert(&mut args, "x-dead-letter-exchange", text(""));
+    let dead = config::dead_letter_queue(&downstream.queue);
+    insert(&mut args, "x-dead-letter-routing-key", text(&dead));
+    insert(&mut args, "x-dead-letter-strategy", text("at-least-once"));
+    insert(&mut args, "x-overflow", text("reject-publish"));
+    if let Some(ttl) = downstream.message_ttl {
+        // Validated by config: 1 ms up to u32::MAX ms.
+        let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        insert(&mut args, "x-message-ttl", AMQPValue::LongLongInt(ttl));
+    }
+    args
 }
 
 fn quorum_args() -> FieldTable {

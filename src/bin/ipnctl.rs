@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use ipn_bridge::config::Config;
 use ipn_bridge::ctl;
 use ipn_bridge::ctl::review::{self, Queue, Selection};
+use ipn_bridge::store::EventFilter;
 
 /// Operate ipn-bridge: declare its topology, replay parked IPNs, release blocked keys, send a
 /// sample IPN.
@@ -41,6 +42,16 @@ enum Command {
     Key {
         #[command(subcommand)]
         action: KeyAction,
+    },
+    /// Business services' queues ([[downstream]]) and their dead-letter queues (<queue>.dead).
+    Downstream {
+        #[command(subcommand)]
+        action: DownstreamAction,
+    },
+    /// The event history in PostgreSQL: find past events, deliver them again.
+    Events {
+        #[command(subcommand)]
+        action: EventsAction,
     },
     /// The live workers and the shards each owns.
     Workers {
@@ -83,11 +94,11 @@ enum Review {
     Purge(Which),
 }
 
-/// Which parked IPNs: exactly one of these.
+/// Which messages: exactly one of these.
 #[derive(clap::Args)]
 #[group(required = true, multiple = false)]
 struct Which {
-    /// Every parked IPN.
+    /// Every one in the queue.
     #[arg(long)]
     all: bool,
     /// Those of one order key, e.g. profile:I-7PX4WQ2N9KD3.
@@ -106,6 +117,111 @@ impl Which {
             (None, None) => Selection::All,
         }
     }
+}
+
+#[derive(Subcommand)]
+enum DownstreamAction {
+    /// Each configured queue: depth, consumers, dead-lettered events, bindings.
+    List {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Events a service rejected, requeued too often, or left past its message_ttl.
+    Dead {
+        #[command(subcommand)]
+        action: DeadAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadAction {
+    /// List the events in QUEUE.dead in order (key, sequence, txn, why, event id), leaving them.
+    List {
+        /// The [[downstream]] queue, e.g. billing.
+        queue: String,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give them back to QUEUE as first published (same event ids and sequence numbers), each
+    /// key's in sequence order.
+    Replay {
+        /// The [[downstream]] queue, e.g. billing.
+        queue: String,
+        #[command(flatten)]
+        which: Which,
+    },
+    /// Delete them from QUEUE.dead for good (`events redeliver` can still send them again
+    /// while the history keeps them).
+    Purge {
+        /// The [[downstream]] queue, e.g. billing.
+        queue: String,
+        #[command(flatten)]
+        which: Which,
+    },
+}
+
+/// Which stored events: exactly one of these (`--until` goes with `--since`).
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Stored {
+    /// The events of one txn_id.
+    #[arg(long)]
+    txn: Option<String>,
+    /// The events of one order key, e.g. profile:I-7PX4WQ2N9KD3.
+    #[arg(long)]
+    key: Option<String>,
+    /// One event, by event id.
+    #[arg(long)]
+    id: Option<uuid::Uuid>,
+    /// Published at or after this time: RFC 3339 (2026-12-01T10:00:00Z) or a duration ago (2h).
+    #[arg(long, value_parser = ctl::events::parse_time)]
+    since: Option<std::time::SystemTime>,
+}
+
+impl Stored {
+    fn filter(self, until: Option<std::time::SystemTime>) -> EventFilter {
+        match (self.txn, self.key, self.id, self.since) {
+            (Some(txn), ..) => EventFilter::Txn(txn),
+            (_, Some(key), ..) => EventFilter::Key(key),
+            (_, _, Some(id), _) => EventFilter::Id(id),
+            (.., since) => EventFilter::Between {
+                since: since.unwrap_or(std::time::UNIX_EPOCH),
+                until,
+            },
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum EventsAction {
+    /// Show stored events, oldest first.
+    Find {
+        #[command(flatten)]
+        stored: Stored,
+        /// Before this time (with --since): RFC 3339 or a duration ago.
+        #[arg(long, requires = "since", value_parser = ctl::events::parse_time)]
+        until: Option<std::time::SystemTime>,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// JSON (each with its event) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish stored events again to one queue, with confirms, in per-key sequence order,
+    /// with their original event ids and sequence numbers.
+    Redeliver {
+        #[command(flatten)]
+        stored: Stored,
+        /// Before this time (with --since): RFC 3339 or a duration ago.
+        #[arg(long, requires = "since", value_parser = ctl::events::parse_time)]
+        until: Option<std::time::SystemTime>,
+        /// The queue to publish them to (it must exist).
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -156,8 +272,10 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<ExitCode> {
             println!("{}", ctl::declare_topology(config).await?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Parked { action } => review(config, Queue::Parked, action).await,
-        Command::Quarantine { action } => review(config, Queue::Quarantine, action).await,
+        Command::Parked { action } => review(config, &Queue::Parked, action).await,
+        Command::Quarantine { action } => review(config, &Queue::Quarantine, action).await,
+        Command::Downstream { action } => downstream(config, action).await,
+        Command::Events { action } => events(config, action).await,
         Command::Key {
             action: KeyAction::List { json },
         } => show(
@@ -196,7 +314,7 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn review(config: &Config, queue: Queue, action: Review) -> anyhow::Result<ExitCode> {
+async fn review(config: &Config, queue: &Queue, action: Review) -> anyhow::Result<ExitCode> {
     let pass = match action {
         Review::List { json } => {
             return show(
@@ -208,6 +326,81 @@ async fn review(config: &Config, queue: Queue, action: Review) -> anyhow::Result
         Review::Replay(which) => review::replay(config, queue, &which.selection()).await?,
         Review::Purge(which) => review::purge(config, queue, &which.selection()).await?,
     };
+    taken(&pass)
+}
+
+async fn downstream(config: &Config, action: DownstreamAction) -> anyhow::Result<ExitCode> {
+    let action = match action {
+        DownstreamAction::List { json } => {
+            return show(
+                &ctl::downstream::list(config).await?,
+                json,
+                ctl::downstream::list_table,
+            );
+        }
+        DownstreamAction::Dead { action } => action,
+    };
+    let pass = match action {
+        DeadAction::List { queue, json } => {
+            ctl::downstream::configured(config, &queue)?;
+            let listed = review::list(config, &Queue::Dead(queue)).await?;
+            return show(&listed, json, review::dead_table);
+        }
+        DeadAction::Replay { queue, which } => {
+            ctl::downstream::configured(config, &queue)?;
+            review::replay(config, &Queue::Dead(queue), &which.selection()).await?
+        }
+        DeadAction::Purge { queue, which } => {
+            ctl::downstream::configured(config, &queue)?;
+            review::purge(config, &Queue::Dead(queue), &which.selection()).await?
+        }
+    };
+    taken(&pass)
+}
+
+async fn events(config: &Config, action: EventsAction) -> anyhow::Result<ExitCode> {
+    match action {
+        EventsAction::Find {
+            stored,
+            until,
+            limit,
+            json,
+        } => {
+            let filter = stored.filter(until);
+            let (found, total) = ctl::events::find(config, &filter, limit).await?;
+            if u64::try_from(found.len()).unwrap_or(u64::MAX) < total {
+                eprintln!(
+                    "ipnctl: showing the first {} of {total}; narrow the search or raise --limit",
+                    found.len()
+                );
+            }
+            if found.is_empty() {
+                eprintln!("ipnctl: no stored event matches");
+                return Ok(ExitCode::from(2));
+            }
+            show(&found, json, ctl::events::found_table)
+        }
+        EventsAction::Redeliver { stored, until, to } => {
+            let filter = stored.filter(until);
+            let done = ctl::events::redeliver(config, &filter, &to).await?;
+            println!("{} events redelivered to {to}", done.published);
+            if done.skipped > 0 {
+                println!(
+                    "{} events stored before the history existed were skipped",
+                    done.skipped
+                );
+            }
+            Ok(if done.published == 0 {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+/// What a replay or purge did, and its exit code.
+fn taken(pass: &review::Pass) -> anyhow::Result<ExitCode> {
     println!("{} taken, {} left", pass.taken, pass.kept);
     // Nothing matched: most likely a mistyped key or id, which a script should notice.
     Ok(if pass.taken == 0 {

@@ -1,5 +1,7 @@
 //! `ipnctl`, the operator's tool: each subcommand is a function here, the binary only parses.
 
+pub mod downstream;
+pub mod events;
 pub mod review;
 
 use std::time::Duration;

@@ -34,20 +34,50 @@ const RETRY_HEADERS: [&str; 6] = [
     "x-death",
 ];
 
+/// Headers the broker adds when it dead-letters an event from a downstream queue; a replay
+/// gives the event back to its service without them, as it was first published.
+const DEAD_LETTER_HEADERS: [&str; 8] = [
+    "x-death",
+    "x-first-death-reason",
+    "x-first-death-queue",
+    "x-first-death-exchange",
+    "x-last-death-reason",
+    "x-last-death-queue",
+    "x-last-death-exchange",
+    "x-delivery-count",
+];
+
+/// Messages a pass over a downstream dead-letter queue reads before it republishes them: within
+/// such a chunk each key's events are put back in sequence order.
+const DEAD_CHUNK: usize = 200;
+
 /// The queues an operator reviews.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Queue {
     /// `<p>.parked`: retries exhausted; their keys are blocked.
     Parked,
     /// `<p>.quarantine`: INVALID, policy failures, unreadable.
     Quarantine,
+    /// `<queue>.dead` of this `[[downstream]]` queue: events its service rejected, requeued too
+    /// often, or left past `message_ttl`.
+    Dead(String),
 }
 
 impl Queue {
-    fn name(self, topology: &Topology) -> String {
+    fn name(&self, topology: &Topology) -> String {
         match self {
             Queue::Parked => topology.parked_queue(),
             Queue::Quarantine => topology.quarantine_queue(),
+            Queue::Dead(queue) => crate::config::dead_letter_queue(queue),
+        }
+    }
+
+    /// Messages read before any is republished.
+    fn chunk(&self) -> usize {
+        match self {
+            // One at a time: a crash leaves at most one second copy.
+            Queue::Parked | Queue::Quarantine => 1,
+            Queue::Dead(_) => DEAD_CHUNK,
         }
     }
 }
@@ -71,6 +101,9 @@ pub struct Listed {
     pub age_seconds: Option<u64>,
     /// `x-ipn-last-error`.
     pub last_error: Option<String>,
+    /// A dead-lettered event's sequence number within its key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<i64>,
 }
 
 /// Which messages an operation takes.
@@ -107,7 +140,7 @@ enum Take {
 }
 
 /// Lists the messages of `queue` in order, leaving them as they were.
-pub async fn list(config: &Config, queue: Queue) -> anyhow::Result<Vec<Listed>> {
+pub async fn list(config: &Config, queue: &Queue) -> anyhow::Result<Vec<Listed>> {
     let pass = pass(config, queue, &Selection::All, Take::List).await?;
     Ok(pass.listed)
 }
@@ -115,12 +148,14 @@ pub async fn list(config: &Config, queue: Queue) -> anyhow::Result<Vec<Listed>> 
 /// Replays the selected IPNs of `queue` to their shards, in their order, with their attempts
 /// reset. A parked one is its key's blocker: when it succeeds the worker releases the IPNs held
 /// behind it. A quarantined one is checked again (e.g. after fixing the environment config).
-pub async fn replay(config: &Config, queue: Queue, selection: &Selection) -> anyhow::Result<Pass> {
+/// A dead-lettered event goes back to its service's queue, as first published (same event id,
+/// key and sequence), each key's events in sequence order.
+pub async fn replay(config: &Config, queue: &Queue, selection: &Selection) -> anyhow::Result<Pass> {
     pass(config, queue, selection, Take::Replay).await
 }
 
-/// Deletes the selected IPNs of `queue` for good.
-pub async fn purge(config: &Config, queue: Queue, selection: &Selection) -> anyhow::Result<Pass> {
+/// Deletes the selected messages of `queue` for good.
+pub async fn purge(config: &Config, queue: &Queue, selection: &Selection) -> anyhow::Result<Pass> {
     pass(config, queue, selection, Take::Purge).await
 }
 
@@ -185,7 +220,7 @@ pub async fn release(config: &Config, key: &str, purge_blocker: bool) -> anyhow:
     };
     if purge_blocker && blocked.parked {
         let selection = Selection::MessageId(blocked.blocker_id);
-        purge(config, Queue::Parked, &selection).await?;
+        purge(config, &Queue::Parked, &selection).await?;
     }
     let topology = Topology::of(config);
     let publisher = publisher(config).await?;
@@ -209,7 +244,7 @@ pub async fn release(config: &Config, key: &str, purge_blocker: bool) -> anyhow:
 
 async fn pass(
     config: &Config,
-    queue: Queue,
+    queue: &Queue,
     selection: &Selection,
     take: Take,
 ) -> anyhow::Result<Pass> {
@@ -222,7 +257,8 @@ async fn pass(
         config,
         topology: &topology,
         publisher: &publisher,
-        queue: queue.name(&topology),
+        name: queue.name(&topology),
+        queue,
     };
     let result = walk.run(&connection, selection, take).await;
     let _ = connection.close(200, "done".into()).await;
@@ -235,7 +271,16 @@ struct Walk<'a> {
     config: &'a Config,
     topology: &'a Topology,
     publisher: &'a Publisher,
-    queue: String,
+    queue: &'a Queue,
+    /// The queue's name.
+    name: String,
+}
+
+/// One message read in a pass, and whether the pass takes it.
+struct Read {
+    delivery: lapin::message::Delivery,
+    key: OrderKey,
+    taken: bool,
 }
 
 impl Walk<'_> {
@@ -246,39 +291,80 @@ impl Walk<'_> {
         take: Take,
     ) -> anyhow::Result<Pass> {
         let channel = connection.create_channel().await?;
-        let count = queued(&channel, &self.queue).await?;
+        let count = queued(&channel, &self.name).await?;
+        let count = usize::try_from(count).unwrap_or(usize::MAX);
         let mut pass = Pass::default();
-        for done in 0..count {
-            let options = BasicGetOptions { no_ack: false };
-            let got = channel
-                .basic_get(self.queue.as_str().into(), options)
-                .await?;
-            let Some(message) = got else {
+        let mut done = 0;
+        while done < count {
+            let want = self.queue.chunk().min(count - done);
+            let chunk = self.read(&channel, want, selection, take).await?;
+            let Some(last) = chunk.last() else {
                 break; // someone else emptied it meanwhile
             };
-            let delivery = message.delivery;
-            let key = order_key(&delivery.properties, &delivery.data);
-            let taken = take != Take::List && selected(selection, &delivery.properties, &key);
-            if take == Take::List {
-                pass.listed
-                    .push(listed(&delivery.properties, &delivery.data, &key));
+            let last_tag = last.delivery.delivery_tag;
+            for &index in &in_key_order(&chunk) {
+                let read = &chunk[index];
+                if take == Take::List {
+                    pass.listed.push(self.listed(&read.delivery, &read.key));
+                }
+                self.move_one(&read.delivery, &read.key, read.taken, take)
+                    .await?;
+                if read.taken {
+                    pass.taken += 1
+                } else {
+                    pass.kept += 1
+                }
             }
-            self.move_one(&delivery, &key, taken, take).await?;
-            delivery.acker.ack(BasicAckOptions::default()).await?;
-            if taken {
-                pass.taken += 1
-            } else {
-                pass.kept += 1
+            // Only once every message of the chunk is republished (and confirmed).
+            let multiple = BasicAckOptions { multiple: true };
+            channel
+                .basic_ack(last_tag, multiple)
+                .await
+                .context("cannot acknowledge the messages moved")?;
+            let before = done;
+            done += chunk.len();
+            if done / 1000 > before / 1000 {
+                eprintln!("ipnctl: {done} of {count} messages of {} done", self.name);
             }
-            if (done + 1) % 1000 == 0 {
-                eprintln!(
-                    "ipnctl: {} of {count} messages of {} done",
-                    done + 1,
-                    self.queue
-                );
+            if chunk.len() < want {
+                break;
             }
         }
         Ok(pass)
+    }
+
+    /// Up to `want` messages, unacked, in queue order.
+    async fn read(
+        &self,
+        channel: &Channel,
+        want: usize,
+        selection: &Selection,
+        take: Take,
+    ) -> anyhow::Result<Vec<Read>> {
+        let mut chunk = Vec::with_capacity(want);
+        for _ in 0..want {
+            let options = BasicGetOptions { no_ack: false };
+            let got = channel
+                .basic_get(self.name.as_str().into(), options)
+                .await?;
+            let Some(message) = got else { break };
+            let delivery = message.delivery;
+            let key = order_key(&delivery.properties, &delivery.data);
+            let taken = take != Take::List && selected(selection, &delivery.properties, &key);
+            chunk.push(Read {
+                delivery,
+                key,
+                taken,
+            });
+        }
+        Ok(chunk)
+    }
+
+    fn listed(&self, delivery: &lapin::message::Delivery, key: &OrderKey) -> Listed {
+        match self.queue {
+            Queue::Dead(_) => listed_event(&delivery.properties, &delivery.data, key),
+            Queue::Parked | Queue::Quarantine => listed(&delivery.properties, &delivery.data, key),
+        }
     }
 
     /// Republishes one message where it goes (nowhere when purged), with confirm.
@@ -291,14 +377,23 @@ impl Walk<'_> {
     ) -> anyhow::Result<()> {
         let shard = Topology::shard_routing_key(key.shard(self.topology.shards()));
         let inbound = self.topology.inbound_exchange();
-        let (exchange, routing_key, properties) = match (taken, take) {
-            (true, Take::Purge) => return Ok(()),
-            (true, _) => (
+        let (exchange, routing_key, properties) = match (taken, take, self.queue) {
+            (true, Take::Purge, _) => return Ok(()),
+            (true, _, Queue::Dead(service)) => (
+                "",
+                service.as_str(),
+                without(
+                    &delivery.properties,
+                    &DEAD_LETTER_HEADERS,
+                    "x-ipn-replayed-at",
+                ),
+            ),
+            (true, _, _) => (
                 inbound.as_str(),
                 shard.as_str(),
                 replayed(&delivery.properties),
             ),
-            (false, _) => ("", self.queue.as_str(), delivery.properties.clone()),
+            (false, _, _) => ("", self.name.as_str(), delivery.properties.clone()),
         };
         let message = Outgoing {
             exchange,
@@ -309,6 +404,72 @@ impl Walk<'_> {
         let timeout = self.config.worker.confirm_timeout;
         self.publisher.publish(message, timeout).await?;
         Ok(())
+    }
+}
+
+/// The order to republish a chunk in: queue order, except that the taken messages of each key
+/// that carry `x-ipn-sequence` (events) are put in sequence order among the places they hold.
+fn in_key_order(chunk: &[Read]) -> Vec<usize> {
+    let items: Vec<(&str, Option<i64>)> = chunk
+        .iter()
+        .map(|read| {
+            let sequence = sequence(&read.delivery.properties).filter(|_| read.taken);
+            (read.key.as_str(), sequence)
+        })
+        .collect();
+    reordered(&items)
+}
+
+/// Indices of `items` (key, sequence) in queue order, with the items that have a sequence
+/// sorted by it within each key, each key keeping the places its items held.
+fn reordered(items: &[(&str, Option<i64>)]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    let mut by_key: std::collections::HashMap<&str, Vec<usize>> = Default::default();
+    for (index, (key, sequence)) in items.iter().enumerate() {
+        if sequence.is_some() {
+            by_key.entry(key).or_default().push(index);
+        }
+    }
+    for places in by_key.values() {
+        let mut sorted = places.clone();
+        sorted.sort_by_key(|&i| items[i].1);
+        for (place, index) in places.iter().zip(sorted) {
+            order[*place] = index;
+        }
+    }
+    order
+}
+
+fn sequence(properties: &BasicProperties) -> Option<i64> {
+    match crate::worker::pipeline::header(properties, "x-ipn-sequence") {
+        Some(AMQPValue::LongLongInt(n)) => Some(*n),
+        Some(AMQPValue::LongInt(n)) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
+/// A dead-lettered event as a listing shows it: its id, key, sequence, txn and why the broker
+/// dead-lettered it (`rejected`, `delivery_limit`, `expired`).
+fn listed_event(properties: &BasicProperties, body: &[u8], key: &OrderKey) -> Listed {
+    let header = |name| crate::worker::pipeline::header_text(properties, name);
+    let event: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let field = |name: &str| event[name].as_str().map(crate::bounded::shown);
+    let received = field("received_at").and_then(|t| humantime::parse_rfc3339(&t).ok());
+    let deliveries = match crate::worker::pipeline::header(properties, "x-delivery-count") {
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        _ => 0,
+    };
+    Listed {
+        message_id: properties.message_id().as_ref().map(|id| id.to_string()),
+        order_key: key.to_string(),
+        txn_type: field("txn_type"),
+        txn_id: field("txn_id"),
+        reason: header("x-first-death-reason"),
+        attempts: deliveries,
+        age_seconds: received.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs()),
+        last_error: None,
+        sequence: sequence(properties),
     }
 }
 
@@ -329,6 +490,7 @@ fn listed(properties: &BasicProperties, body: &[u8], key: &OrderKey) -> Listed {
         attempts,
         age_seconds: received.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs()),
         last_error: header("x-ipn-last-error"),
+        sequence: None,
     }
 }
 
@@ -375,17 +537,24 @@ fn order_key(properties: &BasicProperties, body: &[u8]) -> OrderKey {
 /// The properties of a replayed IPN: the same, with the retry headers gone, attempts at 0 and
 /// `x-ipn-replayed-at` set.
 fn replayed(properties: &BasicProperties) -> BasicProperties {
+    let properties = without(properties, &RETRY_HEADERS, "x-ipn-replayed-at");
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert("x-ipn-attempt".into(), AMQPValue::LongLongInt(0));
+    properties.with_headers(headers)
+}
+
+/// `properties` without the headers `dropped`, with the time now in the header `stamp`.
+fn without(properties: &BasicProperties, dropped: &[&str], stamp: &str) -> BasicProperties {
     let mut headers = FieldTable::default();
     if let Some(old) = properties.headers() {
         for (name, value) in old.inner() {
-            if !RETRY_HEADERS.contains(&name.as_str()) {
+            if !dropped.contains(&name.as_str()) {
                 headers.insert(name.clone(), value.clone());
             }
         }
     }
-    headers.insert("x-ipn-attempt".into(), AMQPValue::LongLongInt(0));
     let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-    headers.insert("x-ipn-replayed-at".into(), text(&now));
+    headers.insert(stamp.into(), text(&now));
     properties.clone().with_headers(headers)
 }
 
@@ -421,6 +590,36 @@ pub fn listed_table(listed: &[Listed]) -> String {
     table(&head, rows)
 }
 
+/// A dead-letter queue's events as a readable table, one per line.
+pub fn dead_table(listed: &[Listed]) -> String {
+    let rows = listed
+        .iter()
+        .map(|m| {
+            vec![
+                m.order_key.clone(),
+                m.sequence.map(|s| s.to_string()).unwrap_or_default(),
+                m.txn_type.clone().unwrap_or_default(),
+                m.txn_id.clone().unwrap_or_default(),
+                m.reason.clone().unwrap_or_default(),
+                m.attempts.to_string(),
+                m.age_seconds.map(age).unwrap_or_default(),
+                m.message_id.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let head = [
+        "KEY",
+        "SEQ",
+        "TXN_TYPE",
+        "TXN_ID",
+        "REASON",
+        "REDELIVERED",
+        "AGE",
+        "EVENT_ID",
+    ];
+    table(&head, rows)
+}
+
 /// Blocked keys as a readable table.
 pub fn blocked_table(keys: &[BlockedKey]) -> String {
     let rows = keys
@@ -452,6 +651,31 @@ pub fn blocked_table(keys: &[BlockedKey]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_keys_events_are_put_back_in_sequence_order_in_the_places_they_held() {
+        let items = [
+            ("b", Some(2)),
+            ("a", Some(3)),
+            ("x", None),
+            ("b", Some(1)),
+            ("a", Some(1)),
+            ("a", Some(2)),
+        ];
+        let order = reordered(&items);
+        let keys: Vec<(&str, Option<i64>)> = order.iter().map(|&i| items[i]).collect();
+        assert_eq!(
+            keys,
+            [
+                ("b", Some(1)),
+                ("a", Some(1)),
+                ("x", None),
+                ("b", Some(2)),
+                ("a", Some(2)),
+                ("a", Some(3)),
+            ]
+        );
+    }
 
     #[test]
     fn a_replay_starts_afresh_without_the_retry_headers() {

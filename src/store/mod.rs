@@ -26,6 +26,10 @@ use uuid::Uuid;
 use crate::config;
 use crate::ipn::DedupKeys;
 
+mod history;
+
+pub use history::{EventFilter, StoredEvent};
+
 /// The database could not do what was asked; the caller should retry later.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -109,6 +113,17 @@ pub enum Claim {
     Pending(Reservation),
     /// Already published: a duplicate; publish nothing.
     Done(Reservation),
+}
+
+/// An event as the broker confirmed it, for the history.
+#[derive(Debug, Clone, Copy)]
+pub struct Published<'a> {
+    /// Its routing key on `<p>.events`.
+    pub routing_key: &'a str,
+    /// The IPN's `txn_id` (bounded by the policy's id checks).
+    pub txn_id: Option<&'a str>,
+    /// The JSON body exactly as published.
+    pub json: &'a str,
 }
 
 /// A key's block, as the worker needs it.
@@ -315,13 +330,25 @@ impl Store {
         })
     }
 
-    /// Records that the broker confirmed the event (idempotent).
-    pub async fn mark_done(&self, event_id: Uuid) -> Result<(), Error> {
-        sqlx::query("UPDATE ipn_event SET state = 'done', done_at = now() WHERE event_id = $1 AND state = 'pending'")
-            .bind(event_id)
-            .execute(&self.pool)
-            .within(self.query_timeout, "mark_done")
-            .await?;
+    /// Records that the broker confirmed the event, and keeps the event as published for
+    /// `ipnctl events` (idempotent: a row already done keeps its first event).
+    ///
+    /// One statement on the IPN's own row, so the history can never disagree with the dedup
+    /// record: a crash before it leaves a pending row (republished under the same id), after it
+    /// one done row with its event.
+    pub async fn mark_done(&self, event_id: Uuid, event: &Published<'_>) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE ipn_event SET state = 'done', done_at = now(),
+                 routing_key = $2, txn_id = $3, event_json = $4
+             WHERE event_id = $1 AND state = 'pending'",
+        )
+        .bind(event_id)
+        .bind(event.routing_key)
+        .bind(event.txn_id)
+        .bind(event.json)
+        .execute(&self.pool)
+        .within(self.query_timeout, "mark_done")
+        .await?;
         Ok(())
     }
 

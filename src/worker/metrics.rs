@@ -28,6 +28,13 @@ pub struct TierLabel {
     pub tier: String,
 }
 
+/// Label of the downstream gauges: the business service's queue.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    /// The `[[downstream]]` queue's name.
+    pub queue: String,
+}
+
 /// Counters, histogram and gauge of one worker.
 #[derive(Debug)]
 pub struct Metrics {
@@ -62,6 +69,12 @@ pub struct Metrics {
     pub held_now: Gauge,
     /// Alert messages sent and given up on, by channel.
     pub alerts: crate::alert::Counters,
+    /// Events waiting in each downstream queue (exported by the watching worker only).
+    pub downstream_depth: Family<QueueLabel, Gauge>,
+    /// Consumers of each downstream queue (exported by the watching worker only).
+    pub downstream_consumers: Family<QueueLabel, Gauge>,
+    /// Events in each downstream queue's `<queue>.dead` (exported by the watching worker only).
+    pub downstream_dead: Family<QueueLabel, Gauge>,
 }
 
 impl Metrics {
@@ -85,6 +98,9 @@ impl Metrics {
             owned_shards: Gauge::default(),
             blocked_keys: Gauge::default(),
             held_now: Gauge::default(),
+            downstream_depth: Family::default(),
+            downstream_consumers: Family::default(),
+            downstream_dead: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -166,6 +182,21 @@ impl Metrics {
             "alerts_failed",
             "Alert messages given up on after every attempt, by channel",
             metrics.alerts.failed.clone(),
+        );
+        registry.register(
+            "downstream_depth",
+            "Events waiting in each downstream queue (from the worker that watches them)",
+            metrics.downstream_depth.clone(),
+        );
+        registry.register(
+            "downstream_consumers",
+            "Consumers of each downstream queue (from the worker that watches them)",
+            metrics.downstream_consumers.clone(),
+        );
+        registry.register(
+            "downstream_dead",
+            "Events in each downstream queue's dead-letter queue (from the worker that watches them)",
+            metrics.downstream_dead.clone(),
         );
         Metrics {
             registry,

@@ -9,6 +9,7 @@
 //! - [`ownership`]: which worker processes which shard (rendezvous hashing over live workers).
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics` on `worker.listen`.
 //! - [`housekeeping`]: purging old dedup records, refreshing the blocked-key gauges.
+//! - [`watch`]: the business services' queues: depth, consumers, dead-lettered; alerts.
 //! - [`metrics`]: the worker's Prometheus metrics.
 
 pub mod gate;
@@ -20,6 +21,7 @@ pub mod ownership;
 pub mod pipeline;
 pub mod service;
 mod session;
+mod watch;
 
 pub use gate::Settled;
 pub use pipeline::{Inbound, Outcome, Pipeline};

@@ -318,8 +318,10 @@ impl Pipeline {
             verified_at,
         };
         let event = Event::new(&form, &inbound.body, &context);
+        let routing_key = event.routing_key();
+        let json = event.to_json();
         self.crash_point(Step::Claimed)?;
-        if let Err(error) = self.publish_event(&event).await {
+        if let Err(error) = self.publish_event(&event, &routing_key, &json).await {
             if matches!(error, Error::Publish(PublishError::Unroutable)) {
                 self.alerter.raise(Alert {
                     kind: Kind::Unroutable,
@@ -335,7 +337,14 @@ impl Pipeline {
             return Err(error);
         }
         self.crash_point(Step::Published)?;
-        self.store.mark_done(reservation.event_id).await?;
+        let published = store::Published {
+            routing_key: &routing_key,
+            txn_id: event.txn_id.as_deref(),
+            json: &json,
+        };
+        self.store
+            .mark_done(reservation.event_id, &published)
+            .await?;
         self.crash_point(Step::MarkedDone)?;
         self.metrics.events.inc();
         info!(ipn.order_key = %order_key, sequence = reservation.sequence, "event published");
@@ -379,25 +388,19 @@ impl Pipeline {
         }
     }
 
-    async fn publish_event(&self, event: &Event) -> Result<(), Error> {
-        let mut headers = FieldTable::default();
-        headers.insert("x-ipn-order-key".into(), text(&event.order_key));
-        headers.insert(
-            "x-ipn-sequence".into(),
-            AMQPValue::LongLongInt(event.sequence),
-        );
-        let properties = BasicProperties::default()
-            .with_content_type(ShortString::from("application/json"))
-            .with_message_id(ShortString::from(event.event_id.as_str()))
-            .with_app_id(ShortString::from("ipn-worker"))
-            .with_headers(headers);
+    async fn publish_event(
+        &self,
+        event: &Event,
+        routing_key: &str,
+        json: &str,
+    ) -> Result<(), Error> {
+        let properties =
+            crate::event::properties(&event.event_id, &event.order_key, event.sequence);
         let exchange = self.topology.events_exchange();
-        let routing_key = event.routing_key();
-        let body = event.to_json();
         let message = Outgoing {
             exchange: &exchange,
-            routing_key: &routing_key,
-            body: &body,
+            routing_key,
+            body: json.as_bytes(),
             properties,
         };
         Ok(self

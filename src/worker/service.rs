@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use super::pipeline::Pipeline;
 use super::session::{Session, host};
-use super::{health, housekeeping};
+use super::{health, housekeeping, watch};
 use crate::alert::Alerter;
 use crate::amqp::{self, Publisher};
 use crate::config::Config;
@@ -119,6 +119,13 @@ async fn serve(config: Config, health: TcpListener, stop: CancellationToken) -> 
         .clone()
         .unwrap_or_else(|| format!("{}-{}", host(), uuid::Uuid::now_v7().simple()));
     info!(worker = %id, "ipn-worker starting");
+    let watch = tokio::spawn(watch::watch_downstream(
+        config.clone(),
+        store.clone(),
+        Arc::clone(&pipeline),
+        id.clone(),
+        stop.clone(),
+    ));
     let session = Session {
         config: &config,
         store: &store,
@@ -134,6 +141,7 @@ async fn serve(config: Config, health: TcpListener, stop: CancellationToken) -> 
     // The background tasks end at once: they watch `stop`.
     let _ = purge.await;
     let _ = gauges.await;
+    let _ = watch.await;
     let _ = probes.await;
     store.close().await;
     info!("ipn-worker stopped");

@@ -253,9 +253,9 @@ impl Rig {
     /// `ipnctl parked replay`, as the operator runs it (straight to the broker and database);
     /// a failure (the broker is restarting) is left for the next call.
     async fn replay_parked(&self) {
-        let parked = review::list(&self.config, Queue::Parked).await;
+        let parked = review::list(&self.config, &Queue::Parked).await;
         if parked.is_ok_and(|parked| !parked.is_empty())
-            && let Ok(pass) = review::replay(&self.config, Queue::Parked, &Selection::All).await
+            && let Ok(pass) = review::replay(&self.config, &Queue::Parked, &Selection::All).await
         {
             self.count(|l| l.parked += pass.taken);
         }
@@ -415,10 +415,7 @@ async fn under_load_and_faults_nothing_is_lost_reordered_or_forged() {
     let mut config = broker.config();
     config.topology.shards = NonZeroU16::new(SHARDS).expect("non-zero");
     config.database = db.config();
-    config.downstream = vec![Downstream {
-        queue: "downstream".to_owned(),
-        bindings: vec!["#".to_owned()],
-    }];
+    config.downstream = vec![Downstream::new("downstream", &["#"])];
     let rig = Rig {
         amqp_proxy: Proxy::to(BROKER).await,
         pg_proxy: Proxy::to(POSTGRES).await,

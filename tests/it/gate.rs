@@ -212,7 +212,7 @@ async fn an_ipn_behind_a_parked_one_is_verified_and_held_and_a_replay_delivers_b
     // PayPal is healthy again (the script is used up); the operator replays the parked one.
     let pass = review::replay(
         &stack.config,
-        Queue::Parked,
+        &Queue::Parked,
         &Selection::Key(key_of(&first)),
     )
     .await
@@ -301,7 +301,7 @@ async fn listing_parked_and_quarantined_ipns_shows_them_in_order_and_leaves_them
     stack.wait_for("ipn.parked", 2).await;
     stack.wait_for("ipn.quarantine", 1).await;
 
-    let first_listing = review::list(&stack.config, Queue::Parked)
+    let first_listing = review::list(&stack.config, &Queue::Parked)
         .await
         .expect("list");
     let keys: Vec<&str> = first_listing.iter().map(|m| m.order_key.as_str()).collect();
@@ -314,7 +314,7 @@ async fn listing_parked_and_quarantined_ipns_shows_them_in_order_and_leaves_them
     );
     let txn_id = Form::parse(&parked_first).text("txn_id");
     assert_eq!(first_listing[0].txn_id, txn_id);
-    let second_listing = review::list(&stack.config, Queue::Parked)
+    let second_listing = review::list(&stack.config, &Queue::Parked)
         .await
         .expect("list");
     // Ages move on between listings; everything else stays.
@@ -330,7 +330,7 @@ async fn listing_parked_and_quarantined_ipns_shows_them_in_order_and_leaves_them
         without_age(first_listing.clone()),
         "listing changes nothing"
     );
-    let quarantined = review::list(&stack.config, Queue::Quarantine)
+    let quarantined = review::list(&stack.config, &Queue::Quarantine)
         .await
         .expect("list");
     assert_eq!(quarantined.len(), 1);

@@ -6,6 +6,7 @@ mod abuse;
 mod alerting;
 mod cli;
 mod compose;
+mod downstream;
 mod faults;
 mod gate;
 mod hostile;

@@ -82,10 +82,7 @@ impl Stack {
             paypal,
             mut config,
         } = Services::start().await;
-        config.downstream = vec![Downstream {
-            queue: "downstream".to_owned(),
-            bindings: vec!["#".to_owned()],
-        }];
+        config.downstream = vec![Downstream::new("downstream", &["#"])];
         Stack {
             broker,
             _db: db,
@@ -429,10 +426,10 @@ const DOCUMENTED_BILLING: [&str; 8] = [
 #[tokio::test]
 async fn the_documented_bindings_receive_the_events_the_docs_say() {
     let mut stack = Stack::new().await;
-    stack.config.downstream.push(Downstream {
-        queue: "billing".to_owned(),
-        bindings: DOCUMENTED_BILLING.map(str::to_owned).to_vec(),
-    });
+    stack
+        .config
+        .downstream
+        .push(Downstream::new("billing", &DOCUMENTED_BILLING));
     let (_, ingress) = ready_ingress(stack.config.clone()).await;
     let worker = RunningWorker::spawn(stack.config.clone()).await;
     let live = live_samples();

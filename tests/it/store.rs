@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ipn_bridge::ipn::{DedupKeys, body_hash};
-use ipn_bridge::store::{Claim, Store};
+use ipn_bridge::store::{Claim, EventFilter, Published, Store};
 
 use crate::support::TestDb;
 
@@ -47,9 +47,12 @@ async fn a_claim_reserves_once_and_a_redelivery_gets_the_same_id_and_number() {
         store.claim(&first, "txn:A").await.expect("claim"),
         Claim::Pending(reserved)
     );
-    store.mark_done(reserved.event_id).await.expect("done");
     store
-        .mark_done(reserved.event_id)
+        .mark_done(reserved.event_id, &published("txn:A"))
+        .await
+        .expect("done");
+    store
+        .mark_done(reserved.event_id, &published("txn:A"))
         .await
         .expect("done twice is harmless");
     // PayPal's identical resend, and a manual resend with other bytes: duplicates.
@@ -159,7 +162,10 @@ async fn purging_removes_only_old_done_records_and_numbering_continues() {
     let Claim::New(reserved) = store.claim(&done, "txn:K").await.expect("claim") else {
         panic!("new")
     };
-    store.mark_done(reserved.event_id).await.expect("done");
+    store
+        .mark_done(reserved.event_id, &published("txn:K"))
+        .await
+        .expect("done");
     store.claim(&pending, "txn:K").await.expect("claim");
 
     assert_eq!(
@@ -236,4 +242,102 @@ async fn values_postgresql_refuses_are_permanent_errors_and_a_silent_server_is_a
         "PostgreSQL did not answer `blocked` within 500ms"
     );
     proxy.restore();
+}
+
+/// What a worker records with a confirmed event, as a test writes it.
+fn published(txn_id: &str) -> Published<'_> {
+    Published {
+        routing_key: "web_accept.completed",
+        txn_id: Some(txn_id),
+        json: "{}",
+    }
+}
+
+#[tokio::test]
+async fn the_history_finds_done_events_by_txn_key_id_and_time_and_pages_them_in_key_order() {
+    let db = TestDb::new();
+    let store = Store::connect(&db.config()).await.expect("store");
+    // Three events on two keys, published alternately; one more claimed but never confirmed.
+    let mut ids = HashMap::new();
+    for (body, key, txn) in [
+        ("b1", "profile:B", "T1"),
+        ("a1", "profile:A", "T2"),
+        ("b2", "profile:B", "T3"),
+        ("pending", "profile:A", "T4"),
+    ] {
+        let Claim::New(reserved) = store.claim(&keys(body, None), key).await.expect("claim") else {
+            panic!("new")
+        };
+        if body != "pending" {
+            store
+                .mark_done(reserved.event_id, &published(txn))
+                .await
+                .expect("done");
+        }
+        ids.insert(txn, (reserved.event_id, key, reserved.sequence));
+    }
+    let found = |filter| {
+        let store = store.clone();
+        async move { store.find_events(&filter, 100).await.expect("find") }
+    };
+    let by_txn = found(EventFilter::Txn("T3".to_owned())).await;
+    assert_eq!(by_txn.len(), 1);
+    assert_eq!(by_txn[0].event_id, ids["T3"].0);
+    assert_eq!(
+        (by_txn[0].order_key.as_str(), by_txn[0].sequence),
+        ("profile:B", 2)
+    );
+    assert_eq!(by_txn[0].json.as_deref(), Some("{}"));
+    let by_key = found(EventFilter::Key("profile:B".to_owned())).await;
+    assert_eq!(
+        by_key.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    // The pending one is not history: it was never confirmed.
+    assert!(found(EventFilter::Txn("T4".to_owned())).await.is_empty());
+    assert_eq!(found(EventFilter::Id(ids["T2"].0)).await.len(), 1);
+    let hour = Duration::from_secs(3600);
+    let recent = EventFilter::Between {
+        since: std::time::SystemTime::now() - hour,
+        until: None,
+    };
+    assert_eq!(store.count_events(&recent).await.expect("count"), 3);
+    let future = EventFilter::Between {
+        since: std::time::SystemTime::now() + hour,
+        until: None,
+    };
+    assert!(found(future).await.is_empty());
+    let past = EventFilter::Between {
+        since: std::time::SystemTime::now() - 2 * hour,
+        until: Some(std::time::SystemTime::now() - hour),
+    };
+    assert!(found(past).await.is_empty());
+
+    // Pages of one: every event once, each key's in sequence order, keys one after another.
+    let mut after: Option<(String, i64)> = None;
+    let mut paged = Vec::new();
+    loop {
+        let page = store
+            .events_after(&recent, after.as_ref().map(|(k, s)| (k.as_str(), *s)), 1)
+            .await
+            .expect("page");
+        let Some(last) = page.last() else { break };
+        after = Some((last.order_key.clone(), last.sequence));
+        paged.extend(page.into_iter().map(|e| (e.order_key, e.sequence)));
+    }
+    assert_eq!(
+        paged,
+        [
+            ("profile:A".to_owned(), 1),
+            ("profile:B".to_owned(), 1),
+            ("profile:B".to_owned(), 2)
+        ]
+    );
+
+    // Purged with the dedup records.
+    assert_eq!(
+        store.purge_older_than(Duration::ZERO).await.expect("purge"),
+        3
+    );
+    assert_eq!(store.count_events(&recent).await.expect("count"), 0);
 }

@@ -118,15 +118,12 @@ async fn a_message_past_its_delivery_limit_is_dead_lettered_not_dropped() {
 async fn downstream_queues_from_the_config_are_declared_and_bound_to_the_events() {
     let broker = TestBroker::new().await;
     let mut config = broker.config();
+    let mut billing =
+        ipn_bridge::config::Downstream::new("billing", &["subscr_payment.#", "#.refunded"]);
+    billing.message_ttl = Some(Duration::from_secs(7 * 24 * 3600));
     config.downstream = vec![
-        ipn_bridge::config::Downstream {
-            queue: "billing".to_owned(),
-            bindings: vec!["subscr_payment.#".to_owned(), "#.refunded".to_owned()],
-        },
-        ipn_bridge::config::Downstream {
-            queue: "audit".to_owned(),
-            bindings: vec!["#".to_owned()],
-        },
+        billing,
+        ipn_bridge::config::Downstream::new("audit", &["#"]),
     ];
     ctl::declare_topology(&config).await.expect("declared");
     ctl::declare_topology(&config)
@@ -137,6 +134,21 @@ async fn downstream_queues_from_the_config_are_declared_and_bound_to_the_events(
     billing.sort();
     assert_eq!(billing, ["#.refunded", "subscr_payment.#"]);
     assert_eq!(broker.binding_keys("audit", "ipn.events").await, ["#"]);
+    // Nothing a service does can drop an event: a limit, and a dead-letter queue of its own.
+    let arguments = &broker.queue_info("billing").await["arguments"];
+    assert_eq!(arguments["x-delivery-limit"], 20);
+    assert_eq!(arguments["x-dead-letter-exchange"], "");
+    assert_eq!(arguments["x-dead-letter-routing-key"], "billing.dead");
+    assert_eq!(arguments["x-dead-letter-strategy"], "at-least-once");
+    assert_eq!(arguments["x-message-ttl"], 7 * 24 * 3600 * 1000);
+    assert!(
+        broker.queue_info("audit").await["arguments"]
+            .get("x-message-ttl")
+            .is_none()
+    );
+    for dead in ["billing.dead", "audit.dead"] {
+        assert_eq!(broker.queue_info(dead).await["type"], "quorum", "{dead}");
+    }
 }
 
 #[tokio::test]

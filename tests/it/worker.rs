@@ -8,7 +8,7 @@ use ipn_bridge::config::Config;
 use ipn_bridge::fake_paypal::{Answer, FakePaypal};
 use ipn_bridge::ipn::{Form, PayPal};
 use ipn_bridge::policy::Reason;
-use ipn_bridge::store::{Claim, Store};
+use ipn_bridge::store::{Claim, EventFilter, Store};
 use ipn_bridge::topology::Topology;
 use ipn_bridge::verify::Verifier;
 use ipn_bridge::worker::pipeline::{Error, Step};
@@ -28,7 +28,7 @@ pub(crate) struct Rig {
     pub(crate) paypal: FakePaypal,
     pub(crate) store: Store,
     pub(crate) pipeline: Pipeline,
-    config: Config,
+    pub(crate) config: Config,
 }
 
 impl Rig {
@@ -447,6 +447,23 @@ async fn a_crash_between_any_two_steps_yields_one_event_id_and_number_after_the_
             );
             assert_eq!(copy["sequence"], 1, "{step:?}: one number");
         }
+        // The history holds the event once, whatever copy the crash made downstream.
+        let filter = EventFilter::Txn("1GK360366M840293X".to_owned());
+        let stored = rig.store.find_events(&filter, 10).await.expect("history");
+        assert_eq!(stored.len(), 1, "{step:?}: one stored event: {stored:?}");
+        assert_eq!(
+            stored[0].event_id.to_string(),
+            of_first[0]["event_id"].as_str().expect("id"),
+            "{step:?}"
+        );
+        assert_eq!(stored[0].sequence, 1);
+        let json: serde_json::Value =
+            serde_json::from_str(stored[0].json.as_deref().expect("json")).expect("stored JSON");
+        assert_eq!(json["event_id"], of_first[0]["event_id"], "{step:?}");
+        assert_eq!(
+            stored[0].routing_key.as_deref(),
+            Some("subscr_payment.completed")
+        );
     }
 }
 
