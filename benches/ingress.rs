@@ -497,9 +497,12 @@ async fn raw_worker(
             immediate: false,
         };
         let properties = match raw_properties {
-            RawProperties::Ingress => {
-                ingress::inbound_properties(PayPal.name(), FORM.into(), key.as_str())
-            }
+            RawProperties::Ingress => ingress::inbound_properties(
+                PayPal.name(),
+                FORM.into(),
+                key.as_str(),
+                &uuid::Uuid::now_v7().to_string(),
+            ),
             RawProperties::Minimal => BasicProperties::default(),
         }
         .with_delivery_mode(2);

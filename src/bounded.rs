@@ -110,9 +110,63 @@ pub fn cut(value: &str, max: usize) -> String {
     format!("{head}…({} bytes)", value.len())
 }
 
+/// A budget of log lines per second for lines an attacker can cause at will (one per refused
+/// request): past it, lines are skipped and counted, and the next line admitted says how many.
+#[derive(Debug)]
+pub struct LogBudget {
+    per_second: u32,
+    /// The second (since the process started) the count is for.
+    second: std::sync::atomic::AtomicU64,
+    used: std::sync::atomic::AtomicU32,
+    skipped: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
+}
+
+impl LogBudget {
+    /// At most `per_second` lines each second.
+    pub fn new(per_second: u32) -> LogBudget {
+        LogBudget {
+            per_second,
+            second: std::sync::atomic::AtomicU64::new(0),
+            used: std::sync::atomic::AtomicU32::new(0),
+            skipped: std::sync::atomic::AtomicU64::new(0),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// `Some(skipped)` when a line may be written now, with how many were skipped since the last
+    /// one written; `None` when over budget (the line is counted as skipped).
+    pub fn admit(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.started.elapsed().as_secs();
+        if self.second.swap(now, Relaxed) != now {
+            self.used.store(0, Relaxed);
+        }
+        if self.used.fetch_add(1, Relaxed) < self.per_second {
+            Some(self.skipped.swap(0, Relaxed))
+        } else {
+            self.skipped.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_budget_admits_its_lines_per_second_and_counts_the_rest() {
+        let budget = LogBudget::new(3);
+        let admitted: Vec<Option<u64>> = (0..5).map(|_| budget.admit()).collect();
+        assert_eq!(admitted, [Some(0), Some(0), Some(0), None, None]);
+        // The next second: the first line says two were skipped.
+        budget
+            .second
+            .store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(budget.admit(), Some(2));
+        assert_eq!(budget.admit(), Some(0));
+    }
 
     #[test]
     fn paypal_ids_are_kept_as_they_are() {

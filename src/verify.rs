@@ -35,7 +35,10 @@ pub enum Verdict {
 /// PayPal could not be asked or gave no verdict; try again later.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// No HTTP answer: timeout, refused or broken connection, TLS failure.
+    /// PayPal did not answer the postback within `paypal.verify_timeout`.
+    #[error("PayPal did not answer the postback within {0:?} (timeout)")]
+    Timeout(Duration),
+    /// No HTTP answer: refused or broken connection, TLS failure.
     #[error("postback to PayPal failed")]
     Http(#[source] reqwest::Error),
     /// An HTTP answer other than 200.
@@ -51,6 +54,7 @@ pub enum Error {
 pub struct Verifier {
     client: reqwest::Client,
     url: url::Url,
+    timeout: Duration,
 }
 
 impl Verifier {
@@ -67,6 +71,7 @@ impl Verifier {
         Ok(Verifier {
             client,
             url: config.postback_url(),
+            timeout: config.verify_timeout,
         })
     }
 
@@ -82,11 +87,24 @@ impl Verifier {
             .body(postback)
             .send()
             .await
-            .map_err(Error::Http)?;
+            .map_err(|e| self.failed(e))?;
         if response.status() != reqwest::StatusCode::OK {
             return Err(Error::Status(response.status().as_u16()));
         }
-        verdict(&read_answer(response).await?)
+        let answer = read_answer(response).await.map_err(|e| match e {
+            Error::Http(e) => self.failed(e),
+            other => other,
+        })?;
+        verdict(&answer)
+    }
+
+    /// A transport error, with a timeout named as one.
+    fn failed(&self, error: reqwest::Error) -> Error {
+        if error.is_timeout() {
+            Error::Timeout(self.timeout)
+        } else {
+            Error::Http(error)
+        }
     }
 }
 

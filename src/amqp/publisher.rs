@@ -379,7 +379,8 @@ async fn watch_events(
             Some(Event::ConnectionBlocked(reason)) => warn!(%reason, "broker blocked publishing"),
             Some(Event::ConnectionUnblocked) => info!("broker unblocked publishing"),
             Some(Event::Error(error)) => {
-                warn!(error = %error, "broker connection failed; reconnecting");
+                let error = crate::bounded::error_chain(&error);
+                warn!(error, "broker connection failed; reconnecting");
                 return false;
             }
             Some(_) => {}

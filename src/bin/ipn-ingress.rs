@@ -27,7 +27,7 @@ async fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    telemetry::init(config.telemetry.format);
+    telemetry::init("ipn-ingress", config.telemetry.format);
     let shutdown = shutdown::signal();
     ipn_bridge::server::raise_open_file_limit();
     let address = config.ingress.listen;

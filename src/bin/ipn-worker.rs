@@ -23,11 +23,15 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match Config::for_binary("ipn-worker", args.config.as_deref()) {
+    let mut config = match Config::for_binary("ipn-worker", args.config.as_deref()) {
         Ok(config) => config,
         Err(code) => return code,
     };
-    telemetry::init(config.telemetry.format);
+    telemetry::init("ipn-worker", config.telemetry.format);
+    // Known before the first line, so every line names this worker.
+    let id = worker::id(&config);
+    telemetry::set_instance(&id);
+    config.worker.id = Some(id);
     let shutdown = shutdown::signal();
     ipn_bridge::server::raise_open_file_limit();
     let address = config.worker.listen;

@@ -14,7 +14,7 @@ use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use tracing::{Instrument, debug, debug_span, warn};
+use tracing::{Instrument, debug, field, info, info_span, warn};
 
 use super::metrics::StatusLabel;
 use super::{App, Sink};
@@ -82,16 +82,37 @@ pub(super) async fn handle<S: Sink>(
 }
 
 async fn ipn<S: Sink>(app: &App<S>, request: Request<Incoming>) -> Response<Full<Bytes>> {
-    // Counted by a guard: hyper drops this future when the client hangs up mid-request.
-    let mut counted = Counted::start(&app.metrics);
-    let response = match accept(app, request).await {
-        Ok(()) => Response::new(Full::new(Bytes::from_static(
-            app.provider.acknowledgement(),
-        ))),
-        Err(rejection) => reject(&rejection),
-    };
-    counted.answered(response.status());
-    response
+    // The request's lines carry these once known (recorded by `publish`), so they join with
+    // the worker's lines for the same message id.
+    let span = info_span!(
+        "ipn",
+        message_id = field::Empty,
+        ipn.order_key = field::Empty,
+        shard = field::Empty,
+    );
+    async {
+        // Counted by a guard: hyper drops this future when the client hangs up mid-request.
+        let mut counted = Counted::start(&app.metrics);
+        let response = match accept(app, request).await {
+            Ok(bytes) => {
+                debug!(status = 200, bytes, "ipn accepted");
+                Response::new(Full::new(Bytes::from_static(
+                    app.provider.acknowledgement(),
+                )))
+            }
+            Err(rejection) => {
+                if let Some(skipped) = app.refusals.admit() {
+                    let status = status_of(&rejection).as_u16();
+                    info!(status, reason = %rejection, skipped, "ipn refused");
+                }
+                reject(&rejection)
+            }
+        };
+        counted.answered(response.status());
+        response
+    }
+    .instrument(span)
+    .await
 }
 
 /// One IPN request in the in-flight gauge and, when it ends, in the request counter: under its
@@ -128,7 +149,8 @@ impl Drop for Counted<'_> {
     }
 }
 
-async fn accept<S: Sink>(app: &App<S>, request: Request<Incoming>) -> Result<(), Rejection> {
+/// Reads and publishes one IPN; returns its size once the broker confirmed it.
+async fn accept<S: Sink>(app: &App<S>, request: Request<Incoming>) -> Result<usize, Rejection> {
     if request.method() != Method::POST {
         return Err(Rejection::Method);
     }
@@ -149,7 +171,8 @@ async fn accept<S: Sink>(app: &App<S>, request: Request<Incoming>) -> Result<(),
     if body.is_empty() {
         return Err(Rejection::Empty);
     }
-    publish(app, content_type, &body).await
+    publish(app, content_type, &body).await?;
+    Ok(body.len())
 }
 
 fn declared_length(request: &Request<Incoming>) -> Option<usize> {
@@ -199,40 +222,44 @@ async fn publish<S: Sink>(
 ) -> Result<(), Rejection> {
     let key = app.provider.order_key(body);
     let shard = key.shard(app.topology.shards());
-    // Debug level: at the default filter the span costs nothing per request; a failure is
-    // logged with the same fields below.
-    let span = debug_span!("publish", ipn.order_key = %key, shard, bytes = body.len());
+    let message_id = uuid::Uuid::now_v7().to_string();
+    let span = tracing::Span::current();
+    span.record("message_id", message_id.as_str());
+    span.record("ipn.order_key", key.as_str());
+    span.record("shard", shard);
     let routing_key = Topology::shard_routing_key(shard);
     let exchange = app.topology.inbound_exchange();
+    let properties =
+        inbound_properties(app.provider.name(), content_type, key.as_str(), &message_id);
     let message = Outgoing {
         exchange: &exchange,
         routing_key: &routing_key,
         body,
-        properties: inbound_properties(app.provider.name(), content_type, key.as_str()),
+        properties,
     };
     let started = Instant::now();
     let result = app
         .publisher
         .publish(message, app.config.confirm_timeout)
-        .instrument(span.clone())
         .await;
     app.metrics
         .confirm_seconds
         .observe(started.elapsed().as_secs_f64());
     if let Err(error) = &result {
         let error = crate::bounded::error_chain(error);
-        warn!(error, ipn.order_key = %key, shard, "ipn not persisted");
+        warn!(error, "ipn not persisted");
     }
     Ok(result?)
 }
 
-/// The inbound message contract: content type as received, a time-ordered message id, and our
-/// headers. The worker increments `x-ipn-attempt` each time it sends the message to a retry tier.
+/// The inbound message contract: content type as received, `message_id` (time-ordered, made by
+/// the caller so its log lines can name it), and our headers. The worker increments `x-ipn-attempt` each time it sends the message to a retry tier.
 /// (Public for the benchmark's raw publisher, which publishes the very messages the ingress does.)
 pub fn inbound_properties(
     provider: &str,
     content_type: ShortString,
     order_key: &str,
+    message_id: &str,
 ) -> BasicProperties {
     let now = SystemTime::now();
     let mut headers = FieldTable::default();
@@ -249,7 +276,7 @@ pub fn inbound_properties(
     let seconds = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     BasicProperties::default()
         .with_content_type(content_type)
-        .with_message_id(ShortString::from(uuid::Uuid::now_v7().to_string()))
+        .with_message_id(ShortString::from(message_id))
         .with_timestamp(seconds)
         .with_app_id(ShortString::from("ipn-ingress"))
         .with_headers(headers)

@@ -57,6 +57,10 @@ impl Sink for Publisher {
     }
 }
 
+/// Refusal lines a second, at most: anyone can send bad requests, so their lines are bounded
+/// (`ipn_ingress_requests_total` counts every one).
+const REFUSALS_LOGGED_PER_SECOND: u32 = 20;
+
 /// What every request handler shares.
 struct App<S> {
     config: config::Ingress,
@@ -65,6 +69,8 @@ struct App<S> {
     topology: Topology,
     metrics: Metrics,
     draining: CancellationToken,
+    /// Refused requests are logged at info, at most this many lines a second.
+    refusals: crate::bounded::LogBudget,
 }
 
 /// Serves IPNs on `listener` until `shutdown` resolves, then drains and returns.
@@ -105,6 +111,7 @@ impl<S: Sink> App<S> {
             topology,
             metrics: Metrics::new(),
             draining: CancellationToken::new(),
+            refusals: crate::bounded::LogBudget::new(REFUSALS_LOGGED_PER_SECOND),
         }
     }
 

@@ -30,7 +30,7 @@ use std::time::SystemTime;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use super::metrics::TierLabel;
 use super::pipeline::{Error, Inbound, Outcome, Pipeline, Screened, Step, header_text, text};
@@ -248,6 +248,10 @@ impl Pipeline {
                 self.copy(inbound, "", &self.topology.parked_queue(), headers)
                     .await?;
                 self.metrics.parked.inc();
+                warn!(
+                    attempts,
+                    reason, error, "ipn parked; its key stays blocked until an operator acts"
+                );
                 self.alerter.raise(Alert {
                     kind: Kind::Parked,
                     order_key: key.to_string(),
@@ -364,7 +368,11 @@ impl Pipeline {
     async fn release(&self, key: &OrderKey) -> Result<usize, Error> {
         let mut released = 0;
         while let Some((id, held)) = self.store.next_held(key.as_str()).await? {
-            let settled = self.attempt(&held_inbound(held), key).await?;
+            let span = super::pipeline::span(&held.message_id, key.as_str(), held.attempt);
+            let settled = self
+                .attempt(&held_inbound(held), key)
+                .instrument(span)
+                .await?;
             self.crash_point(Step::Released)?;
             self.store.remove_held(id).await?;
             self.metrics.released.inc();

@@ -20,7 +20,7 @@ use lapin::options::BasicAckOptions;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{Instrument, warn};
 
 use super::Error;
 use super::pipeline::{self, Inbound, Pipeline, header_text};
@@ -137,8 +137,9 @@ impl Lanes {
             self.stop.clone(),
         );
         let retries = self.retries;
-        async move {
-            let inbound = Inbound::new(delivery.data.clone(), delivery.properties.clone());
+        let inbound = Inbound::new(delivery.data.clone(), delivery.properties.clone());
+        let span = pipeline::span(&inbound.message_id, &key, inbound.attempt);
+        let work = async move {
             let mut backoff = Backoff::new(retries.min, retries.max);
             let mut failures: u32 = 0;
             let mut last_error: Option<pipeline::Error> = None;
@@ -159,7 +160,7 @@ impl Lanes {
                         failures = failures.saturating_add(1);
                         let wait = backoff.next_wait();
                         let cause = bounded::error_chain(&error);
-                        warn!(error = cause, ipn.order_key = %key, attempt = failures, retry_in = ?wait, "ipn not finished; retrying in place");
+                        warn!(error = cause, failures, retry_in = ?wait, "ipn not finished; retrying in place");
                         last_error = Some(error);
                         tokio::select! {
                             () = stop.cancelled() => return key,
@@ -168,7 +169,8 @@ impl Lanes {
                     }
                 }
             }
-        }
+        };
+        work.instrument(span)
     }
 }
 
@@ -195,7 +197,7 @@ async fn ack(delivery: &Delivery, key: &str, limit: Duration) {
         Err(_) => format!("no answer within {limit:?}"),
     };
     // Settled but not acked: the redelivery will be a duplicate.
-    warn!(error, ipn.order_key = %key, "cannot ack a settled ipn");
+    warn!(error, ipn.order_key = %key, "cannot ack a settled ipn; its redelivery will be a duplicate");
 }
 
 /// The lane of a delivery: the order key [`pipeline::key_of`] gives it.

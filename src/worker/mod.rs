@@ -25,5 +25,5 @@ mod watch;
 
 pub use gate::Settled;
 pub use pipeline::{Inbound, Outcome, Pipeline};
-pub use service::{Error, run};
+pub use service::{Error, id, run};
 pub use session::host;

@@ -96,6 +96,19 @@ pub fn key_of(header: Option<&str>, body: &[u8]) -> OrderKey {
     }
 }
 
+/// The span every line about one IPN is written in: its message id, order key and attempt, and
+/// (recorded when known) its `txn_id` and event id, so one IPN's lines join on `message_id`.
+pub fn span(message_id: &str, order_key: &str, attempt: i64) -> tracing::Span {
+    tracing::info_span!(
+        "ipn",
+        message_id,
+        ipn.order_key = order_key,
+        attempt,
+        ipn.txn_id = tracing::field::Empty,
+        event_id = tracing::field::Empty,
+    )
+}
+
 /// A header of a message.
 pub fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
     properties.headers().as_ref()?.inner().get(name)
@@ -272,6 +285,9 @@ impl Pipeline {
             return Ok(Screened::Rejected(reason, None));
         }
         let form = Form::parse(&inbound.body);
+        if let Some(txn_id) = form.text("txn_id") {
+            tracing::Span::current().record("ipn.txn_id", bounded::shown(&txn_id).as_str());
+        }
         if let Err(cause) = policy::processable(&form) {
             return Ok(Screened::Rejected(Reason::Unprocessable, Some(cause)));
         }
@@ -305,12 +321,20 @@ impl Pipeline {
             .claim_paid(&keys, order_key.as_str(), paid.as_deref())
             .await?;
         let reservation = match claimed {
-            Claim::Done(_) => {
+            Claim::Done(reservation) => {
+                let event_id = reservation.event_id.to_string();
+                tracing::Span::current().record("event_id", event_id.as_str());
                 self.metrics.duplicates.inc();
+                info!(
+                    sequence = reservation.sequence,
+                    "duplicate of a published ipn; dropped"
+                );
                 return Ok(Outcome::Duplicate);
             }
             Claim::New(reservation) | Claim::Pending(reservation) => reservation,
         };
+        let event_id = reservation.event_id.to_string();
+        tracing::Span::current().record("event_id", event_id.as_str());
         let context = Context {
             order_key: &order_key,
             reservation,
@@ -347,7 +371,10 @@ impl Pipeline {
             .await?;
         self.crash_point(Step::MarkedDone)?;
         self.metrics.events.inc();
-        info!(ipn.order_key = %order_key, sequence = reservation.sequence, "event published");
+        info!(
+            sequence = reservation.sequence,
+            routing_key, "event published"
+        );
         Ok(Outcome::Published {
             event_id: reservation.event_id,
             sequence: reservation.sequence,
@@ -380,7 +407,11 @@ impl Pipeline {
                 }
                 Err(error) => {
                     let error = bounded::error_chain(&error);
-                    warn!(error, attempt, "verification failed; retrying");
+                    warn!(
+                        error,
+                        postback = attempt,
+                        "PayPal verification failed; retrying"
+                    );
                 }
             }
             backoff.sleep().await;
@@ -462,6 +493,7 @@ impl Pipeline {
             reason: reason.as_str(),
         };
         self.metrics.quarantined.get_or_create(&label).inc();
+        warn!(reason = reason.as_str(), queue, "ipn quarantined");
         let form = Form::parse(&inbound.body);
         self.alerter.raise(Alert {
             kind: Kind::Quarantined,

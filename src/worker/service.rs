@@ -58,6 +58,15 @@ impl From<lapin::Error> for Error {
     }
 }
 
+/// This worker's id among the workers: `worker.id`, or `<host>-<uuid v7>` (fresh per start).
+pub fn id(config: &Config) -> String {
+    config
+        .worker
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", host(), uuid::Uuid::now_v7().simple()))
+}
+
 /// Runs the worker until `shutdown` resolves, then drains within `worker.shutdown_grace`.
 /// A lost broker connection is re-established with backoff (`amqp.reconnect_min`..`max`); what
 /// was unacked then returns to the queues and is redelivered (a finished IPN as a duplicate).
@@ -113,11 +122,7 @@ async fn serve(config: Config, health: TcpListener, stop: CancellationToken) -> 
         Arc::clone(&pipeline),
         stop.clone(),
     ));
-    let id = config
-        .worker
-        .id
-        .clone()
-        .unwrap_or_else(|| format!("{}-{}", host(), uuid::Uuid::now_v7().simple()));
+    let id = id(&config);
     info!(worker = %id, "ipn-worker starting");
     let watch = tokio::spawn(watch::watch_downstream(
         config.clone(),

@@ -11,6 +11,7 @@ mod faults;
 mod gate;
 mod hostile;
 mod ingress;
+mod logs;
 mod pipeline_e2e;
 mod scaling;
 mod store;

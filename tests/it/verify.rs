@@ -71,16 +71,19 @@ async fn invalid_is_a_verdict_and_failures_are_transient_errors() {
         verifier.verify(&body).await,
         Err(verify::Error::Garbage)
     ));
-    let slow = verifier.verify(&body).await;
-    assert!(
-        matches!(&slow, Err(verify::Error::Http(e)) if e.is_timeout()),
-        "{slow:?}"
-    );
-    let silent = verifier.verify(&body).await;
-    assert!(
-        matches!(&silent, Err(verify::Error::Http(e)) if e.is_timeout()),
-        "{silent:?}"
-    );
+    // A timeout is named as one, with the limit, in the text operators read.
+    for answer in ["slow", "silent"] {
+        let timed_out = verifier.verify(&body).await;
+        assert!(
+            matches!(&timed_out, Err(verify::Error::Timeout(_))),
+            "{answer}: {timed_out:?}"
+        );
+        let text = ipn_bridge::bounded::error_chain(&timed_out.expect_err("timeout"));
+        assert!(
+            text.contains("timeout") && text.contains("within"),
+            "{text}"
+        );
+    }
     // The script is used up: back to the default answer.
     assert_eq!(verifier.verify(&body).await.ok(), Some(Verdict::Verified));
     paypal.stop().await;

@@ -114,6 +114,15 @@ pub async fn ingress_binary(
     broker: &super::TestBroker,
     extra: &[(&str, &str)],
 ) -> (tokio::process::Child, u16) {
+    ingress_binary_logging(broker, extra, std::process::Stdio::inherit()).await
+}
+
+/// [`ingress_binary`], its log lines (stdout) going to `log`.
+pub async fn ingress_binary_logging(
+    broker: &super::TestBroker,
+    extra: &[(&str, &str)],
+    log: std::process::Stdio,
+) -> (tokio::process::Child, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
@@ -124,6 +133,7 @@ pub async fn ingress_binary(
         .env("IPN_TOPOLOGY__SHARDS", "4")
         .env("IPN_INGRESS__LISTEN", format!("127.0.0.1:{port}"))
         .envs(extra.iter().copied())
+        .stdout(log)
         .kill_on_drop(true)
         .spawn()
         .expect("ipn-ingress starts");

@@ -65,10 +65,11 @@ impl WorkerProcess {
         let child = command
             .arg("--config")
             .arg(&self.config_file)
+            // Quiet unless `env` asks for more.
+            .env("RUST_LOG", "warn")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("IPN_WORKER__ID", &self.id)
             .env("IPN_WORKER__LISTEN", format!("127.0.0.1:{}", self.port))
-            .env("RUST_LOG", "warn")
             // Log lines go to stdout, start-up errors to stderr: both into the log file.
             .stdout(Stdio::from(log.try_clone().expect("clone log handle")))
             .stderr(Stdio::from(log))
@@ -132,6 +133,11 @@ impl WorkerProcess {
             .unwrap_or_else(|_| panic!("{} stopped in time", self.id))
             .expect("wait");
         assert!(status.success(), "{} exited cleanly: {status}", self.id);
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
     }
 
     /// Leaves the log file in place (its path is returned) for a failing test to point at.
