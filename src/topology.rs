@@ -64,6 +64,12 @@ impl Topology {
         }
     }
 
+    /// The same topology without the business services' queues: what the ingress declares.
+    pub fn without_downstream(mut self) -> Topology {
+        self.downstream.clear();
+        self
+    }
+
     /// Number of shard queues.
     pub fn shards(&self) -> NonZeroU16 {
         self.shards

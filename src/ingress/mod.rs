@@ -78,7 +78,9 @@ struct App<S> {
 /// Connects to the broker in the background: until connected, IPNs get 503 and `/readyz` says
 /// not ready.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let topology = Topology::of(&config);
+    // The intake's side only: a business service's queue the broker refuses to redeclare (one
+    // declared with other arguments) must never stop IPNs from being taken in.
+    let topology = Topology::of(&config).without_downstream();
     let publisher = Publisher::start(&config.amqp, topology.clone(), "ipn-ingress");
     let app = Arc::new(App::new(config.ingress, topology, publisher));
     if let Ok(address) = listener.local_addr() {

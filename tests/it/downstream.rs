@@ -55,15 +55,7 @@ async fn publish_subscription(rig: &Rig) -> Vec<String> {
 
 /// Waits until `queue` holds `n` messages.
 async fn wait_for(rig: &Rig, queue: &str, n: u32) {
-    let channel = rig.broker.channel().await;
-    let filled = async {
-        while rig.broker.count(&channel, queue).await < n {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, filled)
-        .await
-        .unwrap_or_else(|_| panic!("{n} messages in {queue} in time"));
+    rig.broker.wait_for(queue, n).await;
 }
 
 fn header<'a>(delivery: &'a lapin::message::Delivery, name: &str) -> Option<&'a AMQPValue> {
@@ -368,4 +360,46 @@ async fn stored_events_are_found_by_txn_and_key_and_redelivered_in_key_order_wit
         format!("{error:#}").contains("no-such-queue does not exist"),
         "{error:#}"
     );
+}
+
+#[tokio::test]
+async fn a_service_queue_declared_by_an_older_bridge_stops_the_worker_loudly_but_never_the_intake()
+{
+    let stack = crate::pipeline_e2e::Stack::new().await;
+    // `billing` as an older bridge declared it: quorum, no limit, no dead-letter queue.
+    let channel = stack.broker.channel().await;
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare("billing".into(), durable, quorum)
+        .await
+        .expect("old queue");
+    let mut config = stack.config.clone();
+    config.downstream.push(Downstream::new("billing", &["#"]));
+    let (topology, ingress) = crate::support::ready_ingress(config.clone()).await;
+    let body = sample("001_web_accept.txt");
+    assert_eq!(
+        crate::support::post_form(&ingress.url, body.clone())
+            .await
+            .0,
+        200
+    );
+    assert_eq!(stack.broker.queued_bodies(&topology).await, [body]);
+    // What the worker (and `ipnctl topology declare`) say: the broker's reason, naming the queue.
+    let error = ctl::declare_topology(&config)
+        .await
+        .expect_err("inequivalent arguments");
+    let text = format!("{error:#}");
+    assert!(
+        text.contains("PRECONDITION_FAILED") && text.contains("billing"),
+        "{text}"
+    );
+    ingress.stop().await;
 }

@@ -496,26 +496,14 @@ async fn a_failing_alert_webhook_never_puts_its_url_or_token_in_the_logs() {
     // Nothing listens on port 1: every delivery fails with a connection error, whose text
     // (reqwest's) would carry the URL.
     let token = "s3cr3t-T0KEN-in-the-path";
-    let env = vec![
-        (
-            "IPN_AMQP__URL".to_owned(),
-            stack.broker.url_via(crate::support::broker::BROKER),
-        ),
-        (
-            "IPN_DATABASE__URL".to_owned(),
-            stack.config.database.url.to_string(),
-        ),
-        ("IPN_TOPOLOGY__SHARDS".to_owned(), "4".to_owned()),
-        (
-            "IPN_PAYPAL__VERIFY_URL".to_owned(),
-            stack.paypal.url().to_string(),
-        ),
+    let mut env = stack.worker_env();
+    env.extend([
         (
             "IPN_ALERT__WEBHOOK_URL".to_owned(),
             format!("http://127.0.0.1:1/hooks/{token}?key={token}"),
         ),
         ("IPN_ALERT__ATTEMPTS".to_owned(), "2".to_owned()),
-    ];
+    ]);
     let mut worker = crate::support::WorkerProcess::start("w-webhook", &env).await;
     let poison = with_fields(&sample("001_web_accept.txt"), &[("txn_id", "AB%00CD")]);
     assert_eq!(post_form(&ingress.url, poison).await.0, 200);

@@ -24,21 +24,7 @@ async fn every_line_about_one_ipn_from_intake_to_publish_carries_its_message_id(
         ("RUST_LOG", "info,ipn_bridge=debug"),
     ];
     let (mut ingress, port) = ingress_binary_logging(&stack.broker, &verbose, file.into()).await;
-    let mut env: Vec<(String, String)> = vec![
-        (
-            "IPN_AMQP__URL".to_owned(),
-            stack.broker.url_via(crate::support::broker::BROKER),
-        ),
-        (
-            "IPN_DATABASE__URL".to_owned(),
-            stack.config.database.url.to_string(),
-        ),
-        ("IPN_TOPOLOGY__SHARDS".to_owned(), "4".to_owned()),
-        (
-            "IPN_PAYPAL__VERIFY_URL".to_owned(),
-            stack.paypal.url().to_string(),
-        ),
-    ];
+    let mut env = stack.worker_env();
     env.extend(verbose.map(|(k, v)| (k.to_owned(), v.to_owned())));
     let mut worker = WorkerProcess::start("w-logs", &env).await;
 

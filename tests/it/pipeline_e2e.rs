@@ -91,17 +91,24 @@ impl Stack {
         }
     }
 
+    /// The `IPN_*` variables of a `ipn-worker` process on this stack (4 shards).
+    pub(crate) fn worker_env(&self) -> Vec<(String, String)> {
+        [
+            (
+                "IPN_AMQP__URL",
+                self.broker.url_via(crate::support::broker::BROKER),
+            ),
+            ("IPN_DATABASE__URL", self.config.database.url.to_string()),
+            ("IPN_TOPOLOGY__SHARDS", "4".to_owned()),
+            ("IPN_PAYPAL__VERIFY_URL", self.paypal.url().to_string()),
+        ]
+        .map(|(name, value)| (name.to_owned(), value))
+        .to_vec()
+    }
+
     /// Waits until `queue` holds at least `n` messages.
     pub(crate) async fn wait_for(&self, queue: &str, n: u32) {
-        let channel = self.broker.channel().await;
-        let filled = async {
-            while self.broker.count(&channel, queue).await < n {
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        };
-        tokio::time::timeout(PATIENCE, filled)
-            .await
-            .unwrap_or_else(|_| panic!("{n} messages in {queue} in time"));
+        self.broker.wait_for(queue, n).await;
     }
 
     /// Waits until the downstream queue holds `n` events, then takes them in queue order.

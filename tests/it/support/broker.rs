@@ -244,6 +244,39 @@ impl TestBroker {
             .collect()
     }
 
+    /// Waits until `queue` exists and holds at least `n` messages (panics after [`PATIENCE`]).
+    /// The worker declares the business services' queues when it starts consuming, so a test
+    /// may ask before the queue is there.
+    pub async fn wait_for(&self, queue: &str, n: u32) {
+        let connection =
+            Connection::connect(&self.url_via(BROKER), ConnectionProperties::default())
+                .await
+                .expect("broker reachable");
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let filled = async {
+            let mut channel = connection.create_channel().await.expect("channel");
+            loop {
+                let declared = channel
+                    .queue_declare(queue.into(), passive, FieldTable::default())
+                    .await;
+                match declared {
+                    Ok(declared) if declared.message_count() >= n => return,
+                    Ok(_) => {}
+                    // Not declared yet: that closed the channel.
+                    Err(_) => channel = connection.create_channel().await.expect("channel"),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, filled)
+            .await
+            .unwrap_or_else(|_| panic!("{n} messages in {queue} in time"));
+        let _ = connection.close(200, "done".into()).await;
+    }
+
     /// Messages ready in `queue` (the queue must exist).
     pub async fn count(&self, channel: &Channel, queue: &str) -> u32 {
         let options = QueueDeclareOptions {
