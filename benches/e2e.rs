@@ -30,7 +30,7 @@ use hdrhistogram::Histogram;
 use ipn_bridge::amqp::{Outgoing, Publisher};
 use ipn_bridge::config::{Config, Downstream};
 use ipn_bridge::fake_paypal::{Answer, FakePaypal};
-use ipn_bridge::ipn::PayPal;
+use ipn_bridge::provider::PayPal;
 use ipn_bridge::provider::Provider;
 use ipn_bridge::topology::Topology;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -477,7 +477,7 @@ async fn relay(
 
 /// A minimal event for a relayed body: what the downstream check reads, nothing more.
 fn relayed_event(body: &[u8]) -> Vec<u8> {
-    let form = ipn_bridge::ipn::Form::parse(body);
+    let form = ipn_bridge::form::Form::parse(body);
     let txn_id = form
         .raw("txn_id")
         .map(|v| String::from_utf8_lossy(v).into_owned());

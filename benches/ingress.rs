@@ -29,7 +29,7 @@ use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use ipn_bridge::config::Config;
 use ipn_bridge::ingress;
-use ipn_bridge::ipn::PayPal;
+use ipn_bridge::provider::PayPal;
 use ipn_bridge::provider::Provider;
 use ipn_bridge::topology::Topology;
 use lapin::options::{

@@ -9,11 +9,10 @@ use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use base64::Engine;
-use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde::Serialize;
 
-use crate::ipn::{Form, OrderKey};
+use crate::form::Form;
+use crate::keys::OrderKey;
 use crate::store::Reservation;
 
 /// Version of the event's shape; bumped on any incompatible change.
@@ -117,23 +116,6 @@ impl Event {
     }
 }
 
-/// The AMQP properties an event is published with: JSON, its event id as message id, and its
-/// order key and sequence in `x-ipn-order-key` and `x-ipn-sequence` (so a consumer can order
-/// and dedup without parsing the body). The same when `ipnctl` delivers it again.
-pub fn properties(event_id: &str, order_key: &str, sequence: i64) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "x-ipn-order-key".into(),
-        AMQPValue::LongString(LongString::from(order_key)),
-    );
-    headers.insert("x-ipn-sequence".into(), AMQPValue::LongLongInt(sequence));
-    BasicProperties::default()
-        .with_content_type(ShortString::from("application/json"))
-        .with_message_id(ShortString::from(event_id))
-        .with_app_id(ShortString::from("ipn-worker"))
-        .with_headers(headers)
-}
-
 fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_millis(time).to_string()
 }
@@ -144,8 +126,8 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::ipn::PayPal;
-    use crate::ipn::samples_dir::samples;
+    use crate::provider::PayPal;
+    use crate::provider::paypal::samples_dir::samples;
 
     /// The event of a sample as it would be the first of its key, at fixed times.
     fn example(body: &[u8]) -> Event {

@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::verify::POSTBACK_PREFIX;
+use crate::provider::paypal::verify::POSTBACK_PREFIX;
 
 /// How the fake answers one postback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

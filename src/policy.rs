@@ -6,7 +6,7 @@
 
 use crate::bounded;
 use crate::config::{self, Environment};
-use crate::ipn::Form;
+use crate::form::Form;
 
 /// Why an IPN goes to `<p>.quarantine`; the text is the `x-ipn-reason` header's value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +124,7 @@ pub fn check(form: &Form, paypal: &config::Paypal) -> Result<(), Reason> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ipn::samples_dir::sample;
+    use crate::provider::paypal::samples_dir::sample;
 
     fn paypal(environment: Environment, ids: &[&str], emails: &[&str]) -> config::Paypal {
         config::Paypal {
@@ -216,7 +216,7 @@ mod tests {
             Ok(()),
             "odd, but a form: PayPal decides"
         );
-        for (name, body) in crate::ipn::samples_dir::samples() {
+        for (name, body) in crate::provider::paypal::samples_dir::samples() {
             assert_eq!(readable(&body), Ok(()), "{name}");
         }
     }

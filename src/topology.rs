@@ -261,7 +261,11 @@ impl Topology {
             // wait queue (seen on 3.10.8). `all-with-x` exists since RabbitMQ 3.10.
             let mut binding = FieldTable::default();
             insert(&mut binding, "x-match", text("all-with-x"));
-            insert(&mut binding, "x-ipn-tier", text(&Self::tier_name(delay)));
+            insert(
+                &mut binding,
+                crate::contract::TIER,
+                text(&Self::tier_name(delay)),
+            );
             channel
                 .queue_bind(
                     queue.into(),

@@ -1,5 +1,5 @@
 //! Reads the sample IPN bodies in tests/samples/. Shared, by `#[path]`, by the unit tests in
-//! src/ipn, the integration tests and the benchmark, so there is one way to load them.
+//! src/provider/paypal, the integration tests and the benchmark, so there is one way to load them.
 
 use std::path::PathBuf;
 

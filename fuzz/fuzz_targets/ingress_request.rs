@@ -21,11 +21,11 @@ use std::time::Duration;
 use ipn_bridge::amqp::{BROKER_HEADROOM, Outgoing, PublishError, State, header_frame_size};
 use ipn_bridge::bounded;
 use ipn_bridge::config::Config;
+use ipn_bridge::contract::header_text;
 use ipn_bridge::ingress::{self, Sink};
-use ipn_bridge::ipn::PayPal;
+use ipn_bridge::provider::PayPal;
 use ipn_bridge::provider::Provider;
 use ipn_bridge::topology::Topology;
-use ipn_bridge::worker::pipeline::header_text;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -8,7 +8,8 @@
 
 use std::num::NonZeroU16;
 
-use ipn_bridge::ipn::{Form, PayPal};
+use ipn_bridge::form::Form;
+use ipn_bridge::provider::PayPal;
 use ipn_bridge::provider::Provider;
 use libfuzzer_sys::fuzz_target;
 

@@ -10,22 +10,15 @@
 use std::time::SystemTime;
 
 use anyhow::{Context, bail};
-use lapin::types::{AMQPValue, LongString};
 
 use super::table;
 use crate::amqp::{Outgoing, Publisher};
 use crate::config::Config;
+use crate::contract::{self, text};
 use crate::store::{EventFilter, Store, StoredEvent};
 
 /// Stored events read per query during a redelivery.
 const PAGE: u32 = 500;
-
-/// Header on a redelivered event: when `ipnctl` sent it again.
-pub const REDELIVERED_AT: &str = "x-ipn-redelivered-at";
-
-/// Header on a redelivered event: the routing key it first had on `<p>.events` (a redelivery
-/// goes straight to one queue, so the delivery's own routing key is that queue's name).
-pub const ROUTING_KEY: &str = "x-ipn-routing-key";
 
 /// One stored event as `events find` shows it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -200,12 +193,16 @@ async fn publish(
     queue: &str,
 ) -> anyhow::Result<()> {
     let id = event.event_id.to_string();
-    let mut properties = crate::event::properties(&id, &event.order_key, event.sequence);
+    let mut properties = contract::event_properties(&id, &event.order_key, event.sequence);
     let mut headers = properties.headers().clone().unwrap_or_default();
-    let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-    headers.insert(REDELIVERED_AT.into(), text(&now));
+    headers.insert(
+        contract::REDELIVERED_AT.into(),
+        text(&contract::time(SystemTime::now())),
+    );
+    // A redelivery goes straight to one queue, so the delivery's own routing key is that
+    // queue's name: the first one travels in a header.
     if let Some(routing_key) = &event.routing_key {
-        headers.insert(ROUTING_KEY.into(), text(routing_key));
+        headers.insert(contract::ROUTING_KEY.into(), text(routing_key));
     }
     properties = properties.with_headers(headers);
     let message = Outgoing {
@@ -224,10 +221,6 @@ async fn connect(config: &Config) -> anyhow::Result<Store> {
     Store::connect_existing(&config.database)
         .await
         .context("cannot connect to the worker's database")
-}
-
-fn text(value: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(value))
 }
 
 #[cfg(test)]

@@ -12,27 +12,18 @@
 use anyhow::{Context, bail};
 use lapin::BasicProperties;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 
 use super::{age, table};
 use crate::amqp::{Outgoing, Publisher};
 use crate::config::Config;
-use crate::ipn::{Form, OrderKey, PayPal};
+use crate::contract::{self, text};
+use crate::form::Form;
+use crate::keys::OrderKey;
 use crate::store::Store;
 use crate::topology::Topology;
 use crate::worker::gate::RELEASE;
-
-/// Headers the worker adds on the way to a tier, `<p>.parked` or `<p>.quarantine`; a replay
-/// starts the IPN afresh without them (`x-ipn-attempt` back to 0).
-const RETRY_HEADERS: [&str; 6] = [
-    "x-ipn-first-failure",
-    "x-ipn-last-error",
-    "x-ipn-reason",
-    "x-ipn-parked-at",
-    "x-ipn-tier",
-    "x-death",
-];
 
 /// Headers the broker adds when it dead-letters an event from a downstream queue; a replay
 /// gives the event back to its service without them, as it was first published.
@@ -225,8 +216,8 @@ pub async fn release(config: &Config, key: &str, purge_blocker: bool) -> anyhow:
     let topology = Topology::of(config);
     let publisher = publisher(config).await?;
     let mut headers = FieldTable::default();
-    headers.insert("x-ipn-control".into(), text(RELEASE));
-    headers.insert("x-ipn-order-key".into(), text(key));
+    headers.insert(contract::CONTROL.into(), text(RELEASE));
+    headers.insert(contract::ORDER_KEY.into(), text(key));
     let shard = OrderKey::from_header(key).shard(topology.shards());
     let message = Outgoing {
         exchange: &topology.inbound_exchange(),
@@ -349,7 +340,7 @@ impl Walk<'_> {
                 .await?;
             let Some(message) = got else { break };
             let delivery = message.delivery;
-            let key = order_key(&delivery.properties, &delivery.data);
+            let key = contract::key_of(&delivery.properties, &delivery.data);
             let taken = take != Take::List && selected(selection, &delivery.properties, &key);
             chunk.push(Read {
                 delivery,
@@ -382,16 +373,16 @@ impl Walk<'_> {
             (true, _, Queue::Dead(service)) => (
                 "",
                 service.as_str(),
-                without(
+                contract::without(
                     &delivery.properties,
                     &DEAD_LETTER_HEADERS,
-                    "x-ipn-replayed-at",
+                    contract::REPLAYED_AT,
                 ),
             ),
             (true, _, _) => (
                 inbound.as_str(),
                 shard.as_str(),
-                replayed(&delivery.properties),
+                contract::replayed(&delivery.properties),
             ),
             (false, _, _) => ("", self.name.as_str(), delivery.properties.clone()),
         };
@@ -441,25 +432,17 @@ fn reordered(items: &[(&str, Option<i64>)]) -> Vec<usize> {
 }
 
 fn sequence(properties: &BasicProperties) -> Option<i64> {
-    match crate::worker::pipeline::header(properties, "x-ipn-sequence") {
-        Some(AMQPValue::LongLongInt(n)) => Some(*n),
-        Some(AMQPValue::LongInt(n)) => Some(i64::from(*n)),
-        _ => None,
-    }
+    contract::integer(properties, contract::SEQUENCE)
 }
 
 /// A dead-lettered event as a listing shows it: its id, key, sequence, txn and why the broker
 /// dead-lettered it (`rejected`, `delivery_limit`, `expired`).
 fn listed_event(properties: &BasicProperties, body: &[u8], key: &OrderKey) -> Listed {
-    let header = |name| crate::worker::pipeline::header_text(properties, name);
+    let header = |name| contract::header_text(properties, name);
     let event: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let field = |name: &str| event[name].as_str().map(crate::bounded::shown);
     let received = field("received_at").and_then(|t| humantime::parse_rfc3339(&t).ok());
-    let deliveries = match crate::worker::pipeline::header(properties, "x-delivery-count") {
-        Some(AMQPValue::LongLongInt(n)) => *n,
-        Some(AMQPValue::LongInt(n)) => i64::from(*n),
-        _ => 0,
-    };
+    let deliveries = contract::integer(properties, "x-delivery-count").unwrap_or(0);
     Listed {
         message_id: properties.message_id().as_ref().map(|id| id.to_string()),
         order_key: key.to_string(),
@@ -474,22 +457,19 @@ fn listed_event(properties: &BasicProperties, body: &[u8], key: &OrderKey) -> Li
 }
 
 fn listed(properties: &BasicProperties, body: &[u8], key: &OrderKey) -> Listed {
-    let header = |name| crate::worker::pipeline::header_text(properties, name);
+    let header = |name| contract::header_text(properties, name);
     let form = Form::parse(body);
-    let received = header("x-ipn-received-at").and_then(|t| humantime::parse_rfc3339(&t).ok());
-    let attempts = match crate::worker::pipeline::header(properties, "x-ipn-attempt") {
-        Some(AMQPValue::LongLongInt(n)) => *n,
-        _ => 0,
-    };
+    let received = header(contract::RECEIVED_AT).and_then(|t| humantime::parse_rfc3339(&t).ok());
+    let attempts = contract::attempt(properties);
     Listed {
         message_id: properties.message_id().as_ref().map(|id| id.to_string()),
         order_key: key.to_string(),
         txn_type: form.text("txn_type").map(|t| crate::bounded::shown(&t)),
         txn_id: form.text("txn_id").map(|t| crate::bounded::shown(&t)),
-        reason: header("x-ipn-reason"),
+        reason: header(contract::REASON),
         attempts,
         age_seconds: received.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs()),
-        last_error: header("x-ipn-last-error"),
+        last_error: header(contract::LAST_ERROR),
         sequence: None,
     }
 }
@@ -525,41 +505,6 @@ fn selected(selection: &Selection, properties: &BasicProperties, key: &OrderKey)
             .as_ref()
             .is_some_and(|id| id.as_str() == wanted),
     }
-}
-
-fn order_key(properties: &BasicProperties, body: &[u8]) -> OrderKey {
-    match crate::worker::pipeline::header_text(properties, "x-ipn-order-key") {
-        Some(key) => OrderKey::from_header(&key),
-        None => PayPal::order_key_of(&Form::parse(body), body),
-    }
-}
-
-/// The properties of a replayed IPN: the same, with the retry headers gone, attempts at 0 and
-/// `x-ipn-replayed-at` set.
-fn replayed(properties: &BasicProperties) -> BasicProperties {
-    let properties = without(properties, &RETRY_HEADERS, "x-ipn-replayed-at");
-    let mut headers = properties.headers().clone().unwrap_or_default();
-    headers.insert("x-ipn-attempt".into(), AMQPValue::LongLongInt(0));
-    properties.with_headers(headers)
-}
-
-/// `properties` without the headers `dropped`, with the time now in the header `stamp`.
-fn without(properties: &BasicProperties, dropped: &[&str], stamp: &str) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    if let Some(old) = properties.headers() {
-        for (name, value) in old.inner() {
-            if !dropped.contains(&name.as_str()) {
-                headers.insert(name.clone(), value.clone());
-            }
-        }
-    }
-    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-    headers.insert(stamp.into(), text(&now));
-    properties.clone().with_headers(headers)
-}
-
-fn text(value: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(value))
 }
 
 /// A listing as a readable table, one message per line.
@@ -674,27 +619,6 @@ mod tests {
                 ("a", Some(2)),
                 ("a", Some(3)),
             ]
-        );
-    }
-
-    #[test]
-    fn a_replay_starts_afresh_without_the_retry_headers() {
-        let mut headers = FieldTable::default();
-        headers.insert("x-ipn-order-key".into(), text("profile:I-1"));
-        headers.insert("x-ipn-attempt".into(), AMQPValue::LongLongInt(4));
-        for name in RETRY_HEADERS {
-            headers.insert(name.into(), text("x"));
-        }
-        let properties = replayed(&BasicProperties::default().with_headers(headers));
-        let headers = properties.headers().clone().expect("headers");
-        let headers = headers.inner();
-        assert_eq!(headers["x-ipn-attempt"], AMQPValue::LongLongInt(0));
-        assert_eq!(headers["x-ipn-order-key"], text("profile:I-1"));
-        assert!(headers.contains_key("x-ipn-replayed-at"));
-        assert!(
-            RETRY_HEADERS
-                .iter()
-                .all(|name| !headers.contains_key(*name))
         );
     }
 }

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::ShortString;
 use tracing::{Instrument, debug, field, info, info_span, warn};
 
 use super::metrics::StatusLabel;
@@ -262,17 +262,7 @@ pub fn inbound_properties(
     message_id: &str,
 ) -> BasicProperties {
     let now = SystemTime::now();
-    let mut headers = FieldTable::default();
-    let mut put = |name: &str, value: AMQPValue| {
-        headers.insert(ShortString::from(name), value);
-    };
-    put("x-ipn-order-key", long_string(order_key));
-    put(
-        "x-ipn-received-at",
-        long_string(&humantime::format_rfc3339_millis(now).to_string()),
-    );
-    put("x-ipn-attempt", AMQPValue::LongLongInt(0));
-    put("x-ipn-provider", long_string(provider));
+    let headers = crate::contract::ingress_headers(provider, order_key, now);
     let seconds = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     BasicProperties::default()
         .with_content_type(content_type)
@@ -280,10 +270,6 @@ pub fn inbound_properties(
         .with_timestamp(seconds)
         .with_app_id(ShortString::from("ipn-ingress"))
         .with_headers(headers)
-}
-
-fn long_string(value: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(value))
 }
 
 fn readiness<S: Sink>(app: &App<S>) -> Response<Full<Bytes>> {

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::amqp::{Outgoing, PublishError, Publisher, State};
 use crate::config::{self, Config};
-use crate::ipn::PayPal;
+use crate::provider::PayPal;
 use crate::provider::Provider;
 use crate::server::Connections;
 use crate::topology::Topology;

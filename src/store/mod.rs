@@ -24,7 +24,7 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::config;
-use crate::ipn::DedupKeys;
+use crate::keys::DedupKeys;
 
 mod history;
 

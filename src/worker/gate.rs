@@ -33,19 +33,18 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tracing::{Instrument, info, warn};
 
 use super::metrics::TierLabel;
-use super::pipeline::{Error, Inbound, Outcome, Pipeline, Screened, Step, header_text, text};
+use super::pipeline::{Error, Inbound, Outcome, Pipeline, Screened, Step};
 use crate::alert::{Alert, Kind};
 use crate::amqp::Outgoing;
 use crate::bounded;
-use crate::ipn::{Form, OrderKey};
+use crate::contract::{self, header_text, text};
+use crate::form::Form;
+use crate::keys::OrderKey;
 use crate::store::{Block, Blocked, Held};
 use crate::topology::Topology;
 
 /// Order keys of single transactions start with this.
 const TXN_PREFIX: &str = "txn:";
-
-/// Header naming the key a re-routed IPN came from; such an IPN is not re-routed again.
-const REROUTED_FROM: &str = "x-ipn-rerouted-from";
 
 /// The value of `x-ipn-control` that makes the worker release a key's held IPNs.
 pub const RELEASE: &str = "release";
@@ -124,7 +123,7 @@ impl Pipeline {
             Some(blocked) if blocked.blocker_id != inbound.message_id => Ok(None),
             _ => {
                 let chain = bounded::error_chain(error);
-                Ok(Some(self.defer(inbound, &key, &chain).await?))
+                Ok(Some(self.defer(inbound, key, &chain).await?))
             }
         }
     }
@@ -132,23 +131,23 @@ impl Pipeline {
     async fn settle_once(&self, inbound: &Inbound) -> Result<Settled, Error> {
         let key = inbound.key();
         if let Some(control) = &inbound.control {
-            return self.control(control, &key).await;
+            return self.control(control, key).await;
         }
         match self.store.blocked(key.as_str()).await? {
-            None => match self.profile_for(inbound, &key).await? {
-                Some(profile) => self.reroute(inbound, &key, &profile).await,
-                None => self.attempt(inbound, &key).await,
+            None => match self.profile_for(inbound, key).await? {
+                Some(profile) => self.reroute(inbound, key, &profile).await,
+                None => self.attempt(inbound, key).await,
             },
             Some(blocked) if blocked.blocker_id == inbound.message_id => {
-                match self.attempt(inbound, &key).await? {
+                match self.attempt(inbound, key).await? {
                     Settled::Finished { outcome, .. } => {
-                        let released = self.release(&key).await?;
+                        let released = self.release(key).await?;
                         Ok(Settled::Finished { outcome, released })
                     }
                     again => Ok(again),
                 }
             }
-            Some(blocked) => self.hold(inbound, &key, &blocked).await,
+            Some(blocked) => self.hold(inbound, key, &blocked).await,
         }
     }
 
@@ -162,7 +161,7 @@ impl Pipeline {
         let Some(txn_id) = key.as_str().strip_prefix(TXN_PREFIX) else {
             return Ok(None);
         };
-        if header_text(&inbound.properties, REROUTED_FROM).is_some() {
+        if header_text(&inbound.properties, contract::REROUTED_FROM).is_some() {
             return Ok(None);
         }
         Ok(self.store.profile_of_txn(txn_id).await?)
@@ -177,8 +176,8 @@ impl Pipeline {
         profile: &str,
     ) -> Result<Settled, Error> {
         let mut headers = inbound.properties.headers().clone().unwrap_or_default();
-        headers.insert("x-ipn-order-key".into(), text(profile));
-        headers.insert(REROUTED_FROM.into(), text(key.as_str()));
+        headers.insert(contract::ORDER_KEY.into(), text(profile));
+        headers.insert(contract::REROUTED_FROM.into(), text(key.as_str()));
         let shard = OrderKey::from_header(profile).shard(self.topology.shards());
         let exchange = self.topology.inbound_exchange();
         let routing_key = Topology::shard_routing_key(shard);
@@ -221,14 +220,17 @@ impl Pipeline {
             .ok()
             .and_then(|n| self.retry.tiers.get(n).copied());
         let mut headers = inbound.properties.headers().clone().unwrap_or_default();
-        headers.insert("x-ipn-attempt".into(), AMQPValue::LongLongInt(attempts));
-        headers.insert("x-ipn-first-failure".into(), text(&rfc3339(first_failure)));
-        headers.insert("x-ipn-last-error".into(), text(error));
+        headers.insert(contract::ATTEMPT.into(), AMQPValue::LongLongInt(attempts));
+        headers.insert(
+            contract::FIRST_FAILURE.into(),
+            text(&contract::time(first_failure)),
+        );
+        headers.insert(contract::LAST_ERROR.into(), text(error));
         let shard = key.shard(self.topology.shards());
         let settled = match tier.filter(|_| age < self.retry.max_age) {
             Some(delay) => {
                 let tier = Topology::tier_name(delay);
-                headers.insert("x-ipn-tier".into(), text(&tier));
+                headers.insert(contract::TIER.into(), text(&tier));
                 let exchange = self.topology.retry_exchange();
                 let routing_key = Topology::shard_routing_key(shard);
                 self.copy(inbound, &exchange, &routing_key, headers).await?;
@@ -243,8 +245,8 @@ impl Pipeline {
                 } else {
                     "retries exhausted"
                 };
-                headers.insert("x-ipn-reason".into(), text(reason));
-                headers.insert("x-ipn-parked-at".into(), text(&rfc3339(now)));
+                headers.insert(contract::REASON.into(), text(reason));
+                headers.insert(contract::PARKED_AT.into(), text(&contract::time(now)));
                 self.copy(inbound, "", &self.topology.parked_queue(), headers)
                     .await?;
                 self.metrics.parked.inc();
@@ -343,7 +345,7 @@ impl Pipeline {
                 .content_type()
                 .as_ref()
                 .map(|c| c.to_string()),
-            received_at: inbound.received_at.map(rfc3339),
+            received_at: inbound.received_at.map(contract::time),
             attempt: inbound.attempt,
         };
         self.store.hold(&held).await?;
@@ -403,10 +405,13 @@ impl Pipeline {
 /// A held IPN as if it had just been delivered, with the headers the ingress gave it.
 fn held_inbound(held: Held) -> Inbound {
     let mut headers = FieldTable::default();
-    headers.insert("x-ipn-order-key".into(), text(&held.order_key));
-    headers.insert("x-ipn-attempt".into(), AMQPValue::LongLongInt(held.attempt));
+    headers.insert(contract::ORDER_KEY.into(), text(&held.order_key));
+    headers.insert(
+        contract::ATTEMPT.into(),
+        AMQPValue::LongLongInt(held.attempt),
+    );
     if let Some(received_at) = &held.received_at {
-        headers.insert("x-ipn-received-at".into(), text(received_at));
+        headers.insert(contract::RECEIVED_AT.into(), text(received_at));
     }
     let mut properties = BasicProperties::default()
         .with_message_id(ShortString::from(held.message_id.as_str()))
@@ -419,8 +424,4 @@ fn held_inbound(held: Held) -> Inbound {
         properties = properties.with_content_type(content_type);
     }
     Inbound::new(held.body, properties)
-}
-
-fn rfc3339(time: SystemTime) -> String {
-    humantime::format_rfc3339_millis(time).to_string()
 }

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, warn};
 
 use super::Error;
-use super::pipeline::{self, Inbound, Pipeline, header_text};
+use super::pipeline::{self, Inbound, Pipeline};
 use crate::backoff::Backoff;
 use crate::bounded;
 use crate::config;
@@ -200,8 +200,7 @@ async fn ack(delivery: &Delivery, key: &str, limit: Duration) {
     warn!(error, ipn.order_key = %key, "cannot ack a settled ipn; its redelivery will be a duplicate");
 }
 
-/// The lane of a delivery: the order key [`pipeline::key_of`] gives it.
+/// The lane of a delivery: its order key ([`crate::contract::key_of`]).
 fn lane_of(delivery: &Delivery) -> String {
-    let header = header_text(&delivery.properties, "x-ipn-order-key");
-    pipeline::key_of(header.as_deref(), &delivery.data).to_string()
+    crate::contract::key_of(&delivery.properties, &delivery.data).to_string()
 }

@@ -9,7 +9,7 @@
 use std::time::SystemTime;
 
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tracing::{info, warn};
 
 use super::metrics::{Metrics, OutcomeLabel, ReasonLabel};
@@ -18,83 +18,18 @@ use crate::amqp::{Outgoing, PublishError, Publisher, State};
 use crate::backoff::Backoff;
 use crate::bounded;
 use crate::config::{self, Config};
+pub use crate::contract::Inbound;
+use crate::contract::{self, text};
 use crate::event::{Context, Event};
-use crate::ipn::{Form, OrderKey, PayPal};
+use crate::form::Form;
 use crate::policy::{self, Reason};
+use crate::provider::PayPal;
+use crate::provider::paypal::verify::{self, Verdict, Verifier};
 use crate::store::{self, Claim, Store};
 use crate::topology::Topology;
-use crate::verify::{self, Verdict, Verifier};
 
 /// Order keys of subscriptions and recurring-payment profiles start with this.
 pub const PROFILE_PREFIX: &str = "profile:";
-
-/// An inbound message as the worker received it.
-#[derive(Debug, Clone)]
-pub struct Inbound {
-    /// The raw IPN bytes.
-    pub body: Vec<u8>,
-    /// `x-ipn-order-key`, when the ingress set it.
-    pub order_key: Option<String>,
-    /// `x-ipn-received-at`, when the ingress set it.
-    pub received_at: Option<SystemTime>,
-    /// `x-ipn-attempt`: failed attempts so far (0 from the ingress).
-    pub attempt: i64,
-    /// `x-ipn-first-failure`: when the first attempt failed, once one did.
-    pub first_failure: Option<SystemTime>,
-    /// The message's identity across tiers, parking and holding: its `message_id`, or
-    /// `sha256:<body hash>` for a message published without one.
-    pub message_id: String,
-    /// `x-ipn-control`: an instruction from `ipnctl` for the key (e.g. `release`), not an IPN.
-    pub control: Option<String>,
-    /// The message's properties, kept on a quarantined, deferred or parked copy.
-    pub properties: BasicProperties,
-}
-
-impl Inbound {
-    /// Reads what the worker needs from a message's body and properties (headers per
-    /// DESIGN.md; every one is optional).
-    pub fn new(body: Vec<u8>, properties: BasicProperties) -> Inbound {
-        let received_at = header_text(&properties, "x-ipn-received-at")
-            .and_then(|text| humantime::parse_rfc3339(&text).ok());
-        let first_failure = header_text(&properties, "x-ipn-first-failure")
-            .and_then(|text| humantime::parse_rfc3339(&text).ok());
-        let attempt = match header(&properties, "x-ipn-attempt") {
-            Some(AMQPValue::LongLongInt(n)) => *n,
-            Some(AMQPValue::LongInt(n)) => i64::from(*n),
-            _ => 0,
-        };
-        // An id no ingress or worker wrote (too long, control bytes) is not trusted as identity.
-        let message_id = match properties.message_id() {
-            Some(id) if !id.as_str().is_empty() && bounded::is_token(id.as_str()) => id.to_string(),
-            _ => format!("sha256:{}", crate::ipn::body_hash(&body)),
-        };
-        Inbound {
-            order_key: header_text(&properties, "x-ipn-order-key"),
-            control: header_text(&properties, "x-ipn-control"),
-            received_at,
-            first_failure,
-            attempt,
-            message_id,
-            body,
-            properties,
-        }
-    }
-
-    /// The key this IPN is ordered by: its `x-ipn-order-key`, or (without one) the key its body
-    /// gives.
-    pub fn key(&self) -> OrderKey {
-        key_of(self.order_key.as_deref(), &self.body)
-    }
-}
-
-/// The order key of a message: its `x-ipn-order-key` header (bounded by
-/// [`OrderKey::from_header`]), or without one the key its body gives.
-pub fn key_of(header: Option<&str>, body: &[u8]) -> OrderKey {
-    match header {
-        Some(key) => OrderKey::from_header(key),
-        None => PayPal::order_key_of(&Form::parse(body), body),
-    }
-}
 
 /// The span every line about one IPN is written in: its message id, order key and attempt, and
 /// (recorded when known) its `txn_id` and event id, so one IPN's lines join on `message_id`.
@@ -107,19 +42,6 @@ pub fn span(message_id: &str, order_key: &str, attempt: i64) -> tracing::Span {
         ipn.txn_id = tracing::field::Empty,
         event_id = tracing::field::Empty,
     )
-}
-
-/// A header of a message.
-pub fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
-    properties.headers().as_ref()?.inner().get(name)
-}
-
-/// A text header (an AMQP long string) of a message, decoded lossily.
-pub fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
-    match header(properties, name)? {
-        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
-        _ => None,
-    }
 }
 
 /// What the checks before claiming decided.
@@ -336,7 +258,7 @@ impl Pipeline {
         let event_id = reservation.event_id.to_string();
         tracing::Span::current().record("event_id", event_id.as_str());
         let context = Context {
-            order_key: &order_key,
+            order_key,
             reservation,
             received_at: inbound.received_at.unwrap_or(verified_at),
             verified_at,
@@ -426,7 +348,7 @@ impl Pipeline {
         json: &str,
     ) -> Result<(), Error> {
         let properties =
-            crate::event::properties(&event.event_id, &event.order_key, event.sequence);
+            contract::event_properties(&event.event_id, &event.order_key, event.sequence);
         let exchange = self.topology.events_exchange();
         let message = Outgoing {
             exchange: &exchange,
@@ -462,12 +384,12 @@ impl Pipeline {
         cause: Option<&str>,
     ) -> Result<Outcome, Error> {
         let mut headers = inbound.properties.headers().clone().unwrap_or_default();
-        headers.insert("x-ipn-reason".into(), text(reason.as_str()));
+        headers.insert(contract::REASON.into(), text(reason.as_str()));
         if let Some(cause) = cause {
-            headers.insert("x-ipn-cause".into(), text(cause));
+            headers.insert(contract::CAUSE.into(), text(cause));
         }
         headers.insert(
-            "x-ipn-attempt".into(),
+            contract::ATTEMPT.into(),
             AMQPValue::LongLongInt(inbound.attempt),
         );
         let queue = self.topology.quarantine_queue();
@@ -515,19 +437,21 @@ impl Pipeline {
 /// carried, and `x-ipn-headers-dropped` saying so.
 fn own_properties(inbound: &Inbound, reason: Reason, cause: Option<&str>) -> BasicProperties {
     let mut headers = FieldTable::default();
-    headers.insert("x-ipn-order-key".into(), text(inbound.key().as_str()));
-    headers.insert("x-ipn-reason".into(), text(reason.as_str()));
+    headers.insert(contract::ORDER_KEY.into(), text(inbound.key().as_str()));
+    headers.insert(contract::REASON.into(), text(reason.as_str()));
     headers.insert(
-        "x-ipn-attempt".into(),
+        contract::ATTEMPT.into(),
         AMQPValue::LongLongInt(inbound.attempt),
     );
-    headers.insert("x-ipn-headers-dropped".into(), AMQPValue::Boolean(true));
+    headers.insert(contract::HEADERS_DROPPED.into(), AMQPValue::Boolean(true));
     if let Some(cause) = cause {
-        headers.insert("x-ipn-cause".into(), text(cause));
+        headers.insert(contract::CAUSE.into(), text(cause));
     }
     if let Some(received_at) = inbound.received_at {
-        let received_at = humantime::format_rfc3339_millis(received_at).to_string();
-        headers.insert("x-ipn-received-at".into(), text(&received_at));
+        headers.insert(
+            contract::RECEIVED_AT.into(),
+            text(&contract::time(received_at)),
+        );
     }
     let mut properties = BasicProperties::default()
         .with_message_id(ShortString::from(inbound.message_id.as_str()))
@@ -556,9 +480,4 @@ fn quarantine_fix(reason: Reason, message_id: &str) -> String {
             "the bridge can never store or publish one of its values (see x-ipn-cause): most likely a forged or malformed IPN. Nothing is published. If it is genuine, report it as a bug; after a fix, {replay}"
         ),
     }
-}
-
-/// An AMQP long-string header value.
-pub(super) fn text(value: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(value))
 }

@@ -20,9 +20,9 @@ use super::{health, housekeeping, watch};
 use crate::alert::Alerter;
 use crate::amqp::{self, Publisher};
 use crate::config::Config;
+use crate::provider::paypal::verify::{self, Verifier};
 use crate::store::{self, Store};
 use crate::topology::Topology;
-use crate::verify::{self, Verifier};
 
 /// The worker cannot start or lost its broker connection; a supervisor should restart it.
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use ipn_bridge::fake_paypal::Answer;
-use ipn_bridge::ipn::{Form, PayPal};
+use ipn_bridge::form::Form;
+use ipn_bridge::provider::PayPal;
 
 use crate::pipeline_e2e::{RunningWorker, Stack, raw};
 use crate::support::{FakeSmtp, FakeWebhook, post_form, ready_ingress, sample};

@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use ipn_bridge::config::{Config, Downstream};
+use ipn_bridge::contract::header_text;
 use ipn_bridge::ctl;
 use ipn_bridge::ctl::review::{self, Queue, Selection};
 use ipn_bridge::fake_paypal::{Answer, FakePaypal};
-use ipn_bridge::ipn::Form;
+use ipn_bridge::form::Form;
 use ipn_bridge::topology::Topology;
-use ipn_bridge::worker::pipeline::header_text;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};

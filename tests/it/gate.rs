@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use ipn_bridge::ctl::review::{self, Queue, Selection};
 use ipn_bridge::fake_paypal::Answer;
-use ipn_bridge::ipn::{Form, PayPal};
+use ipn_bridge::form::Form;
+use ipn_bridge::provider::PayPal;
 use ipn_bridge::store::Store;
-use ipn_bridge::worker::pipeline;
 use lapin::types::AMQPValue;
 
 use crate::pipeline_e2e::{RunningWorker, Stack, raw};
@@ -45,7 +45,7 @@ async fn wait_metric(worker: &RunningWorker, name: &str, value: f64) {
 }
 
 fn header_text(delivery: &lapin::message::Delivery, name: &str) -> Option<String> {
-    pipeline::header_text(&delivery.properties, name)
+    ipn_bridge::contract::header_text(&delivery.properties, name)
 }
 
 #[tokio::test]

@@ -3,9 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use ipn_bridge::ipn::PayPal;
+use ipn_bridge::provider::PayPal;
 use ipn_bridge::provider::Provider;
-use ipn_bridge::worker::pipeline;
 use lapin::options::QueueDeleteOptions;
 use lapin::types::AMQPValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,7 +20,7 @@ fn header<'a>(delivery: &'a lapin::message::Delivery, name: &str) -> Option<&'a 
 }
 
 fn header_text(delivery: &lapin::message::Delivery, name: &str) -> String {
-    pipeline::header_text(&delivery.properties, name).unwrap_or_else(|| {
+    ipn_bridge::contract::header_text(&delivery.properties, name).unwrap_or_else(|| {
         let other = header(delivery, name);
         panic!("header {name} is not a string: {other:?}")
     })

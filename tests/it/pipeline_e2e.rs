@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::Engine;
 use ipn_bridge::config::{Config, Downstream};
 use ipn_bridge::fake_paypal::{Answer, FakePaypal};
-use ipn_bridge::ipn::Form;
+use ipn_bridge::form::Form;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

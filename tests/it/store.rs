@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use ipn_bridge::ipn::{DedupKeys, body_hash};
+use ipn_bridge::keys::DedupKeys;
+use ipn_bridge::keys::body_hash;
 use ipn_bridge::store::{Claim, EventFilter, Published, Store};
 
 use crate::support::TestDb;

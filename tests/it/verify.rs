@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use ipn_bridge::config;
 use ipn_bridge::fake_paypal::{Answer, FakePaypal};
-use ipn_bridge::verify::{self, Verdict, Verifier};
+use ipn_bridge::provider::paypal::verify::{self, Verdict, Verifier};
 use tokio::net::TcpListener;
 
 use crate::support::{sample, samples};

@@ -1,11 +1,15 @@
 //! The seam between the pipeline and a payment provider.
 //!
 //! Everything provider-specific sits behind [`Provider`]: which requests it accepts, how it is
-//! acknowledged, and the order key of a message. PayPal IPN ([`crate::ipn::PayPal`]) is the
+//! acknowledged, and the order key of a message. PayPal IPN ([`PayPal`]) is the
 //! first provider; the worker issue adds verification and dedup keys here, and Alipay or WeChat
 //! Pay become a module implementing this trait, not a fork of the pipeline.
 
-use crate::ipn::OrderKey;
+pub mod paypal;
+
+pub use paypal::PayPal;
+
+use crate::keys::OrderKey;
 
 /// A payment provider's notification format.
 pub trait Provider: Send + Sync + 'static {

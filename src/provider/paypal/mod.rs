@@ -4,12 +4,10 @@
 //! `cmd=_notify-validate&` followed by the exact bytes received. Fields are read from it with
 //! [`Form`], which keeps the message's own charset.
 
-mod form;
-mod key;
+pub mod verify;
 
-pub use form::{Charset, Form, fields};
-pub use key::{DedupKeys, OrderKey, body_hash};
-
+use crate::form::{self, Form, fields};
+use crate::keys::{DedupKeys, OrderKey, body_hash};
 use crate::provider::Provider;
 
 /// The PayPal IPN provider.
@@ -104,7 +102,7 @@ impl Provider for PayPal {
 
 /// The sample bodies in tests/samples/, loaded the same way the integration tests load them.
 #[cfg(test)]
-#[path = "../../tests/samples.rs"]
+#[path = "../../../tests/samples.rs"]
 pub(crate) mod samples_dir;
 
 #[cfg(test)]
