@@ -60,6 +60,8 @@ pub struct Config {
     pub ingress: Ingress,
     /// PayPal verification.
     pub paypal: Paypal,
+    /// Alipay's asynchronous notifications (off by default).
+    pub alipay: Alipay,
     /// The worker's PostgreSQL database.
     pub database: Database,
     /// The worker's processing.
@@ -360,6 +362,95 @@ impl Default for Paypal {
             verify_timeout: Duration::from_secs(10),
             receiver_ids: Vec::new(),
             receiver_emails: Vec::new(),
+        }
+    }
+}
+
+/// Alipay's asynchronous notifications (`trade_status_sync`), verified by the ingress with
+/// Alipay's public key(s) before anything is queued.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Alipay {
+    /// Take Alipay notifications at `path`.
+    pub enabled: bool,
+    /// The ingress route Alipay posts to (the `notify_url` given to Alipay).
+    pub path: String,
+    /// Our Alipay app id; a notification for another app is quarantined.
+    #[serde(deserialize_with = "text_or_number")]
+    pub app_id: String,
+    /// Our seller ids (`2088…`); when set, a notification naming another seller is quarantined.
+    /// Environment: comma-separated.
+    #[serde(deserialize_with = "list")]
+    pub seller_ids: Vec<String>,
+    /// Alipay's public key(s) for SHA256withRSA (`RSA2`): PEM text, the bare base64 the Alipay
+    /// console shows, or the path of a file holding either. Several during a key rotation (each
+    /// is tried). Environment: comma-separated.
+    #[serde(deserialize_with = "list")]
+    pub public_keys: Vec<String>,
+}
+
+impl Default for Alipay {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            path: "/alipay/notify".to_owned(),
+            app_id: String::new(),
+            seller_ids: Vec::new(),
+            public_keys: Vec::new(),
+        }
+    }
+}
+
+impl Alipay {
+    /// Replaces each key given as a file path by the file's text.
+    fn read_key_files(&mut self) -> Result<(), Error> {
+        for key in &mut self.public_keys {
+            if key.starts_with('/') || key.starts_with("./") {
+                *key = std::fs::read_to_string(&*key).map_err(|e| Error::Invalid {
+                    key: "alipay.public_keys".to_owned(),
+                    problem: format!("cannot read {key}: {e}"),
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let problem = if self.app_id.is_empty() {
+            Some((
+                "alipay.app_id",
+                "must be set when alipay.enabled".to_owned(),
+            ))
+        } else if self.public_keys.is_empty() {
+            Some((
+                "alipay.public_keys",
+                "must name at least one Alipay public key when alipay.enabled".to_owned(),
+            ))
+        } else if !self.path.starts_with('/') || self.path.contains(['?', '#']) {
+            Some((
+                "alipay.path",
+                "must be a path like /alipay/notify".to_owned(),
+            ))
+        } else {
+            self.public_keys
+                .iter()
+                .enumerate()
+                .find_map(|(index, key)| {
+                    crate::provider::alipay::public_key_der(key)
+                        .err()
+                        .map(|e| format!("key {index}: {e}"))
+                })
+                .map(|e| ("alipay.public_keys", e))
+        };
+        match problem {
+            Some((key, problem)) => Err(Error::Invalid {
+                key: key.to_owned(),
+                problem,
+            }),
+            None => Ok(()),
         }
     }
 }
@@ -677,13 +768,12 @@ impl Config {
                 overlay(&mut table, name, path, value)?;
             }
         }
-        let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                Error::Invalid {
-                    key: e.path().to_string(),
-                    problem: e.inner().message().to_owned(),
-                }
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| Error::Invalid {
+                key: e.path().to_string(),
+                problem: e.inner().message().to_owned(),
             })?;
+        config.alipay.read_key_files()?;
         config.validate()?;
         Ok(config)
     }
@@ -829,6 +919,13 @@ impl Config {
             ));
         }
         self.validate_emails()?;
+        self.alipay.validate()?;
+        if self.alipay.enabled && self.alipay.path == self.ingress.path {
+            return Err(invalid(
+                "alipay.path",
+                "must differ from ingress.path (PayPal's route)",
+            ));
+        }
         for (index, downstream) in self.downstream.iter().enumerate() {
             if let Some(pattern) = downstream
                 .bindings
@@ -1298,6 +1395,31 @@ mod tests {
         let text = include_str!("../config/example.toml");
         let example = Config::load(Some(text), &env(&[])).expect("example loads");
         assert_eq!(format!("{example:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
+    fn alipay_needs_an_app_id_and_keys_that_are_rsa_public_keys_when_enabled() {
+        let on = |extra: &str| format!("[alipay]\nenabled = true\n{extra}");
+        let error = Config::load(Some(&on("public_keys = [\"x\"]\n")), &env(&[])).unwrap_err();
+        assert!(error.to_string().contains("alipay.app_id"), "{error}");
+        let error = Config::load(Some(&on("app_id = \"2021\"\n")), &env(&[])).unwrap_err();
+        assert!(error.to_string().contains("alipay.public_keys"), "{error}");
+        let bad = on("app_id = \"2021\"\npublic_keys = [\"bm90IGEga2V5\"]\n");
+        let error = Config::load(Some(&bad), &env(&[])).unwrap_err();
+        assert!(
+            error.to_string().contains("key 0: not an RSA public key"),
+            "{error}"
+        );
+        let missing = on("app_id = \"2021\"\npublic_keys = [\"/no/such/alipay.pem\"]\n");
+        let error = Config::load(Some(&missing), &env(&[])).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("cannot read /no/such/alipay.pem"),
+            "{error}"
+        );
+        // Off: nothing is checked.
+        assert!(Config::load(Some("[alipay]\napp_id = \"\"\n"), &env(&[])).is_ok());
     }
 
     #[test]

@@ -44,6 +44,11 @@ impl Form {
         Form { pairs }
     }
 
+    /// Every field as (name, value) raw bytes, in body order.
+    pub fn pairs(&self) -> &[(Vec<u8>, Vec<u8>)] {
+        &self.pairs
+    }
+
     /// True when the body held no field at all.
     pub fn is_empty(&self) -> bool {
         self.pairs.is_empty()

@@ -5,6 +5,7 @@
 //! first provider; the worker issue adds verification and dedup keys here, and Alipay or WeChat
 //! Pay become a module implementing this trait, not a fork of the pipeline.
 
+pub mod alipay;
 pub mod paypal;
 
 pub use paypal::PayPal;
