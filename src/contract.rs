@@ -81,6 +81,8 @@ pub struct Inbound {
     pub control: Option<String>,
     /// The message's properties, kept on a quarantined, deferred or parked copy.
     pub properties: BasicProperties,
+    /// `x-ipn-provider`: whose notification this is (`paypal` when absent).
+    pub provider: String,
 }
 
 impl Inbound {
@@ -98,6 +100,7 @@ impl Inbound {
             received_at: time(RECEIVED_AT),
             first_failure: time(FIRST_FAILURE),
             attempt: attempt(&properties),
+            provider: header_text(&properties, PROVIDER).unwrap_or_else(|| "paypal".to_owned()),
             message_id,
             body,
             properties,

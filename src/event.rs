@@ -63,8 +63,10 @@ pub struct Context<'a> {
     pub reservation: Reservation,
     /// From `x-ipn-received-at`.
     pub received_at: SystemTime,
-    /// When the postback answered VERIFIED.
+    /// When the postback answered VERIFIED (or the signature was checked).
     pub verified_at: SystemTime,
+    /// Whose notification it is: `paypal`, `alipay`.
+    pub provider: &'a str,
 }
 
 impl Event {
@@ -75,15 +77,23 @@ impl Event {
         for (name, value) in form.decoded() {
             fields.entry(name).or_insert(value);
         }
+        let [txn_type, payment_status, txn_id] = match context.provider {
+            crate::provider::alipay::NAME => crate::provider::alipay::event_fields(form),
+            _ => [
+                form.text("txn_type"),
+                form.text("payment_status"),
+                form.text("txn_id"),
+            ],
+        };
         Event {
             schema_version: SCHEMA_VERSION,
             event_id: context.reservation.event_id.to_string(),
-            provider: "paypal".to_owned(),
+            provider: context.provider.to_owned(),
             order_key: context.order_key.to_string(),
             sequence: context.reservation.sequence,
-            txn_type: form.text("txn_type"),
-            payment_status: form.text("payment_status"),
-            txn_id: form.text("txn_id"),
+            txn_type,
+            payment_status,
+            txn_id,
             test: form.text("test_ipn").as_deref() == Some("1"),
             received_at: rfc3339(context.received_at),
             verified_at: rfc3339(context.verified_at),
@@ -94,7 +104,9 @@ impl Event {
         }
     }
 
-    /// `<txn_type|none>.<payment_status|none>`, lower case, e.g. `subscr_payment.completed`.
+    /// `<txn_type|none>.<payment_status|none>`, lower case, e.g. `subscr_payment.completed`;
+    /// for a provider other than PayPal, prefixed with its name
+    /// (`alipay.trade_status_sync.trade_success`), so no PayPal binding receives it.
     /// Characters with a meaning in topic patterns (`.`, `*`, `#`) become `_`.
     pub fn routing_key(&self) -> String {
         let part = |value: &Option<String>| {
@@ -106,7 +118,11 @@ impl Event {
                 .collect();
             clean
         };
-        format!("{}.{}", part(&self.txn_type), part(&self.payment_status))
+        let key = format!("{}.{}", part(&self.txn_type), part(&self.payment_status));
+        match self.provider.as_str() {
+            "paypal" => key,
+            provider => format!("{provider}.{key}"),
+        }
     }
 
     /// The JSON body.
@@ -143,6 +159,7 @@ mod tests {
             reservation,
             received_at,
             verified_at: received_at + Duration::from_millis(250),
+            provider: "paypal",
         };
         Event::new(&form, body, &context)
     }

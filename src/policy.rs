@@ -74,7 +74,12 @@ pub const ID_FIELDS: [&str; 8] = [
 /// is a forgery or corruption, quarantined as `unprocessable` with the cause, without asking
 /// PayPal.
 pub fn processable(form: &Form) -> Result<(), String> {
-    for field in ID_FIELDS {
+    fields_processable(form, &ID_FIELDS)
+}
+
+/// [`processable`] for another provider's identifying `fields`.
+pub fn fields_processable(form: &Form, fields: &[&str]) -> Result<(), String> {
+    for &field in fields {
         let Some(value) = form.text(field) else {
             continue;
         };

@@ -16,9 +16,10 @@ use lapin::BasicProperties;
 use lapin::types::ShortString;
 use tracing::{Instrument, debug, field, info, info_span, warn};
 
-use super::metrics::StatusLabel;
+use super::metrics::{RefusedLabel, StatusLabel};
 use super::{App, Sink};
 use crate::amqp::{Outgoing, PublishError, State};
+use crate::provider::Provider;
 use crate::topology::Topology;
 
 /// Why an IPN request was not accepted.
@@ -42,17 +43,23 @@ pub enum Rejection {
     /// The connection broke or the framing was wrong while reading the body.
     #[error("unreadable body")]
     BadBody,
+    /// The provider's own check at the door failed (e.g. a bad signature): the reason.
+    #[error("refused: {0}")]
+    Refused(&'static str),
     /// The broker did not confirm.
     #[error(transparent)]
     Publish(#[from] PublishError),
 }
+
+/// The content type a provider that needs none (Alipay) is published with.
+const FORM: &str = "application/x-www-form-urlencoded";
 
 /// The one place that decides what each outcome answers.
 pub fn status_of(rejection: &Rejection) -> StatusCode {
     match rejection {
         Rejection::Method => StatusCode::METHOD_NOT_ALLOWED,
         Rejection::MediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        Rejection::Empty | Rejection::BadBody => StatusCode::BAD_REQUEST,
+        Rejection::Empty | Rejection::BadBody | Rejection::Refused(_) => StatusCode::BAD_REQUEST,
         Rejection::TooLarge | Rejection::Publish(PublishError::TooLarge { .. }) => {
             StatusCode::PAYLOAD_TOO_LARGE
         }
@@ -68,8 +75,9 @@ pub(super) async fn handle<S: Sink>(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = request.uri().path();
-    let response = if path == app.config.path {
-        ipn(&app, request).await
+    let route = app.routes.iter().find(|(route, _)| route == path);
+    let response = if let Some((_, provider)) = route {
+        ipn(&app, provider.as_ref(), request).await
     } else {
         match path {
             "/healthz" => text(StatusCode::OK, "ok"),
@@ -81,11 +89,16 @@ pub(super) async fn handle<S: Sink>(
     Ok(response)
 }
 
-async fn ipn<S: Sink>(app: &App<S>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn ipn<S: Sink>(
+    app: &App<S>,
+    provider: &dyn Provider,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     // The request's lines carry these once known (recorded by `publish`), so they join with
     // the worker's lines for the same message id.
     let span = info_span!(
         "ipn",
+        provider = provider.name(),
         message_id = field::Empty,
         ipn.order_key = field::Empty,
         shard = field::Empty,
@@ -93,19 +106,28 @@ async fn ipn<S: Sink>(app: &App<S>, request: Request<Incoming>) -> Response<Full
     async {
         // Counted by a guard: hyper drops this future when the client hangs up mid-request.
         let mut counted = Counted::start(&app.metrics);
-        let response = match accept(app, request).await {
+        let response = match accept(app, provider, request).await {
             Ok(bytes) => {
                 debug!(status = 200, bytes, "ipn accepted");
-                Response::new(Full::new(Bytes::from_static(
-                    app.provider.acknowledgement(),
-                )))
+                Response::new(Full::new(Bytes::from_static(provider.acknowledgement())))
             }
             Err(rejection) => {
+                if let Rejection::Refused(reason) = rejection {
+                    let label = RefusedLabel {
+                        provider: provider.name(),
+                        reason,
+                    };
+                    app.metrics.refused.get_or_create(&label).inc();
+                }
                 if let Some(skipped) = app.refusals.admit() {
                     let status = status_of(&rejection).as_u16();
                     info!(status, reason = %rejection, skipped, "ipn refused");
                 }
-                reject(&rejection)
+                let mut response = reject(&rejection);
+                if let Some(body) = provider.failure() {
+                    *response.body_mut() = Full::new(Bytes::from_static(body));
+                }
+                response
             }
         };
         counted.answered(response.status());
@@ -150,18 +172,24 @@ impl Drop for Counted<'_> {
 }
 
 /// Reads and publishes one IPN; returns its size once the broker confirmed it.
-async fn accept<S: Sink>(app: &App<S>, request: Request<Incoming>) -> Result<usize, Rejection> {
+async fn accept<S: Sink>(
+    app: &App<S>,
+    provider: &dyn Provider,
+    request: Request<Incoming>,
+) -> Result<usize, Rejection> {
     if request.method() != Method::POST {
         return Err(Rejection::Method);
     }
     // Kept verbatim for the message; an AMQP short string holds at most 255 bytes.
-    let content_type = request
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| app.provider.accepts_content_type(v))
-        .and_then(|v| ShortString::try_new(v).ok())
-        .ok_or(Rejection::MediaType)?;
+    let header = match request.headers().get(CONTENT_TYPE) {
+        Some(value) => Some(value.to_str().map_err(|_| Rejection::MediaType)?),
+        None => None,
+    };
+    if !provider.accepts_content_type(header) {
+        return Err(Rejection::MediaType);
+    }
+    let content_type = header.unwrap_or(FORM);
+    let content_type = ShortString::try_new(content_type).map_err(|_| Rejection::MediaType)?;
     let max = app.config.max_body_bytes.get();
     let declared = declared_length(&request);
     if declared.is_some_and(|length| length > max) {
@@ -171,7 +199,8 @@ async fn accept<S: Sink>(app: &App<S>, request: Request<Incoming>) -> Result<usi
     if body.is_empty() {
         return Err(Rejection::Empty);
     }
-    publish(app, content_type, &body).await?;
+    provider.admit(&body).map_err(Rejection::Refused)?;
+    publish(app, provider, content_type, &body).await?;
     Ok(body.len())
 }
 
@@ -217,10 +246,11 @@ async fn copy_body(mut body: Incoming, max: usize, expected: usize) -> Result<By
 
 async fn publish<S: Sink>(
     app: &App<S>,
+    provider: &dyn Provider,
     content_type: ShortString,
     body: &[u8],
 ) -> Result<(), Rejection> {
-    let key = app.provider.order_key(body);
+    let key = provider.order_key(body);
     let shard = key.shard(app.topology.shards());
     let message_id = uuid::Uuid::now_v7().to_string();
     let span = tracing::Span::current();
@@ -229,8 +259,7 @@ async fn publish<S: Sink>(
     span.record("shard", shard);
     let routing_key = Topology::shard_routing_key(shard);
     let exchange = app.topology.inbound_exchange();
-    let properties =
-        inbound_properties(app.provider.name(), content_type, key.as_str(), &message_id);
+    let properties = inbound_properties(provider.name(), content_type, key.as_str(), &message_id);
     let message = Outgoing {
         exchange: &exchange,
         routing_key: &routing_key,

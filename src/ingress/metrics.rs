@@ -15,6 +15,15 @@ pub struct StatusLabel {
     pub status: String,
 }
 
+/// Label of the refusal counter: what the provider's own check at the door said.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabel {
+    /// `paypal`, `alipay`.
+    pub provider: &'static str,
+    /// E.g. `bad-signature`, `unsigned`.
+    pub reason: &'static str,
+}
+
 /// Counters, histogram and gauge of one ingress server.
 #[derive(Debug)]
 pub struct Metrics {
@@ -25,6 +34,8 @@ pub struct Metrics {
     pub confirm_seconds: Histogram,
     /// IPN requests being handled now.
     pub in_flight: Gauge,
+    /// Notifications refused by their provider's check at the door, by provider and reason.
+    pub refused: Family<RefusedLabel, Counter>,
 }
 
 impl Metrics {
@@ -46,11 +57,18 @@ impl Metrics {
             confirm_seconds.clone(),
         );
         registry.register("in_flight", "IPN requests being handled", in_flight.clone());
+        let refused = Family::<RefusedLabel, Counter>::default();
+        registry.register(
+            "refused",
+            "Notifications refused at the door (bad signature...), by provider and reason",
+            refused.clone(),
+        );
         Metrics {
             registry,
             requests,
             confirm_seconds,
             in_flight,
+            refused,
         }
     }
 

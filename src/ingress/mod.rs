@@ -64,7 +64,8 @@ const REFUSALS_LOGGED_PER_SECOND: u32 = 20;
 /// What every request handler shares.
 struct App<S> {
     config: config::Ingress,
-    provider: Box<dyn Provider>,
+    /// Each provider's route: PayPal at `ingress.path`, Alipay at `alipay.path` when enabled.
+    routes: Vec<(String, Box<dyn Provider>)>,
     publisher: S,
     topology: Topology,
     metrics: Metrics,
@@ -82,9 +83,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     // declared with other arguments) must never stop IPNs from being taken in.
     let topology = Topology::of(&config).without_downstream();
     let publisher = Publisher::start(&config.amqp, topology.clone(), "ipn-ingress");
-    let app = Arc::new(App::new(config.ingress, topology, publisher));
+    let app = Arc::new(App::new(&config, topology, publisher));
     if let Ok(address) = listener.local_addr() {
-        info!(%address, path = %app.config.path, "ipn-ingress listening");
+        let paths: Vec<String> = app
+            .routes
+            .iter()
+            .map(|(path, provider)| format!("{path} ({})", provider.name()))
+            .collect();
+        info!(%address, routes = paths.join(", "), "ipn-ingress listening");
     }
     let connections = Connections::new(app.config.max_connections.get());
     let http = app.http();
@@ -105,10 +111,16 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
 }
 
 impl<S: Sink> App<S> {
-    fn new(config: config::Ingress, topology: Topology, publisher: S) -> App<S> {
+    fn new(config: &Config, topology: Topology, publisher: S) -> App<S> {
+        let mut routes: Vec<(String, Box<dyn Provider>)> =
+            vec![(config.ingress.path.clone(), Box::new(PayPal))];
+        if config.alipay.enabled {
+            let alipay = crate::provider::alipay::Alipay::new(&config.alipay);
+            routes.push((config.alipay.path.clone(), Box::new(alipay)));
+        }
         App {
-            config,
-            provider: Box::new(PayPal),
+            config: config.ingress.clone(),
+            routes,
             publisher,
             topology,
             metrics: Metrics::new(),
@@ -134,7 +146,7 @@ where
     S: Sink,
     Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let app = Arc::new(App::new(config.ingress.clone(), Topology::of(config), sink));
+    let app = Arc::new(App::new(config, Topology::of(config), sink));
     let http = app.http();
     let service = service_fn(move |request| handler::handle(Arc::clone(&app), request));
     if let Err(error) = http.serve_connection(TokioIo::new(io), service).await {

@@ -24,6 +24,28 @@ use crate::policy::Reason;
 /// The route's name in headers, metrics and events.
 pub const NAME: &str = "alipay";
 
+/// The fields that identify a notification: short printable ASCII in every genuine one
+/// ([`crate::policy::fields_processable`]).
+pub const ID_FIELDS: [&str; 7] = [
+    "notify_id",
+    "notify_type",
+    "out_trade_no",
+    "trade_no",
+    "trade_status",
+    "app_id",
+    "seller_id",
+];
+
+/// What the event names as type, status and transaction id: `notify_type`, `trade_status`,
+/// `trade_no`.
+pub fn event_fields(form: &Form) -> [Option<String>; 3] {
+    [
+        form.text("notify_type"),
+        form.text("trade_status"),
+        form.text("trade_no"),
+    ]
+}
+
 /// Why a notification is refused at the door (answered `fail`, so Alipay resends it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {

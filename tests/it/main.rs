@@ -4,6 +4,7 @@
 
 mod abuse;
 mod alerting;
+mod alipay;
 mod cli;
 mod compose;
 mod downstream;

@@ -106,6 +106,11 @@ impl Stack {
         .to_vec()
     }
 
+    /// The topology this stack's config describes.
+    pub(crate) fn topology(&self) -> ipn_bridge::topology::Topology {
+        ipn_bridge::topology::Topology::of(&self.config)
+    }
+
     /// Waits until `queue` holds at least `n` messages.
     pub(crate) async fn wait_for(&self, queue: &str, n: u32) {
         self.broker.wait_for(queue, n).await;

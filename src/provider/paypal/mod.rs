@@ -74,7 +74,10 @@ impl Provider for PayPal {
         "paypal"
     }
 
-    fn accepts_content_type(&self, content_type: &str) -> bool {
+    fn accepts_content_type(&self, content_type: Option<&str>) -> bool {
+        let Some(content_type) = content_type else {
+            return false;
+        };
         let media_type = content_type.split(';').next().unwrap_or_default().trim();
         media_type.eq_ignore_ascii_case("application/x-www-form-urlencoded")
     }
@@ -262,9 +265,12 @@ mod tests {
 
     #[test]
     fn form_content_types_are_accepted_with_parameters_and_any_case() {
-        assert!(PayPal.accepts_content_type("application/x-www-form-urlencoded"));
-        assert!(PayPal.accepts_content_type("Application/X-WWW-Form-Urlencoded; charset=UTF-8"));
-        assert!(!PayPal.accepts_content_type("application/json"));
-        assert!(!PayPal.accepts_content_type("multipart/form-data; boundary=x"));
+        assert!(PayPal.accepts_content_type(Some("application/x-www-form-urlencoded")));
+        assert!(
+            PayPal.accepts_content_type(Some("Application/X-WWW-Form-Urlencoded; charset=UTF-8"))
+        );
+        assert!(!PayPal.accepts_content_type(Some("application/json")));
+        assert!(!PayPal.accepts_content_type(Some("multipart/form-data; boundary=x")));
+        assert!(!PayPal.accepts_content_type(None));
     }
 }

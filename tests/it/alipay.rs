@@ -1,0 +1,251 @@
+//! Alipay's asynchronous notifications end to end: a fake Alipay that signs as Alipay does (an
+//! RSA key made in the test, SHA256withRSA over the sorted fields in the message's charset),
+//! the real ingress, worker, RabbitMQ and PostgreSQL.
+
+use std::time::Duration;
+
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::rsa::KeySize;
+use aws_lc_rs::signature::{KeyPair, RSA_PKCS1_SHA256, RsaKeyPair};
+use base64::Engine;
+use encoding_rs::{Encoding, GBK, UTF_8};
+
+use crate::pipeline_e2e::{RunningWorker, Stack, raw};
+use crate::support::{PATIENCE, ready_ingress};
+
+const APP_ID: &str = "2021004100000001";
+
+/// Alipay as the test plays it: its key pair, and how it signs and encodes a notification.
+struct FakeAlipay {
+    key: RsaKeyPair,
+}
+
+impl FakeAlipay {
+    fn new() -> FakeAlipay {
+        FakeAlipay {
+            key: RsaKeyPair::generate(KeySize::Rsa2048).expect("RSA key"),
+        }
+    }
+
+    /// The public key as Alipay's console shows it: bare base64 of the SubjectPublicKeyInfo.
+    fn public_key(&self) -> String {
+        let der = self.key.public_key().as_der().expect("SPKI");
+        base64::engine::general_purpose::STANDARD.encode(der.as_ref())
+    }
+
+    /// A signed notification body: the fields (sign and sign_type added), each value's bytes
+    /// in `charset` percent-encoded, as Alipay posts them.
+    fn notification(&self, fields: &[(&str, &str)], charset: &'static Encoding) -> Vec<u8> {
+        // What Alipay signs: non-empty fields but sign/sign_type, sorted, `k=v&...`, in charset.
+        let mut signed: Vec<&(&str, &str)> = fields.iter().filter(|(_, v)| !v.is_empty()).collect();
+        signed.sort();
+        let content: Vec<String> = signed.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let content = content.join("&");
+        let (bytes, _, _) = charset.encode(&content);
+        let mut signature = vec![0; self.key.public_modulus_len()];
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        self.key
+            .sign(&RSA_PKCS1_SHA256, &rng, &bytes, &mut signature)
+            .expect("sign");
+        let sign = base64::engine::general_purpose::STANDARD.encode(signature);
+        let mut all: Vec<(&str, &str)> = fields.to_vec();
+        all.push(("sign_type", "RSA2"));
+        all.push(("sign", &sign));
+        let pairs: Vec<String> = all
+            .iter()
+            .map(|(k, v)| {
+                let (bytes, _, _) = charset.encode(v);
+                let value: String =
+                    percent_encoding::percent_encode(&bytes, percent_encoding::NON_ALPHANUMERIC)
+                        .collect();
+                format!("{k}={value}")
+            })
+            .collect();
+        pairs.join("&").into_bytes()
+    }
+}
+
+/// A payment's `trade_status_sync` notification, as Alipay sends it.
+fn payment<'a>(
+    notify_id: &'a str,
+    notify_time: &'a str,
+    charset: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("notify_time", notify_time),
+        ("notify_type", "trade_status_sync"),
+        ("notify_id", notify_id),
+        ("app_id", APP_ID),
+        ("charset", charset),
+        ("version", "1.0"),
+        ("trade_no", "2026120122001468450512505578"),
+        ("out_trade_no", "ORDER-20261201-0001"),
+        ("buyer_logon_id", "xud***@126.com"),
+        ("seller_id", "2088531891668739"),
+        ("trade_status", "TRADE_SUCCESS"),
+        ("total_amount", "88.00"),
+        ("subject", "语雀空间 500人规模"),
+        ("passback_params", "id%3D7"),
+        ("gmt_payment", "2026-12-01 10:00:01"),
+    ]
+}
+
+/// A stack with Alipay on at `/alipay/notify` with `fake`'s key, its ingress and worker.
+async fn stack(
+    fake: &FakeAlipay,
+) -> (
+    Stack,
+    crate::support::ingress::RunningIngress,
+    RunningWorker,
+) {
+    let mut stack = Stack::new().await;
+    stack.config.alipay.enabled = true;
+    stack.config.alipay.app_id = APP_ID.to_owned();
+    stack.config.alipay.public_keys = vec![fake.public_key()];
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
+    (stack, ingress, worker)
+}
+
+async fn post(ingress: &crate::support::ingress::RunningIngress, body: Vec<u8>) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .post(ingress.path("/alipay/notify"))
+        .header(
+            "content-type",
+            "application/x-www-form-urlencoded; charset=utf-8",
+        )
+        .body(body)
+        .send()
+        .await
+        .expect("ingress answers");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+#[tokio::test]
+async fn a_signed_notification_becomes_one_event_and_alipays_resend_is_a_duplicate() {
+    let fake = FakeAlipay::new();
+    let (stack, ingress, worker) = stack(&fake).await;
+    let first = fake.notification(
+        &payment(
+            "2026120100222155624068450559358070",
+            "2026-12-01 10:00:02",
+            "utf-8",
+        ),
+        UTF_8,
+    );
+    assert_eq!(
+        post(&ingress, first.clone()).await,
+        (200, "success".to_owned())
+    );
+    let events = stack.events(1).await;
+    let event = &events[0];
+    assert_eq!(event["provider"], "alipay");
+    assert_eq!(event["order_key"], "alipay:ORDER-20261201-0001");
+    assert_eq!(event["sequence"], 1);
+    assert_eq!(event["txn_type"], "trade_status_sync");
+    assert_eq!(event["payment_status"], "TRADE_SUCCESS");
+    assert_eq!(event["txn_id"], "2026120122001468450512505578");
+    assert_eq!(event["fields"]["subject"], "语雀空间 500人规模");
+    assert_eq!(
+        event["fields"]["passback_params"], "id%3D7",
+        "decoded once, never twice"
+    );
+    assert_eq!(event["charset"], "UTF-8");
+    assert_eq!(raw(event), first, "byte for byte");
+
+    // Alipay's resend: new notify_time and sign, same notify_id. Acknowledged, not published.
+    let resend = fake.notification(
+        &payment(
+            "2026120100222155624068450559358070",
+            "2026-12-01 10:04:02",
+            "utf-8",
+        ),
+        UTF_8,
+    );
+    assert_ne!(resend, first);
+    assert_eq!(post(&ingress, resend).await, (200, "success".to_owned()));
+    let dropped = async {
+        while worker.metric("ipn_worker_duplicates_total").await != Some(1.0) {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, dropped)
+        .await
+        .expect("the resend dropped as a duplicate");
+    assert_eq!(stack.events(0).await.len(), 0, "no second event");
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn a_gbk_notification_is_verified_in_gbk_and_its_fields_decoded() {
+    let fake = FakeAlipay::new();
+    let (stack, ingress, worker) = stack(&fake).await;
+    let body = fake.notification(
+        &payment(
+            "2026120100222155624068450559358071",
+            "2026-12-01 10:00:02",
+            "gbk",
+        ),
+        GBK,
+    );
+    assert!(
+        body.windows(6).any(|w| w == b"%D3%EF"),
+        "语 in GBK on the wire"
+    );
+    assert_eq!(post(&ingress, body).await, (200, "success".to_owned()));
+    let events = stack.events(1).await;
+    assert_eq!(events[0]["fields"]["subject"], "语雀空间 500人规模");
+    assert_eq!(events[0]["charset"], "GBK");
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_signature_is_answered_fail_and_nothing_is_queued_and_a_foreign_app_is_quarantined() {
+    let fake = FakeAlipay::new();
+    let (stack, ingress, worker) = stack(&fake).await;
+    // Signed by someone else's key.
+    let forger = FakeAlipay::new();
+    let forged = forger.notification(&payment("1", "2026-12-01 10:00:02", "utf-8"), UTF_8);
+    assert_eq!(post(&ingress, forged).await, (400, "fail".to_owned()));
+    // Signed by Alipay, then changed on the way.
+    let genuine = fake.notification(&payment("2", "2026-12-01 10:00:02", "utf-8"), UTF_8);
+    let altered = String::from_utf8(genuine)
+        .expect("ascii")
+        .replace("total_amount=88%2E00", "total_amount=99%2E00");
+    assert!(altered.contains("total_amount=99%2E00"));
+    assert_eq!(
+        post(&ingress, altered.into_bytes()).await,
+        (400, "fail".to_owned())
+    );
+    let refused = ingress
+        .metric("ipn_ingress_refused_total{provider=\"alipay\",reason=\"bad-signature\"}")
+        .await;
+    assert_eq!(refused, Some(2.0));
+
+    // Genuinely signed, but for another app: quarantined with the reason, no event.
+    let mut other = payment("3", "2026-12-01 10:00:02", "utf-8");
+    other[3] = ("app_id", "2021009999999999");
+    assert_eq!(
+        post(&ingress, fake.notification(&other, UTF_8)).await.0,
+        200
+    );
+    stack
+        .wait_for(&stack.topology().quarantine_queue(), 1)
+        .await;
+    let channel = stack.broker.channel().await;
+    let quarantined = stack
+        .broker
+        .drain(&channel, &stack.topology().quarantine_queue())
+        .await;
+    // Only this one: the two refused at the door were never queued (the worker would have
+    // quarantined them as invalid).
+    assert_eq!(quarantined.len(), 1);
+    let reason = ipn_bridge::contract::header_text(&quarantined[0].properties, "x-ipn-reason");
+    assert_eq!(reason.as_deref(), Some("foreign-receiver"));
+    assert_eq!(stack.broker.count(&channel, "downstream").await, 0);
+    worker.stop().await;
+    ingress.stop().await;
+}
