@@ -761,10 +761,8 @@ impl Config {
             Some(text) => toml::from_str::<toml::Table>(text).map_err(Error::File)?,
             None => toml::Table::new(),
         };
-        for (name, value) in env {
-            if let Some(path) = name.strip_prefix(ENV_PREFIX)
-                && name != CONFIG_FILE_VAR
-            {
+        for (name, value) in env.iter().filter(|(name, _)| is_setting(name)) {
+            if let Some(path) = name.strip_prefix(ENV_PREFIX) {
                 overlay(&mut table, name, path, value)?;
             }
         }
@@ -798,7 +796,7 @@ impl Config {
                 Ok(value) => {
                     env.insert(name, value);
                 }
-                Err(_) if name.starts_with(ENV_PREFIX) => {
+                Err(_) if is_setting(&name) => {
                     return Err(Error::Invalid {
                         key: name,
                         problem: "the value is not valid UTF-8".to_owned(),
@@ -1033,6 +1031,18 @@ fn whole_word_wildcards(pattern: &str) -> bool {
 
 /// Sets `IPN_A__B=value` as `a.b = value` in `table`. Values that read as integers or booleans
 /// become those, so numeric keys can be set from the environment.
+/// Whether an environment variable is configuration: `IPN_<SECTION>__<KEY>` only. Other names
+/// that start with `IPN_` are not ours: Kubernetes injects `IPN_PORT`, `IPN_SERVICE_HOST`,
+/// `IPN_PORT_8080_TCP_ADDR`… into every pod of a namespace with a Service named `ipn`, and they
+/// must not stop the process. A misspelt key (`IPN_INGRESS__LISTN`) or section
+/// (`IPN_INGRES__LISTEN`) still is an error naming it.
+fn is_setting(name: &str) -> bool {
+    name != CONFIG_FILE_VAR
+        && name
+            .strip_prefix(ENV_PREFIX)
+            .is_some_and(|path| path.contains("__"))
+}
+
 fn overlay(table: &mut toml::Table, name: &str, path: &str, value: &str) -> Result<(), Error> {
     let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
     let Some((last, parents)) = keys.split_last() else {
@@ -1395,6 +1405,24 @@ mod tests {
         let text = include_str!("../config/example.toml");
         let example = Config::load(Some(text), &env(&[])).expect("example loads");
         assert_eq!(format!("{example:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
+    fn only_section_key_variables_are_configuration_so_kubernetes_service_variables_are_ignored() {
+        let kubernetes = [
+            ("IPN_PORT", "tcp://10.0.0.7:8080"),
+            ("IPN_SERVICE_HOST", "10.0.0.7"),
+            ("IPN_SERVICE_PORT", "8080"),
+            ("IPN_PORT_8080_TCP_ADDR", "10.0.0.7"),
+            ("IPN_INGRESS__CONFIRM_TIMEOUT", "3s"),
+        ];
+        let config = Config::load(None, &env(&kubernetes)).expect("loads");
+        assert_eq!(config.ingress.confirm_timeout, Duration::from_secs(3));
+        for typo in ["IPN_INGRESS__LISTN", "IPN_INGRES__LISTEN"] {
+            let error = Config::load(None, &env(&[(typo, "x")])).unwrap_err();
+            let text = error.to_string();
+            assert!(text.contains("config key"), "{typo}: {text}");
+        }
     }
 
     #[test]
