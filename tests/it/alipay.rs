@@ -108,18 +108,7 @@ async fn stack(
 }
 
 async fn post(ingress: &crate::support::ingress::RunningIngress, body: Vec<u8>) -> (u16, String) {
-    let response = reqwest::Client::new()
-        .post(ingress.path("/alipay/notify"))
-        .header(
-            "content-type",
-            "application/x-www-form-urlencoded; charset=utf-8",
-        )
-        .body(body)
-        .send()
-        .await
-        .expect("ingress answers");
-    let status = response.status().as_u16();
-    (status, response.text().await.expect("body"))
+    crate::support::post_form(&ingress.path("/alipay/notify"), body).await
 }
 
 #[tokio::test]
