@@ -12,7 +12,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 use crate::bounded;
 use crate::keys::{OrderKey, body_hash};
-use crate::provider::PayPal;
+use crate::provider::{PayPal, alipay};
 
 /// The key the message is ordered by (set by the ingress; rewritten by a re-route).
 pub const ORDER_KEY: &str = "x-ipn-order-key";
@@ -81,8 +81,10 @@ pub struct Inbound {
     pub control: Option<String>,
     /// The message's properties, kept on a quarantined, deferred or parked copy.
     pub properties: BasicProperties,
-    /// `x-ipn-provider`: whose notification this is (`paypal` when absent).
-    pub provider: String,
+    /// `x-ipn-provider`: whose notification this is, as one of the names the bridge knows
+    /// (`paypal` when absent or any other value, so the header cannot put arbitrary text into
+    /// events and routing keys).
+    pub provider: &'static str,
 }
 
 impl Inbound {
@@ -100,7 +102,7 @@ impl Inbound {
             received_at: time(RECEIVED_AT),
             first_failure: time(FIRST_FAILURE),
             attempt: attempt(&properties),
-            provider: header_text(&properties, PROVIDER).unwrap_or_else(|| "paypal".to_owned()),
+            provider: provider_of(&properties),
             message_id,
             body,
             properties,
@@ -112,6 +114,19 @@ impl Inbound {
         &self.key
     }
 }
+
+/// The provider a message names in `x-ipn-provider`: Alipay's name, or PayPal's for anything else.
+fn provider_of(properties: &BasicProperties) -> &'static str {
+    match header(properties, PROVIDER) {
+        Some(AMQPValue::LongString(name)) if name.as_bytes() == alipay::NAME.as_bytes() => {
+            alipay::NAME
+        }
+        _ => PAYPAL,
+    }
+}
+
+/// PayPal's name in `x-ipn-provider`, events and metrics.
+pub const PAYPAL: &str = "paypal";
 
 /// The order key of a message: its `x-ipn-order-key`, or without one the key its body gives.
 pub fn key_of(properties: &BasicProperties, body: &[u8]) -> OrderKey {
@@ -237,6 +252,16 @@ mod tests {
         assert_eq!(bare.key().as_str(), "txn:A");
         assert!(bare.message_id.starts_with("sha256:"));
         assert_eq!(bare.attempt, 0);
+        assert_eq!(bare.provider, "paypal");
+        // Only names the bridge knows: any other text is taken for PayPal's.
+        let named = |name: &str| {
+            let mut headers = FieldTable::default();
+            headers.insert(PROVIDER.into(), text(name));
+            let properties = BasicProperties::default().with_headers(headers);
+            Inbound::new(b"x=1".to_vec(), properties).provider
+        };
+        assert_eq!(named("alipay"), "alipay");
+        assert_eq!(named(&"x".repeat(10_000)), "paypal");
     }
 
     #[test]

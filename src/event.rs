@@ -120,7 +120,7 @@ impl Event {
         };
         let key = format!("{}.{}", part(&self.txn_type), part(&self.payment_status));
         match self.provider.as_str() {
-            "paypal" => key,
+            crate::contract::PAYPAL => key,
             provider => format!("{provider}.{key}"),
         }
     }

@@ -509,20 +509,6 @@ fn selected(selection: &Selection, properties: &BasicProperties, key: &OrderKey)
 
 /// A listing as a readable table, one message per line.
 pub fn listed_table(listed: &[Listed]) -> String {
-    let rows = listed
-        .iter()
-        .map(|m| {
-            vec![
-                m.order_key.clone(),
-                m.txn_type.clone().unwrap_or_default(),
-                m.txn_id.clone().unwrap_or_default(),
-                m.reason.clone().unwrap_or_default(),
-                m.attempts.to_string(),
-                m.age_seconds.map(age).unwrap_or_default(),
-                m.message_id.clone().unwrap_or_default(),
-            ]
-        })
-        .collect();
     let head = [
         "KEY",
         "TXN_TYPE",
@@ -532,26 +518,12 @@ pub fn listed_table(listed: &[Listed]) -> String {
         "AGE",
         "MESSAGE_ID",
     ];
-    table(&head, rows)
+    table(&head, listed.iter().map(|m| row(m, false)).collect())
 }
 
-/// A dead-letter queue's events as a readable table, one per line.
+/// A dead-letter queue's events as a readable table, one per line: the listing with each
+/// event's sequence, its redeliveries in the attempts column and its event id as message id.
 pub fn dead_table(listed: &[Listed]) -> String {
-    let rows = listed
-        .iter()
-        .map(|m| {
-            vec![
-                m.order_key.clone(),
-                m.sequence.map(|s| s.to_string()).unwrap_or_default(),
-                m.txn_type.clone().unwrap_or_default(),
-                m.txn_id.clone().unwrap_or_default(),
-                m.reason.clone().unwrap_or_default(),
-                m.attempts.to_string(),
-                m.age_seconds.map(age).unwrap_or_default(),
-                m.message_id.clone().unwrap_or_default(),
-            ]
-        })
-        .collect();
     let head = [
         "KEY",
         "SEQ",
@@ -562,7 +534,24 @@ pub fn dead_table(listed: &[Listed]) -> String {
         "AGE",
         "EVENT_ID",
     ];
-    table(&head, rows)
+    table(&head, listed.iter().map(|m| row(m, true)).collect())
+}
+
+/// One listed message's cells, with its sequence after the key when `sequence`.
+fn row(m: &Listed, sequence: bool) -> Vec<String> {
+    let mut cells = vec![m.order_key.clone()];
+    if sequence {
+        cells.push(m.sequence.map(|s| s.to_string()).unwrap_or_default());
+    }
+    cells.extend([
+        m.txn_type.clone().unwrap_or_default(),
+        m.txn_id.clone().unwrap_or_default(),
+        m.reason.clone().unwrap_or_default(),
+        m.attempts.to_string(),
+        m.age_seconds.map(age).unwrap_or_default(),
+        m.message_id.clone().unwrap_or_default(),
+    ]);
+    cells
 }
 
 /// Blocked keys as a readable table.

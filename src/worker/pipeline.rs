@@ -265,7 +265,7 @@ impl Pipeline {
             }
         };
         let order_key = inbound.key();
-        let keys = match inbound.provider.as_str() {
+        let keys = match inbound.provider {
             alipay::NAME => alipay::dedup_keys(&form, &inbound.body),
             _ => PayPal::dedup_keys(&form, &inbound.body),
         };
@@ -298,7 +298,7 @@ impl Pipeline {
             reservation,
             received_at: inbound.received_at.unwrap_or(verified_at),
             verified_at,
-            provider: &inbound.provider,
+            provider: inbound.provider,
         };
         let event = Event::new(&form, &inbound.body, &context);
         let routing_key = event.routing_key();

@@ -71,7 +71,7 @@ fn key_from(ids: impl Iterator<Item = Option<String>>, body: &[u8]) -> OrderKey 
 
 impl Provider for PayPal {
     fn name(&self) -> &'static str {
-        "paypal"
+        crate::contract::PAYPAL
     }
 
     fn accepts_content_type(&self, content_type: Option<&str>) -> bool {
