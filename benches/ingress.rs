@@ -502,6 +502,7 @@ async fn raw_worker(
                 FORM.into(),
                 key.as_str(),
                 &uuid::Uuid::now_v7().to_string(),
+                std::time::SystemTime::now(),
             ),
             RawProperties::Minimal => BasicProperties::default(),
         }

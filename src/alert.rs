@@ -42,6 +42,10 @@ pub enum Kind {
     DownstreamNoConsumer,
     /// A business service's queue holds more than `max_depth` events and grows.
     DownstreamBacklog,
+    /// The ingress refused a provider's notification at the door (a signature that does not
+    /// verify, an unknown key, a stale timestamp): the provider resends it, but until the cause
+    /// is fixed nothing of it is queued.
+    Refused,
 }
 
 impl Kind {
@@ -55,6 +59,7 @@ impl Kind {
             Kind::DownstreamDeadLettered => "downstream-dead-lettered",
             Kind::DownstreamNoConsumer => "downstream-no-consumer",
             Kind::DownstreamBacklog => "downstream-backlog",
+            Kind::Refused => "refused",
         }
     }
 
@@ -65,6 +70,7 @@ impl Kind {
             Kind::DownstreamDeadLettered | Kind::DownstreamNoConsumer | Kind::DownstreamBacklog => {
                 "queue"
             }
+            Kind::Refused => "provider",
             _ => "key",
         }
     }
@@ -75,7 +81,8 @@ impl Kind {
 pub struct Alert {
     /// What it is about.
     pub kind: Kind,
-    /// The IPN's order key; for the downstream kinds, the queue's name.
+    /// The IPN's order key; for the downstream kinds, the queue's name; for `refused`, the
+    /// provider's.
     pub order_key: String,
     /// The IPN's txn_id, when it has one.
     pub txn_id: Option<String>,

@@ -62,6 +62,8 @@ pub struct Config {
     pub paypal: Paypal,
     /// Alipay's asynchronous notifications (off by default).
     pub alipay: Alipay,
+    /// WeChat Pay's API v3 notifications (off by default).
+    pub wechatpay: Wechatpay,
     /// The worker's PostgreSQL database.
     pub database: Database,
     /// The worker's processing.
@@ -405,12 +407,7 @@ impl Alipay {
     /// Replaces each key given as a file path by the file's text.
     fn read_key_files(&mut self) -> Result<(), Error> {
         for key in &mut self.public_keys {
-            if key.starts_with('/') || key.starts_with("./") {
-                *key = std::fs::read_to_string(&*key).map_err(|e| Error::Invalid {
-                    key: "alipay.public_keys".to_owned(),
-                    problem: format!("cannot read {key}: {e}"),
-                })?;
-            }
+            *key = read_if_path(key, "alipay.public_keys")?;
         }
         Ok(())
     }
@@ -452,6 +449,177 @@ impl Alipay {
             }),
             None => Ok(()),
         }
+    }
+}
+
+/// WeChat Pay's API v3 notifications: signed by WeChat Pay (checked by the ingress with the
+/// platform's public keys before anything is queued), their resource encrypted with the
+/// merchant's APIv3 key (decrypted by the worker only).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Wechatpay {
+    /// Take WeChat Pay notifications at `path`.
+    pub enabled: bool,
+    /// The ingress route WeChat Pay posts to (the `notify_url` of our orders and refunds).
+    pub path: String,
+    /// Our merchant id(s) (`mchid`; in partner mode the service provider's `sp_mchid`): a
+    /// notification for another merchant is quarantined. Environment: comma-separated.
+    #[serde(deserialize_with = "list")]
+    pub mch_ids: Vec<String>,
+    /// Our app id(s) (`appid` / `sp_appid`); when set, a transaction for another app is
+    /// quarantined (refunds name no app). Environment: comma-separated.
+    #[serde(deserialize_with = "list")]
+    pub app_ids: Vec<String>,
+    /// The merchant's APIv3 key (32 characters), or the path of a file holding it. Needed by
+    /// the worker only; never printed.
+    pub apiv3_key: Secret,
+    /// WeChat Pay's keys by the serial a notification names in `Wechatpay-Serial`: a platform
+    /// certificate's serial (hex) or a public-key id (`PUB_KEY_ID_…`), each mapped to the
+    /// certificate or public key as PEM text or the path of a file holding it. During a switch
+    /// WeChat Pay signs with both for days: configure both. Environment: `SERIAL=PEM-or-path`
+    /// pairs, comma-separated.
+    #[serde(deserialize_with = "serial_map")]
+    pub platform_keys: BTreeMap<String, String>,
+    /// How far a notification's `Wechatpay-Timestamp` may be from the ingress's clock when it
+    /// arrives (WeChat Pay's SDKs use 5 minutes); further is refused as stale.
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+}
+
+impl Default for Wechatpay {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            path: "/wechatpay/notify".to_owned(),
+            mch_ids: Vec::new(),
+            app_ids: Vec::new(),
+            apiv3_key: Secret::default(),
+            platform_keys: BTreeMap::new(),
+            max_clock_skew: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Wechatpay {
+    /// Replaces each key given as a file path by the file's text.
+    fn read_key_files(&mut self) -> Result<(), Error> {
+        for key in self.platform_keys.values_mut() {
+            *key = read_if_path(key, "wechatpay.platform_keys")?;
+        }
+        let key = read_if_path(self.apiv3_key.expose(), "wechatpay.apiv3_key")?;
+        self.apiv3_key = Secret(key.trim_end_matches(['\r', '\n']).to_owned());
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let problem = if self.mch_ids.is_empty() {
+            Some((
+                "wechatpay.mch_ids",
+                "must name our merchant id when wechatpay.enabled".to_owned(),
+            ))
+        } else if self.apiv3_key.expose().len() != 32 {
+            Some((
+                "wechatpay.apiv3_key",
+                format!(
+                    "must be the 32-character APIv3 key set in the merchant platform (this one has {} bytes)",
+                    self.apiv3_key.expose().len()
+                ),
+            ))
+        } else if self.platform_keys.is_empty() {
+            Some((
+                "wechatpay.platform_keys",
+                "must map at least one Wechatpay-Serial to its certificate or public key when wechatpay.enabled".to_owned(),
+            ))
+        } else if !self.path.starts_with('/') || self.path.contains(['?', '#']) {
+            Some((
+                "wechatpay.path",
+                "must be a path like /wechatpay/notify".to_owned(),
+            ))
+        } else {
+            self.platform_keys.iter().find_map(|(serial, key)| {
+                crate::provider::wechatpay::platform_key_der(serial, key)
+                    .err()
+                    .map(|e| ("wechatpay.platform_keys", format!("{serial}: {e}")))
+            })
+        };
+        match problem {
+            Some((key, problem)) => Err(Error::Invalid {
+                key: key.to_owned(),
+                problem,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A file's text when `value` is a path (`/…` or `./…`), else `value`.
+fn read_if_path(value: &str, key: &str) -> Result<String, Error> {
+    if value.starts_with('/') || value.starts_with("./") {
+        std::fs::read_to_string(value).map_err(|e| Error::Invalid {
+            key: key.to_owned(),
+            problem: format!("cannot read {value}: {e}"),
+        })
+    } else {
+        Ok(value.to_owned())
+    }
+}
+
+/// A secret value (a key): deserialized like text, never printed by `Debug` or `Display`.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "Secret(unset)"
+        } else {
+            "Secret(***)"
+        })
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A map from TOML (`{ "SERIAL" = "PEM or path" }`) or from the environment
+/// (`SERIAL=path,SERIAL=path`).
+fn serial_map<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Map {
+        Table(BTreeMap<String, String>),
+        Text(String),
+    }
+    match Map::deserialize(deserializer)? {
+        Map::Table(table) => Ok(table),
+        Map::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| match pair.split_once('=') {
+                Some((serial, key)) => Ok((serial.trim().to_owned(), key.trim().to_owned())),
+                None => Err(serde::de::Error::custom(format!(
+                    "`{}` is not SERIAL=PEM-or-path",
+                    crate::bounded::shown(pair)
+                ))),
+            })
+            .collect(),
     }
 }
 
@@ -772,6 +940,7 @@ impl Config {
                 problem: e.inner().message().to_owned(),
             })?;
         config.alipay.read_key_files()?;
+        config.wechatpay.read_key_files()?;
         config.validate()?;
         Ok(config)
     }
@@ -922,6 +1091,16 @@ impl Config {
             return Err(invalid(
                 "alipay.path",
                 "must differ from ingress.path (PayPal's route)",
+            ));
+        }
+        self.wechatpay.validate()?;
+        if self.wechatpay.enabled
+            && (self.wechatpay.path == self.ingress.path
+                || (self.alipay.enabled && self.wechatpay.path == self.alipay.path))
+        {
+            return Err(invalid(
+                "wechatpay.path",
+                "must differ from ingress.path and alipay.path",
             ));
         }
         for (index, downstream) in self.downstream.iter().enumerate() {

@@ -5,14 +5,17 @@
 //! Every header is optional on the way in: a message published by hand, or by an older bridge,
 //! is still read (a missing key comes from the body, a missing id from the body's hash).
 
+use std::collections::BTreeMap;
 use std::time::SystemTime;
+
+use base64::Engine;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 use crate::bounded;
 use crate::keys::{OrderKey, body_hash};
-use crate::provider::{PayPal, alipay};
+use crate::provider::{NAMES, PayPal, Queued, paypal};
 
 /// The key the message is ordered by (set by the ingress; rewritten by a re-route).
 pub const ORDER_KEY: &str = "x-ipn-order-key";
@@ -48,6 +51,77 @@ pub const SEQUENCE: &str = "x-ipn-sequence";
 pub const REDELIVERED_AT: &str = "x-ipn-redelivered-at";
 /// A redelivered event's routing key on `<p>.events`.
 pub const ROUTING_KEY: &str = "x-ipn-routing-key";
+
+/// The prefix of a request header that travelled with the raw body
+/// (`x-ipn-http-wechatpay-signature`): the provider names which ([`crate::provider::Provider::carried_headers`]).
+pub const REQUEST_HEADER_PREFIX: &str = "x-ipn-http-";
+
+/// The longest request header value carried; longer ones are left out (the provider's check at
+/// the door refuses them first).
+pub const MAX_CARRIED_HEADER_BYTES: usize = 1024;
+
+/// Adds the request headers `names` (lower case) that `value` gives, each at most
+/// [`MAX_CARRIED_HEADER_BYTES`], under [`REQUEST_HEADER_PREFIX`].
+pub fn carry_request_headers<'a>(
+    headers: &mut FieldTable,
+    names: &[&str],
+    value: impl Fn(&str) -> Option<&'a [u8]>,
+) {
+    for name in names {
+        if let Some(value) = value(name).filter(|v| v.len() <= MAX_CARRIED_HEADER_BYTES) {
+            let carried = format!("{REQUEST_HEADER_PREFIX}{name}");
+            headers.insert(
+                carried.into(),
+                AMQPValue::LongString(LongString::from(value.to_vec())),
+            );
+        }
+    }
+}
+
+/// A request header that travelled with the raw body.
+pub fn request_header(properties: &BasicProperties, name: &str) -> Option<Vec<u8>> {
+    match header(properties, &format!("{REQUEST_HEADER_PREFIX}{name}"))? {
+        AMQPValue::LongString(value) => Some(value.as_bytes().to_vec()),
+        _ => None,
+    }
+}
+
+/// The headers a held IPN keeps besides what its row has columns for: the provider, the
+/// carried request headers and [`REROUTED_FROM`], as JSON (`{"name": "<base64 value>"}`);
+/// `None` when it has none of them.
+pub fn kept_while_held(properties: &BasicProperties) -> Option<String> {
+    let headers = properties.headers().as_ref()?;
+    let kept: BTreeMap<&str, String> = headers
+        .inner()
+        .iter()
+        .filter(|(name, _)| {
+            let name = name.as_str();
+            name == PROVIDER || name == REROUTED_FROM || name.starts_with(REQUEST_HEADER_PREFIX)
+        })
+        .filter_map(|(name, value)| match value {
+            AMQPValue::LongString(value) => Some((name.as_str(), base64(value.as_bytes()))),
+            _ => None,
+        })
+        .collect();
+    (!kept.is_empty()).then(|| serde_json::to_string(&kept).unwrap_or_default())
+}
+
+/// Puts the headers [`kept_while_held`] wrote back into `headers` (anything unreadable is
+/// left out).
+pub fn restore_held(headers: &mut FieldTable, kept: &str) {
+    let Ok(kept) = serde_json::from_str::<BTreeMap<String, String>>(kept) else {
+        return;
+    };
+    for (name, value) in kept {
+        if let Ok(value) = base64::engine::general_purpose::STANDARD.decode(value) {
+            headers.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
+        }
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
 
 /// Headers a deferral or parking adds; a replay starts the IPN afresh without them
 /// (`x-ipn-attempt` back to 0). `x-death` is the broker's record of the wait queues.
@@ -113,20 +187,34 @@ impl Inbound {
     pub fn key(&self) -> &OrderKey {
         &self.key
     }
-}
 
-/// The provider a message names in `x-ipn-provider`: Alipay's name, or PayPal's for anything else.
-fn provider_of(properties: &BasicProperties) -> &'static str {
-    match header(properties, PROVIDER) {
-        Some(AMQPValue::LongString(name)) if name.as_bytes() == alipay::NAME.as_bytes() => {
-            alipay::NAME
+    /// The notification as its provider's checks see it; `header` reads the request headers
+    /// that travelled with it ([`request_header`]).
+    pub fn queued<'a>(
+        &'a self,
+        header: &'a (dyn Fn(&str) -> Option<Vec<u8>> + Sync),
+    ) -> Queued<'a> {
+        Queued {
+            provider: self.provider,
+            body: &self.body,
+            key: &self.key,
+            received_at: self.received_at,
+            header,
         }
-        _ => PAYPAL,
     }
 }
 
-/// PayPal's name in `x-ipn-provider`, events and metrics.
-pub const PAYPAL: &str = "paypal";
+/// The provider a message names in `x-ipn-provider`: one of [`NAMES`], PayPal's for anything else.
+fn provider_of(properties: &BasicProperties) -> &'static str {
+    let named = match header(properties, PROVIDER) {
+        Some(AMQPValue::LongString(name)) => name.as_bytes(),
+        _ => b"",
+    };
+    NAMES
+        .into_iter()
+        .find(|known| known.as_bytes() == named)
+        .unwrap_or(paypal::NAME)
+}
 
 /// The order key of a message: its `x-ipn-order-key`, or without one the key its body gives.
 pub fn key_of(properties: &BasicProperties, body: &[u8]) -> OrderKey {

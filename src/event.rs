@@ -11,8 +11,8 @@ use std::time::SystemTime;
 use base64::Engine;
 use serde::Serialize;
 
-use crate::form::Form;
 use crate::keys::OrderKey;
+use crate::provider::Verified;
 use crate::store::Reservation;
 
 /// Version of the event's shape; bumped on any incompatible change.
@@ -63,43 +63,28 @@ pub struct Context<'a> {
     pub reservation: Reservation,
     /// From `x-ipn-received-at`.
     pub received_at: SystemTime,
-    /// When the postback answered VERIFIED (or the signature was checked).
-    pub verified_at: SystemTime,
-    /// Whose notification it is: `paypal`, `alipay`.
+    /// Whose notification it is: `paypal`, `alipay`, `wechatpay`.
     pub provider: &'a str,
 }
 
 impl Event {
-    /// Builds the event of a verified IPN.
-    pub fn new(form: &Form, body: &[u8], context: &Context<'_>) -> Event {
-        let charset = form.charset();
-        let mut fields = BTreeMap::new();
-        for (name, value) in form.decoded() {
-            fields.entry(name).or_insert(value);
-        }
-        let [txn_type, payment_status, txn_id] = match context.provider {
-            crate::provider::alipay::NAME => crate::provider::alipay::event_fields(form),
-            _ => [
-                form.text("txn_type"),
-                form.text("payment_status"),
-                form.text("txn_id"),
-            ],
-        };
+    /// Builds the event of a verified notification.
+    pub fn new(verified: &Verified, body: &[u8], context: &Context<'_>) -> Event {
         Event {
             schema_version: SCHEMA_VERSION,
             event_id: context.reservation.event_id.to_string(),
             provider: context.provider.to_owned(),
             order_key: context.order_key.to_string(),
             sequence: context.reservation.sequence,
-            txn_type,
-            payment_status,
-            txn_id,
-            test: form.text("test_ipn").as_deref() == Some("1"),
+            txn_type: verified.txn_type.clone(),
+            payment_status: verified.payment_status.clone(),
+            txn_id: verified.txn_id.clone(),
+            test: verified.test,
             received_at: rfc3339(context.received_at),
-            verified_at: rfc3339(context.verified_at),
-            charset: charset.encoding.name().to_owned(),
-            charset_assumed: charset.assumed,
-            fields,
+            verified_at: rfc3339(verified.verified_at),
+            charset: verified.charset.clone(),
+            charset_assumed: verified.charset_assumed,
+            fields: verified.fields.clone(),
             raw_body_base64: base64::engine::general_purpose::STANDARD.encode(body),
         }
     }
@@ -120,7 +105,7 @@ impl Event {
         };
         let key = format!("{}.{}", part(&self.txn_type), part(&self.payment_status));
         match self.provider.as_str() {
-            crate::contract::PAYPAL => key,
+            crate::provider::paypal::NAME => key,
             provider => format!("{provider}.{key}"),
         }
     }
@@ -142,26 +127,54 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::provider::PayPal;
+    use crate::form::Form;
     use crate::provider::paypal::samples_dir::samples;
+    use crate::provider::{Checked, PayPal, Queued};
 
-    /// The event of a sample as it would be the first of its key, at fixed times.
+    /// The event of a sample as it would be the first of its key, at fixed times, as the
+    /// worker builds it: PayPal's checks, a live-mode config that takes any receiver.
     fn example(body: &[u8]) -> Event {
         let form = Form::parse(body);
         let order_key = PayPal::order_key_of(&form, body);
+        let received_at = UNIX_EPOCH + Duration::from_millis(1_763_900_000_123);
+        let header = |_: &str| None;
+        let queued = Queued {
+            provider: "paypal",
+            body,
+            key: &order_key,
+            received_at: Some(received_at),
+            header: &header,
+        };
+        let test = form.text("test_ipn").as_deref() == Some("1");
+        let config = crate::config::Paypal {
+            environment: if test {
+                crate::config::Environment::Sandbox
+            } else {
+                crate::config::Environment::Live
+            },
+            ..crate::config::Paypal::default()
+        };
+        let verified = match crate::provider::paypal::check(body) {
+            Checked::Postback(pending) => {
+                let at = received_at + Duration::from_millis(250);
+                match pending.after_postback(&config, &queued, at) {
+                    Checked::Passed(verified) => verified,
+                    other => panic!("not passed: {other:?}"),
+                }
+            }
+            other => panic!("no postback asked: {other:?}"),
+        };
         let reservation = Reservation {
-            event_id: PayPal::dedup_keys(&form, body).event_id(),
+            event_id: verified.dedup.event_id(),
             sequence: 1,
         };
-        let received_at = UNIX_EPOCH + Duration::from_millis(1_763_900_000_123);
         let context = Context {
             order_key: &order_key,
             reservation,
             received_at,
-            verified_at: received_at + Duration::from_millis(250),
             provider: "paypal",
         };
-        Event::new(&form, body, &context)
+        Event::new(&verified, body, &context)
     }
 
     #[test]

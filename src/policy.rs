@@ -23,11 +23,14 @@ pub enum Reason {
     /// or a message built from it would not fit the broker's frame); the cause is in
     /// `x-ipn-cause`. Retrying could not help, so it is not retried.
     Unprocessable,
+    /// An encrypted notification (WeChat Pay) that does not decrypt with the configured key,
+    /// or names an algorithm the bridge does not accept; the cause is in `x-ipn-cause`.
+    Undecryptable,
 }
 
 impl Reason {
     /// Header value: `invalid`, `wrong-environment`, `foreign-receiver`, `unreadable`,
-    /// `unprocessable`.
+    /// `unprocessable`, `undecryptable`.
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Unprocessable => "unprocessable",
@@ -35,6 +38,7 @@ impl Reason {
             Reason::WrongEnvironment => "wrong-environment",
             Reason::ForeignReceiver => "foreign-receiver",
             Reason::Unreadable => "unreadable",
+            Reason::Undecryptable => "undecryptable",
         }
     }
 }
@@ -77,12 +81,21 @@ pub fn processable(form: &Form) -> Result<(), String> {
     fields_processable(form, &ID_FIELDS)
 }
 
-/// [`processable`] for another provider's identifying `fields`.
+/// [`processable`] for another provider's identifying `fields` of a form.
 pub fn fields_processable(form: &Form, fields: &[&str]) -> Result<(), String> {
-    for &field in fields {
-        let Some(value) = form.text(field) else {
-            continue;
-        };
+    ids_processable(
+        fields
+            .iter()
+            .filter_map(|&field| Some((field, form.text(field)?))),
+    )
+}
+
+/// The identifying fields' rule for any provider: each value given, trimmed, is short
+/// printable ASCII.
+pub fn ids_processable<'a>(
+    fields: impl IntoIterator<Item = (&'a str, String)>,
+) -> Result<(), String> {
+    for (field, value) in fields {
         if let Some(problem) = bounded::id_problem(value.trim()) {
             return Err(format!("field `{field}` {problem}"));
         }

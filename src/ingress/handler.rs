@@ -18,8 +18,9 @@ use tracing::{Instrument, debug, field, info, info_span, warn};
 
 use super::metrics::{RefusedLabel, StatusLabel};
 use super::{App, Sink};
+use crate::alert::{Alert, Kind};
 use crate::amqp::{Outgoing, PublishError, State};
-use crate::provider::Provider;
+use crate::provider::{Provider, Received, Refused};
 use crate::topology::Topology;
 
 /// Why an IPN request was not accepted.
@@ -43,9 +44,9 @@ pub enum Rejection {
     /// The connection broke or the framing was wrong while reading the body.
     #[error("unreadable body")]
     BadBody,
-    /// The provider's own check at the door failed (e.g. a bad signature): the reason.
-    #[error("refused: {0}")]
-    Refused(&'static str),
+    /// The provider's own check at the door failed (e.g. a bad signature).
+    #[error("refused: {}", .0.reason)]
+    Refused(Refused),
     /// The broker did not confirm.
     #[error(transparent)]
     Publish(#[from] PublishError),
@@ -112,20 +113,18 @@ async fn ipn<S: Sink>(
                 Response::new(Full::new(Bytes::from_static(provider.acknowledgement())))
             }
             Err(rejection) => {
-                if let Rejection::Refused(reason) = rejection {
-                    let label = RefusedLabel {
-                        provider: provider.name(),
-                        reason,
-                    };
-                    app.metrics.refused.get_or_create(&label).inc();
+                if let Rejection::Refused(refused) = rejection {
+                    refusal(app, provider, refused);
                 }
                 if let Some(skipped) = app.refusals.admit() {
                     let status = status_of(&rejection).as_u16();
                     info!(status, reason = %rejection, skipped, "ipn refused");
                 }
                 let mut response = reject(&rejection);
-                if let Some(body) = provider.failure() {
-                    *response.body_mut() = Full::new(Bytes::from_static(body));
+                if let Some(failure) = provider.failure(&rejection.to_string()) {
+                    *response.body_mut() = Full::new(Bytes::from(failure.body));
+                    let content_type = HeaderValue::from_static(failure.content_type);
+                    response.headers_mut().insert(CONTENT_TYPE, content_type);
                 }
                 response
             }
@@ -135,6 +134,24 @@ async fn ipn<S: Sink>(
     }
     .instrument(span)
     .await
+}
+
+/// Counts a refusal at the door, and alerts when the provider says it is worth it.
+fn refusal<S: Sink>(app: &App<S>, provider: &dyn Provider, refused: Refused) {
+    let label = RefusedLabel {
+        provider: provider.name(),
+        reason: refused.reason,
+    };
+    app.metrics.refused.get_or_create(&label).inc();
+    if let Some(fix) = refused.alert {
+        app.alerter.raise(Alert {
+            kind: Kind::Refused,
+            order_key: provider.name().to_owned(),
+            txn_id: None,
+            reason: refused.reason.to_owned(),
+            fix: fix.to_owned(),
+        });
+    }
 }
 
 /// One IPN request in the in-flight gauge and, when it ends, in the request counter: under its
@@ -177,6 +194,7 @@ async fn accept<S: Sink>(
     provider: &dyn Provider,
     request: Request<Incoming>,
 ) -> Result<usize, Rejection> {
+    let received_at = SystemTime::now();
     if request.method() != Method::POST {
         return Err(Rejection::Method);
     }
@@ -195,12 +213,18 @@ async fn accept<S: Sink>(
     if declared.is_some_and(|length| length > max) {
         return Err(Rejection::TooLarge);
     }
-    let body = read_body(request.into_body(), max, declared.unwrap_or(0), app).await?;
+    let (parts, body) = request.into_parts();
+    let body = read_body(body, max, declared.unwrap_or(0), app).await?;
     if body.is_empty() {
         return Err(Rejection::Empty);
     }
-    provider.admit(&body).map_err(Rejection::Refused)?;
-    publish(app, provider, content_type, &body).await?;
+    let received = Received {
+        body: &body,
+        headers: &parts.headers,
+        received_at,
+    };
+    provider.admit(&received).map_err(Rejection::Refused)?;
+    publish(app, provider, content_type, &received).await?;
     Ok(body.len())
 }
 
@@ -248,8 +272,9 @@ async fn publish<S: Sink>(
     app: &App<S>,
     provider: &dyn Provider,
     content_type: ShortString,
-    body: &[u8],
+    received: &Received<'_>,
 ) -> Result<(), Rejection> {
+    let body = received.body;
     let key = provider.order_key(body);
     let shard = key.shard(app.topology.shards());
     let message_id = uuid::Uuid::now_v7().to_string();
@@ -259,7 +284,19 @@ async fn publish<S: Sink>(
     span.record("shard", shard);
     let routing_key = Topology::shard_routing_key(shard);
     let exchange = app.topology.inbound_exchange();
-    let properties = inbound_properties(provider.name(), content_type, key.as_str(), &message_id);
+    let mut properties = inbound_properties(
+        provider.name(),
+        content_type,
+        key.as_str(),
+        &message_id,
+        received.received_at,
+    );
+    let carried = provider.carried_headers();
+    if !carried.is_empty() {
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        crate::contract::carry_request_headers(&mut headers, carried, |name| received.header(name));
+        properties = properties.with_headers(headers);
+    }
     let message = Outgoing {
         exchange: &exchange,
         routing_key: &routing_key,
@@ -282,17 +319,21 @@ async fn publish<S: Sink>(
 }
 
 /// The inbound message contract: content type as received, `message_id` (time-ordered, made by
-/// the caller so its log lines can name it), and our headers. The worker increments `x-ipn-attempt` each time it sends the message to a retry tier.
-/// (Public for the benchmark's raw publisher, which publishes the very messages the ingress does.)
+/// the caller so its log lines can name it), and our headers, with the time the request was
+/// received. The worker increments `x-ipn-attempt` each time it sends the message to a retry
+/// tier. (Public for the benchmark's raw publisher, which publishes the very messages the
+/// ingress does.)
 pub fn inbound_properties(
     provider: &str,
     content_type: ShortString,
     order_key: &str,
     message_id: &str,
+    received_at: SystemTime,
 ) -> BasicProperties {
-    let now = SystemTime::now();
-    let headers = crate::contract::ingress_headers(provider, order_key, now);
-    let seconds = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let headers = crate::contract::ingress_headers(provider, order_key, received_at);
+    let seconds = received_at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     BasicProperties::default()
         .with_content_type(content_type)
         .with_message_id(ShortString::from(message_id))

@@ -18,7 +18,7 @@ pub struct StatusLabel {
 /// Label of the refusal counter: what the provider's own check at the door said.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusedLabel {
-    /// `paypal`, `alipay`.
+    /// `paypal`, `alipay`, `wechatpay`.
     pub provider: &'static str,
     /// E.g. `bad-signature`, `unsigned`.
     pub reason: &'static str,
@@ -36,6 +36,8 @@ pub struct Metrics {
     pub in_flight: Gauge,
     /// Notifications refused by their provider's check at the door, by provider and reason.
     pub refused: Family<RefusedLabel, Counter>,
+    /// Alert messages sent and failed, by channel.
+    pub alerts: crate::alert::Counters,
 }
 
 impl Metrics {
@@ -63,8 +65,20 @@ impl Metrics {
             "Notifications refused at the door (bad signature...), by provider and reason",
             refused.clone(),
         );
+        let alerts = crate::alert::Counters::default();
+        registry.register(
+            "alerts_sent",
+            "Alert messages delivered, by channel",
+            alerts.sent.clone(),
+        );
+        registry.register(
+            "alerts_failed",
+            "Alert messages given up on, by channel",
+            alerts.failed.clone(),
+        );
         Metrics {
             registry,
+            alerts,
             requests,
             confirm_seconds,
             in_flight,

@@ -64,7 +64,8 @@ const REFUSALS_LOGGED_PER_SECOND: u32 = 20;
 /// What every request handler shares.
 struct App<S> {
     config: config::Ingress,
-    /// Each provider's route: PayPal at `ingress.path`, Alipay at `alipay.path` when enabled.
+    /// Each provider's route: PayPal at `ingress.path`, the others at their own path when
+    /// enabled.
     routes: Vec<(String, Box<dyn Provider>)>,
     publisher: S,
     topology: Topology,
@@ -72,6 +73,8 @@ struct App<S> {
     draining: CancellationToken,
     /// Refused requests are logged at info, at most this many lines a second.
     refusals: crate::bounded::LogBudget,
+    /// Refusals worth a human's attention (a provider's key changed, the clock is off).
+    alerter: crate::alert::Alerter,
 }
 
 /// Serves IPNs on `listener` until `shutdown` resolves, then drains and returns.
@@ -83,7 +86,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     // declared with other arguments) must never stop IPNs from being taken in.
     let topology = Topology::of(&config).without_downstream();
     let publisher = Publisher::start(&config.amqp, topology.clone(), "ipn-ingress");
-    let app = Arc::new(App::new(&config, topology, publisher));
+    let mut app = App::new(&config, topology, publisher);
+    let counters = app.metrics.alerts.clone();
+    app.alerter = match crate::alert::Alerter::start(&config.alert, counters) {
+        Ok(alerter) => alerter,
+        Err(error) => {
+            let error = crate::bounded::error_chain(&error);
+            warn!(error, "alerts cannot be sent; refusals are only logged");
+            crate::alert::Alerter::logging_only()
+        }
+    };
+    let app = Arc::new(app);
     if let Ok(address) = listener.local_addr() {
         let paths: Vec<String> = app
             .routes
@@ -118,6 +131,10 @@ impl<S: Sink> App<S> {
             let alipay = crate::provider::alipay::Alipay::new(&config.alipay);
             routes.push((config.alipay.path.clone(), Box::new(alipay)));
         }
+        if config.wechatpay.enabled {
+            let wechatpay = crate::provider::wechatpay::Verifier::new(&config.wechatpay);
+            routes.push((config.wechatpay.path.clone(), Box::new(wechatpay)));
+        }
         App {
             config: config.ingress.clone(),
             routes,
@@ -126,6 +143,7 @@ impl<S: Sink> App<S> {
             metrics: Metrics::new(),
             draining: CancellationToken::new(),
             refusals: crate::bounded::LogBudget::new(REFUSALS_LOGGED_PER_SECOND),
+            alerter: crate::alert::Alerter::logging_only(),
         }
     }
 

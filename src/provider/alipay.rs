@@ -20,6 +20,7 @@ use crate::config;
 use crate::form::Form;
 use crate::keys::{DedupKeys, OrderKey, body_hash};
 use crate::policy::Reason;
+use crate::provider::{Checked, Failure, Provider, Received, Refused, Verified};
 
 /// The route's name in headers, metrics and events.
 pub const NAME: &str = "alipay";
@@ -109,6 +110,33 @@ impl Alipay {
         }
     }
 
+    /// The worker's checks: the ingress checked the signature before queueing; it is checked
+    /// again here (a public-key operation, no network), so a message put in a shard by anyone
+    /// else with access to the broker is not taken for Alipay's. Then the policy.
+    pub fn check(&self, body: &[u8]) -> Checked {
+        if let Err(checked) = super::readable(body) {
+            return checked;
+        }
+        let form = Form::parse(body);
+        if let Err(cause) = crate::policy::fields_processable(&form, &ID_FIELDS) {
+            return Checked::Rejected(Reason::Unprocessable, Some(cause));
+        }
+        if self.verify(body).is_err() {
+            return Checked::Rejected(Reason::Invalid, None);
+        }
+        if let Err(reason) = self.policy(&form) {
+            return Checked::Rejected(reason, None);
+        }
+        let dedup = dedup_keys(&form, body);
+        let verified = Verified::of_form(
+            &form,
+            dedup,
+            event_fields(&form),
+            std::time::SystemTime::now(),
+        );
+        Checked::Passed(Box::new(verified))
+    }
+
     /// The checks after the signature: addressed to our app, and (when the config names sellers)
     /// to one of our sellers.
     pub fn policy(&self, form: &Form) -> Result<(), Reason> {
@@ -179,6 +207,44 @@ pub fn public_key_der(text: &str) -> Result<Vec<u8>, String> {
         .parse()
         .map_err(|e| format!("not an RSA public key of 2048 bits or more: {e}"))?;
     Ok(der)
+}
+
+impl Provider for Alipay {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    /// Alipay posts a form; it is read as one whatever the header says.
+    fn accepts_content_type(&self, _content_type: Option<&str>) -> bool {
+        true
+    }
+
+    fn acknowledgement(&self) -> &'static [u8] {
+        b"success"
+    }
+
+    fn failure(&self, _reason: &str) -> Option<Failure> {
+        Some(Failure {
+            content_type: "text/plain; charset=utf-8",
+            body: b"fail".to_vec(),
+        })
+    }
+
+    fn admit(&self, request: &Received<'_>) -> Result<(), Refused> {
+        self.verify(request.body).map_err(|refusal| Refused {
+            reason: refusal.as_str(),
+            alert: match refusal {
+                Refusal::Unsigned => None,
+                Refusal::BadSignature => Some(
+                    "a notification at the Alipay route that no configured key verifies: a forgery, or Alipay's key changed (check alipay.public_keys against the Alipay console); Alipay resends for about 24 h",
+                ),
+            },
+        })
+    }
+
+    fn order_key(&self, body: &[u8]) -> OrderKey {
+        order_key(&Form::parse(body), body)
+    }
 }
 
 #[cfg(test)]

@@ -208,6 +208,8 @@ pub struct Held {
     pub received_at: Option<String>,
     /// `x-ipn-attempt`.
     pub attempt: i64,
+    /// The contract headers kept while held ([`crate::contract::kept_while_held`]), as JSON.
+    pub contract_headers: Option<String>,
 }
 
 /// A pool of connections to the worker's database.
@@ -432,8 +434,9 @@ impl Store {
     /// message twice (a redelivery) keeps the first.
     pub async fn hold(&self, held: &Held) -> Result<(), Error> {
         sqlx::query(
-            "INSERT INTO ipn_held (order_key, message_id, body, content_type, received_at, attempt)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (message_id) DO NOTHING",
+            "INSERT INTO ipn_held
+                 (order_key, message_id, body, content_type, received_at, attempt, contract_headers)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (message_id) DO NOTHING",
         )
         .bind(&held.order_key)
         .bind(&held.message_id)
@@ -441,6 +444,7 @@ impl Store {
         .bind(&held.content_type)
         .bind(&held.received_at)
         .bind(held.attempt)
+        .bind(&held.contract_headers)
         .execute(&self.pool)
         .within(self.query_timeout, "hold")
         .await?;
@@ -450,8 +454,8 @@ impl Store {
     /// The first IPN held for `order_key`, with its row id.
     pub async fn next_held(&self, order_key: &str) -> Result<Option<(i64, Held)>, Error> {
         let row = sqlx::query(
-            "SELECT id, message_id, body, content_type, received_at, attempt FROM ipn_held
-             WHERE order_key = $1 ORDER BY id LIMIT 1",
+            "SELECT id, message_id, body, content_type, received_at, attempt, contract_headers
+             FROM ipn_held WHERE order_key = $1 ORDER BY id LIMIT 1",
         )
         .bind(order_key)
         .fetch_optional(&self.pool)
@@ -465,6 +469,7 @@ impl Store {
             content_type: row.try_get("content_type")?,
             received_at: row.try_get("received_at")?,
             attempt: row.try_get("attempt")?,
+            contract_headers: row.try_get("contract_headers")?,
         };
         Ok(Some((row.try_get("id")?, held)))
     }

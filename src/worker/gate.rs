@@ -18,6 +18,9 @@
 //!   seen: a copy goes to that profile's shard under the profile's key (`x-ipn-rerouted-from`
 //!   keeps the old one), so a chargeback cannot overtake the payments of its own subscription.
 //!   Unknown transactions (or a `txn:` key that is itself blocked) stay on their own key.
+//! - A notification whose key the ingress could not see (WeChat Pay encrypts it, so the ingress
+//!   queues every one under one intake key) is re-routed the same way to the key inside it,
+//!   once decrypted, whether the intake key is blocked or not.
 //!
 //! Crash safety: every step publishes (with confirm) before it records, and records before the
 //! caller acks. A crash in between leaves at most a second copy of an IPN in a tier or in
@@ -38,8 +41,8 @@ use crate::alert::{Alert, Kind};
 use crate::amqp::Outgoing;
 use crate::bounded;
 use crate::contract::{self, header_text, text};
-use crate::form::Form;
 use crate::keys::OrderKey;
+use crate::provider::Providers;
 use crate::store::{Block, Blocked, Held};
 use crate::topology::Topology;
 
@@ -69,10 +72,11 @@ pub enum Settled {
     Parked,
     /// Its key is blocked: stored behind the blocker, in order.
     Held,
-    /// A dispute of a subscription's payment (refund, reversal, case, adjustment naming only
-    /// the txn): sent on to the profile's key and shard, to be ordered with its payments.
+    /// Sent on to the key and shard it belongs to: a dispute of a subscription's payment
+    /// (refund, reversal, case, adjustment naming only the txn) to the profile's, to be ordered
+    /// with its payments; an encrypted notification to the key inside it.
     Rerouted {
-        /// The profile's order key.
+        /// The order key it was sent to.
         to: String,
     },
     /// An `ipnctl` instruction, carried out: this many held IPNs released.
@@ -144,6 +148,10 @@ impl Pipeline {
                         let released = self.release(key).await?;
                         Ok(Settled::Finished { outcome, released })
                     }
+                    rerouted @ Settled::Rerouted { .. } => {
+                        self.release(key).await?;
+                        Ok(rerouted)
+                    }
                     again => Ok(again),
                 }
             }
@@ -167,8 +175,19 @@ impl Pipeline {
         Ok(self.store.profile_of_txn(txn_id).await?)
     }
 
-    /// Publishes the IPN to its profile's shard under the profile's key, and waits for the
-    /// confirm; the caller then acks this copy.
+    /// The key inside an encrypted notification (WeChat Pay's) when it is not the key the
+    /// message came with, and it was not re-routed already.
+    fn own_key(&self, inbound: &Inbound) -> Option<OrderKey> {
+        if header_text(&inbound.properties, contract::REROUTED_FROM).is_some() {
+            return None;
+        }
+        let header = |name: &str| contract::request_header(&inbound.properties, name);
+        self.providers.own_key(&inbound.queued(&header))
+    }
+
+    /// Publishes a copy of the IPN to the shard of the key it belongs to, under that key
+    /// (`x-ipn-rerouted-from` keeping the old one), and waits for the confirm; the caller then
+    /// acks this copy.
     async fn reroute(
         &self,
         inbound: &Inbound,
@@ -183,14 +202,19 @@ impl Pipeline {
         let routing_key = Topology::shard_routing_key(shard);
         self.copy(inbound, &exchange, &routing_key, headers).await?;
         self.metrics.rerouted.inc();
-        info!(ipn.order_key = %key, to = profile, "dispute re-routed to its subscription's key");
+        info!(ipn.order_key = %key, to = profile, "re-routed to the key it belongs to");
         Ok(Settled::Rerouted {
             to: profile.to_owned(),
         })
     }
 
-    /// The pipeline, with a PayPal failure turned into a deferral.
+    /// The pipeline, with a PayPal failure turned into a deferral; first, a notification whose
+    /// own key is inside it is re-routed there (whether its intake key was blocked or not: it
+    /// belongs to the other key's order, and the intake key's next IPN follows it).
     async fn attempt(&self, inbound: &Inbound, key: &OrderKey) -> Result<Settled, Error> {
+        if let Some(own) = self.own_key(inbound) {
+            return self.reroute(inbound, key, own.as_str()).await;
+        }
         match self.handle(inbound).await {
             Ok(outcome) => Ok(Settled::Finished {
                 outcome,
@@ -257,7 +281,7 @@ impl Pipeline {
                 self.alerter.raise(Alert {
                     kind: Kind::Parked,
                     order_key: key.to_string(),
-                    txn_id: Form::parse(&inbound.body).text("txn_id"),
+                    txn_id: Providers::txn_id(inbound.provider, &inbound.body),
                     reason: format!("{reason} after {attempts} attempts: {error}"),
                     fix: format!(
                         "its key is blocked; once PayPal answers again: `ipnctl parked replay --key {key}`; to give up on it and deliver the IPNs held behind it: `ipnctl key release {key} --purge-blocker`"
@@ -267,10 +291,10 @@ impl Pipeline {
             }
         };
         self.crash_point(Step::Deferred)?;
-        let form = Form::parse(&inbound.body);
         // Shown to operators only: bounded and free of NUL, so the row can always be stored.
-        let shown = |field| form.text(field).as_deref().map(bounded::shown);
-        let (txn_type, txn_id) = (shown("txn_type"), shown("txn_id"));
+        let (txn_type, txn_id) = Providers::identify(inbound.provider, &inbound.body);
+        let txn_type = txn_type.as_deref().map(bounded::shown);
+        let txn_id = txn_id.as_deref().map(bounded::shown);
         let block = Block {
             order_key: key.as_str(),
             blocker_id: &inbound.message_id,
@@ -347,6 +371,7 @@ impl Pipeline {
                 .map(|c| c.to_string()),
             received_at: inbound.received_at.map(contract::time),
             attempt: inbound.attempt,
+            contract_headers: contract::kept_while_held(&inbound.properties),
         };
         self.store.hold(&held).await?;
         self.metrics.held.inc();
@@ -354,7 +379,7 @@ impl Pipeline {
             self.alerter.raise(Alert {
                 kind: Kind::HeldBehindParked,
                 order_key: key.to_string(),
-                txn_id: Form::parse(&inbound.body).text("txn_id"),
+                txn_id: Providers::txn_id(inbound.provider, &inbound.body),
                 reason: format!("waits behind parked IPN {}", blocked.blocker_id),
                 fix: format!(
                     "`ipnctl parked replay --key {key}` once PayPal answers again, or `ipnctl key release {key}` to skip the parked one"
@@ -378,7 +403,7 @@ impl Pipeline {
             self.crash_point(Step::Released)?;
             self.store.remove_held(id).await?;
             self.metrics.released.inc();
-            if !matches!(settled, Settled::Finished { .. }) {
+            if !matches!(settled, Settled::Finished { .. } | Settled::Rerouted { .. }) {
                 return Ok(released);
             }
             released += 1;
@@ -412,6 +437,9 @@ fn held_inbound(held: Held) -> Inbound {
     );
     if let Some(received_at) = &held.received_at {
         headers.insert(contract::RECEIVED_AT.into(), text(received_at));
+    }
+    if let Some(kept) = &held.contract_headers {
+        contract::restore_held(&mut headers, kept);
     }
     let mut properties = BasicProperties::default()
         .with_message_id(ShortString::from(held.message_id.as_str()))

@@ -59,7 +59,8 @@ pub struct Metrics {
     pub held: Counter,
     /// Held IPNs released (processed) after their key's blocker.
     pub released: Counter,
-    /// Disputes re-routed to their subscription's key.
+    /// Messages re-routed to the key they belong to (disputes to their subscription's,
+    /// encrypted notifications to the key inside them).
     pub rerouted: Counter,
     /// Shard queues this worker owns and consumes now.
     pub owned_shards: Gauge,
@@ -155,7 +156,7 @@ impl Metrics {
         );
         registry.register(
             "rerouted",
-            "Disputes re-routed to their subscription's order key",
+            "Messages re-routed to the order key they belong to (a dispute to its subscription's, an encrypted notification to the key inside it)",
             metrics.rerouted.clone(),
         );
         registry.register(

@@ -21,15 +21,13 @@ use crate::config::{self, Config};
 pub use crate::contract::Inbound;
 use crate::contract::{self, text};
 use crate::event::{Context, Event};
-use crate::form::Form;
-use crate::policy::{self, Reason};
+use crate::policy::Reason;
 use crate::provider::paypal::verify::{self, Verdict, Verifier};
-use crate::provider::{PayPal, alipay};
+use crate::provider::{Checked, Providers, Verified};
 use crate::store::{self, Claim, Store};
 use crate::topology::Topology;
 
-/// Order keys of subscriptions and recurring-payment profiles start with this.
-pub const PROFILE_PREFIX: &str = "profile:";
+pub use crate::provider::paypal::PROFILE_PREFIX;
 
 /// The span every line about one IPN is written in: its message id, order key and attempt, and
 /// (recorded when known) its `txn_id` and event id, so one IPN's lines join on `message_id`.
@@ -44,10 +42,17 @@ pub fn span(message_id: &str, order_key: &str, attempt: i64) -> tracing::Span {
     )
 }
 
+/// Records the provider's transaction id in the current IPN's span.
+fn record_txn_id(txn_id: Option<String>) {
+    if let Some(txn_id) = txn_id {
+        tracing::Span::current().record("ipn.txn_id", bounded::shown(&txn_id).as_str());
+    }
+}
+
 /// What the checks before claiming decided.
 pub(super) enum Screened {
-    /// Verified by PayPal and within policy: the form and when PayPal said so.
-    Passed(Form, SystemTime),
+    /// Verified by its provider and within policy.
+    Passed(Box<Verified>),
     /// To be quarantined for this reason, with a cause for `x-ipn-cause` when there is one.
     Rejected(Reason, Option<String>),
 }
@@ -120,14 +125,13 @@ impl Error {
 
 /// Everything one IPN needs; shared by all of a worker's tasks.
 pub struct Pipeline {
-    paypal: config::Paypal,
+    /// Every enabled provider's checks.
+    pub(super) providers: Providers,
     pub(super) worker: config::Worker,
     pub(super) retry: config::Retry,
     pub(super) topology: Topology,
     verifier: Verifier,
     pub(super) store: Store,
-    /// Alipay's keys and policy, when `[alipay]` is enabled.
-    alipay: Option<alipay::Alipay>,
     pub(super) publisher: Publisher,
     pub(super) metrics: Metrics,
     pub(super) alerter: Alerter,
@@ -153,17 +157,13 @@ impl Pipeline {
         publisher: Publisher,
     ) -> Pipeline {
         Pipeline {
-            paypal: config.paypal.clone(),
+            providers: Providers::new(config),
             worker: config.worker.clone(),
             retry: config.retry.clone(),
             topology: Topology::of(config),
             verifier,
             store,
             publisher,
-            alipay: config
-                .alipay
-                .enabled
-                .then(|| alipay::Alipay::new(&config.alipay)),
             metrics: Metrics::new(),
             alerter: Alerter::logging_only(),
             database_up: std::sync::atomic::AtomicBool::new(true),
@@ -209,74 +209,49 @@ impl Pipeline {
 
     /// Readable, verified, within policy: the checks before an IPN may become an event.
     pub(super) async fn screen(&self, inbound: &Inbound) -> Result<Screened, Error> {
-        if let Err(reason) = policy::readable(&inbound.body) {
-            return Ok(Screened::Rejected(reason, None));
-        }
-        if inbound.provider == alipay::NAME {
-            return Ok(self.screen_alipay(inbound));
-        }
-        let form = Form::parse(&inbound.body);
-        if let Some(txn_id) = form.text("txn_id") {
-            tracing::Span::current().record("ipn.txn_id", bounded::shown(&txn_id).as_str());
-        }
-        if let Err(cause) = policy::processable(&form) {
-            return Ok(Screened::Rejected(Reason::Unprocessable, Some(cause)));
-        }
-        let verified_at = match self.verify(&inbound.body).await? {
-            Verdict::Invalid => return Ok(Screened::Rejected(Reason::Invalid, None)),
-            Verdict::Verified => SystemTime::now(),
+        let header = |name: &str| contract::request_header(&inbound.properties, name);
+        let queued = inbound.queued(&header);
+        let checked = match self.providers.check(&queued) {
+            Checked::Postback(pending) => {
+                record_txn_id(pending.txn_id());
+                match self.verify(&inbound.body).await? {
+                    Verdict::Invalid => Checked::Rejected(Reason::Invalid, None),
+                    Verdict::Verified => {
+                        self.providers
+                            .after_postback(pending, &queued, SystemTime::now())
+                    }
+                }
+            }
+            checked => checked,
         };
-        Ok(match policy::check(&form, &self.paypal) {
-            Ok(()) => Screened::Passed(form, verified_at),
-            Err(reason) => Screened::Rejected(reason, None),
+        Ok(match checked {
+            Checked::Passed(verified) => {
+                record_txn_id(verified.txn_id.clone());
+                Screened::Passed(verified)
+            }
+            Checked::Rejected(reason, cause) => {
+                record_txn_id(Providers::txn_id(inbound.provider, &inbound.body));
+                Screened::Rejected(reason, cause)
+            }
+            // after_postback never asks for another postback
+            Checked::Postback(_) => Screened::Rejected(Reason::Invalid, None),
         })
-    }
-
-    /// Alipay: the ingress checked the signature before queueing; it is checked again here (a
-    /// public-key operation, no network), so a message put in a shard by anyone else with access
-    /// to the broker is not taken for Alipay's.
-    fn screen_alipay(&self, inbound: &Inbound) -> Screened {
-        let form = Form::parse(&inbound.body);
-        if let Some(trade_no) = form.text("trade_no") {
-            tracing::Span::current().record("ipn.txn_id", bounded::shown(&trade_no).as_str());
-        }
-        if let Err(cause) = policy::fields_processable(&form, &alipay::ID_FIELDS) {
-            return Screened::Rejected(Reason::Unprocessable, Some(cause));
-        }
-        let Some(alipay) = &self.alipay else {
-            let cause = "an Alipay notification, but [alipay] is not enabled in this worker's config; enable it, then replay".to_owned();
-            return Screened::Rejected(Reason::Unprocessable, Some(cause));
-        };
-        if alipay.verify(&inbound.body).is_err() {
-            return Screened::Rejected(Reason::Invalid, None);
-        }
-        match alipay.policy(&form) {
-            Ok(()) => Screened::Passed(form, SystemTime::now()),
-            Err(reason) => Screened::Rejected(reason, None),
-        }
     }
 
     /// Takes one IPN as far as it can go; see the module docs.
     pub async fn handle(&self, inbound: &Inbound) -> Result<Outcome, Error> {
-        let (form, verified_at) = match self.screen(inbound).await? {
-            Screened::Passed(form, verified_at) => (form, verified_at),
+        let verified = match self.screen(inbound).await? {
+            Screened::Passed(verified) => verified,
             Screened::Rejected(reason, cause) => {
                 return self.quarantine(inbound, reason, cause.as_deref()).await;
             }
         };
         let order_key = inbound.key();
-        let keys = match inbound.provider {
-            alipay::NAME => alipay::dedup_keys(&form, &inbound.body),
-            _ => PayPal::dedup_keys(&form, &inbound.body),
-        };
-        // A later refund or chargeback naming only this txn_id follows the profile's order.
-        let paid = form
-            .text("txn_id")
-            .filter(|_| order_key.as_str().starts_with(PROFILE_PREFIX))
-            .map(|txn| bounded::id(txn.trim()).into_owned());
+        let keys = &verified.dedup;
+        let paid = verified.paid.as_deref();
         let claimed = self
             .store
-            .claim_paid(&keys, order_key.as_str(), paid.as_deref())
+            .claim_paid(keys, order_key.as_str(), paid)
             .await?;
         let reservation = match claimed {
             Claim::Done(reservation) => {
@@ -296,11 +271,10 @@ impl Pipeline {
         let context = Context {
             order_key,
             reservation,
-            received_at: inbound.received_at.unwrap_or(verified_at),
-            verified_at,
+            received_at: inbound.received_at.unwrap_or(verified.verified_at),
             provider: inbound.provider,
         };
-        let event = Event::new(&form, &inbound.body, &context);
+        let event = Event::new(&verified, &inbound.body, &context);
         let routing_key = event.routing_key();
         let json = event.to_json();
         self.crash_point(Step::Claimed)?;
@@ -453,11 +427,10 @@ impl Pipeline {
         };
         self.metrics.quarantined.get_or_create(&label).inc();
         warn!(reason = reason.as_str(), queue, "ipn quarantined");
-        let form = Form::parse(&inbound.body);
         self.alerter.raise(Alert {
             kind: Kind::Quarantined,
             order_key: inbound.key().to_string(),
-            txn_id: form.text("txn_id"),
+            txn_id: Providers::txn_id(inbound.provider, &inbound.body),
             // The reason alone, so alerts of one reason are rate-limited together; the cause
             // (which varies) goes with the fix.
             reason: reason.as_str().to_owned(),
@@ -512,7 +485,12 @@ fn quarantine_fix(reason: Reason, message_id: &str) -> String {
         Reason::ForeignReceiver => format!(
             "addressed to another PayPal account: check paypal.receiver_ids/receiver_emails; once they are right, {replay}"
         ),
-        Reason::Unreadable => "not a form body; nothing to replay".to_owned(),
+        Reason::Unreadable => {
+            "not a notification the provider could have sent; nothing to replay".to_owned()
+        }
+        Reason::Undecryptable => format!(
+            "the resource does not decrypt (see x-ipn-cause): check wechatpay.apiv3_key against the merchant platform; once it is right, {replay}"
+        ),
         Reason::Unprocessable => format!(
             "the bridge can never store or publish one of its values (see x-ipn-cause): most likely a forged or malformed IPN. Nothing is published. If it is genuine, report it as a bug; after a fix, {replay}"
         ),

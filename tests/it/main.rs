@@ -19,4 +19,5 @@ mod store;
 mod support;
 mod topology;
 mod verify;
+mod wechatpay;
 mod worker;

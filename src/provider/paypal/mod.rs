@@ -8,7 +8,65 @@ pub mod verify;
 
 use crate::form::{self, Form, fields};
 use crate::keys::{DedupKeys, OrderKey, body_hash};
-use crate::provider::Provider;
+use crate::provider::{Checked, Provider, Queued, Verified};
+
+/// PayPal's name in `x-ipn-provider`, events and metrics.
+pub const NAME: &str = "paypal";
+
+/// Order keys of subscriptions and recurring-payment profiles start with this.
+pub const PROFILE_PREFIX: &str = "profile:";
+
+/// The checks before the postback: a form whose identifying fields are bounded.
+pub fn check(body: &[u8]) -> Checked {
+    if let Err(checked) = super::readable(body) {
+        return checked;
+    }
+    let form = Form::parse(body);
+    match crate::policy::processable(&form) {
+        Ok(()) => Checked::Postback(Pending { form }),
+        Err(cause) => Checked::Rejected(crate::policy::Reason::Unprocessable, Some(cause)),
+    }
+}
+
+/// An IPN waiting for PayPal's postback, parsed once.
+#[derive(Debug)]
+pub struct Pending {
+    form: Form,
+}
+
+impl Pending {
+    /// Its `txn_id`, for log lines.
+    pub fn txn_id(&self) -> Option<String> {
+        self.form.text("txn_id")
+    }
+
+    /// After PayPal's `VERIFIED`: environment and receiver, then the event's view.
+    pub fn after_postback(
+        self,
+        paypal: &crate::config::Paypal,
+        queued: &Queued<'_>,
+        verified_at: std::time::SystemTime,
+    ) -> Checked {
+        let form = self.form;
+        if let Err(reason) = crate::policy::check(&form, paypal) {
+            return Checked::Rejected(reason, None);
+        }
+        let dedup = PayPal::dedup_keys(&form, queued.body);
+        let names = [
+            form.text("txn_type"),
+            form.text("payment_status"),
+            form.text("txn_id"),
+        ];
+        let mut verified = Verified::of_form(&form, dedup, names, verified_at);
+        verified.test = form.text("test_ipn").as_deref() == Some("1");
+        // A later refund or chargeback naming only this txn_id follows the profile's order.
+        verified.paid = form
+            .text("txn_id")
+            .filter(|_| queued.key.as_str().starts_with(PROFILE_PREFIX))
+            .map(|txn| crate::bounded::id(txn.trim()).into_owned());
+        Checked::Passed(Box::new(verified))
+    }
+}
 
 /// The PayPal IPN provider.
 #[derive(Debug, Clone, Copy, Default)]
@@ -71,7 +129,7 @@ fn key_from(ids: impl Iterator<Item = Option<String>>, body: &[u8]) -> OrderKey 
 
 impl Provider for PayPal {
     fn name(&self) -> &'static str {
-        crate::contract::PAYPAL
+        NAME
     }
 
     fn accepts_content_type(&self, content_type: Option<&str>) -> bool {

@@ -1,0 +1,576 @@
+//! WeChat Pay's API v3 notifications end to end: a fake WeChat Pay that signs and encrypts as
+//! WeChat Pay does (an RSA key and an APIv3 key made in the test; SHA256withRSA over
+//! `timestamp\nnonce\nbody\n`; the resource AES-256-GCM), the real ingress, worker, RabbitMQ
+//! and PostgreSQL.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::rsa::KeySize;
+use aws_lc_rs::signature::{KeyPair, RSA_PKCS1_SHA256, RsaKeyPair};
+use base64::Engine;
+
+use crate::pipeline_e2e::{RunningWorker, Stack, raw};
+use crate::support::alerts::FakeWebhook;
+use crate::support::{PATIENCE, ready_ingress};
+
+const MCH_ID: &str = "1900000109";
+const APP_ID: &str = "wxd678efh567hg6787";
+const SERIAL: &str = "PUB_KEY_ID_0114232134912410000000000000";
+
+/// WeChat Pay as the test plays it: its signing key (known to us by `SERIAL`) and the
+/// merchant's APIv3 key it encrypts with.
+struct FakeWechatPay {
+    key: RsaKeyPair,
+    apiv3_key: String,
+}
+
+/// One notification as posted: its signature headers and body.
+struct Posted {
+    headers: Vec<(&'static str, String)>,
+    body: Vec<u8>,
+}
+
+fn random_text(n: usize) -> String {
+    (0..n).map(|_| fastrand::alphanumeric()).collect()
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+impl FakeWechatPay {
+    fn new() -> FakeWechatPay {
+        FakeWechatPay {
+            key: RsaKeyPair::generate(KeySize::Rsa2048).expect("RSA key"),
+            apiv3_key: random_text(32),
+        }
+    }
+
+    /// The platform public key as the merchant platform offers it: PEM.
+    fn public_key_pem(&self) -> String {
+        let der = self.key.public_key().as_der().expect("SPKI");
+        let base64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        let lines: Vec<&str> = base64
+            .as_bytes()
+            .chunks(64)
+            .map(|line| std::str::from_utf8(line).expect("ascii"))
+            .collect();
+        format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            lines.join("\n")
+        )
+    }
+
+    /// The body of a notification: `resource` encrypted with `apiv3_key`.
+    fn body(
+        &self,
+        apiv3_key: &str,
+        id: &str,
+        event_type: &str,
+        original_type: &str,
+        resource: &serde_json::Value,
+    ) -> Vec<u8> {
+        let nonce = random_text(12);
+        let key =
+            LessSafeKey::new(UnboundKey::new(&AES_256_GCM, apiv3_key.as_bytes()).expect("key"));
+        let mut data = resource.to_string().into_bytes();
+        key.seal_in_place_append_tag(
+            Nonce::try_assume_unique_for_key(nonce.as_bytes()).expect("nonce"),
+            Aad::from(original_type.as_bytes()),
+            &mut data,
+        )
+        .expect("seal");
+        let ciphertext = base64::engine::general_purpose::STANDARD.encode(data);
+        serde_json::json!({
+            "id": id,
+            "create_time": "2026-12-01T10:00:01+08:00",
+            "resource_type": "encrypt-resource",
+            "event_type": event_type,
+            "summary": "支付成功",
+            "resource": {
+                "original_type": original_type,
+                "algorithm": "AEAD_AES_256_GCM",
+                "ciphertext": ciphertext,
+                "associated_data": original_type,
+                "nonce": nonce,
+            }
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    /// Signs `body` as sent at `timestamp`: the four headers WeChat Pay sends.
+    fn sign(&self, body: Vec<u8>, timestamp: u64) -> Posted {
+        let nonce = random_text(32);
+        let mut message = format!("{timestamp}\n{nonce}\n").into_bytes();
+        message.extend_from_slice(&body);
+        message.push(b'\n');
+        let mut signature = vec![0; self.key.public_modulus_len()];
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        self.key
+            .sign(&RSA_PKCS1_SHA256, &rng, &message, &mut signature)
+            .expect("sign");
+        Posted {
+            headers: vec![
+                ("Wechatpay-Timestamp", timestamp.to_string()),
+                ("Wechatpay-Nonce", nonce),
+                (
+                    "Wechatpay-Signature",
+                    base64::engine::general_purpose::STANDARD.encode(signature),
+                ),
+                ("Wechatpay-Serial", SERIAL.to_owned()),
+                (
+                    "Wechatpay-Signature-Type",
+                    "WECHATPAY2-SHA256-RSA2048".to_owned(),
+                ),
+            ],
+            body,
+        }
+    }
+
+    /// A payment's `TRANSACTION.SUCCESS`, signed now.
+    fn payment(&self, out_trade_no: &str, mch_id: &str) -> Posted {
+        let body = self.body(
+            &self.apiv3_key,
+            &uuid::Uuid::now_v7().to_string(),
+            "TRANSACTION.SUCCESS",
+            "transaction",
+            &transaction(out_trade_no, mch_id),
+        );
+        self.sign(body, now())
+    }
+
+    /// A refund's `REFUND.SUCCESS` of the payment `out_trade_no`, signed now.
+    fn refund(&self, out_trade_no: &str) -> Posted {
+        let resource = serde_json::json!({
+            "mchid": MCH_ID,
+            "out_trade_no": out_trade_no,
+            "transaction_id": "4200000000202612010000000001",
+            "out_refund_no": "R-0001",
+            "refund_id": "50000000382019052709732678859",
+            "refund_status": "SUCCESS",
+            "success_time": "2026-12-01T10:05:00+08:00",
+            "user_received_account": "招商银行信用卡0403",
+            "amount": { "total": 8800, "refund": 3000, "payer_total": 8800, "payer_refund": 3000 }
+        });
+        let body = self.body(
+            &self.apiv3_key,
+            &uuid::Uuid::now_v7().to_string(),
+            "REFUND.SUCCESS",
+            "refund",
+            &resource,
+        );
+        self.sign(body, now())
+    }
+}
+
+fn transaction(out_trade_no: &str, mch_id: &str) -> serde_json::Value {
+    serde_json::json!({
+        "mchid": mch_id,
+        "appid": APP_ID,
+        "out_trade_no": out_trade_no,
+        "transaction_id": "4200000000202612010000000001",
+        "trade_type": "JSAPI",
+        "trade_state": "SUCCESS",
+        "trade_state_desc": "支付成功",
+        "bank_type": "CMC",
+        "success_time": "2026-12-01T10:00:00+08:00",
+        "payer": { "openid": "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" },
+        "amount": { "total": 8800, "payer_total": 8800, "currency": "CNY", "payer_currency": "CNY" }
+    })
+}
+
+/// A stack with WeChat Pay on at `/wechatpay/notify` with `fake`'s keys, alerts to `webhook`.
+async fn stack(
+    fake: &FakeWechatPay,
+    webhook: Option<&FakeWebhook>,
+) -> (
+    Stack,
+    crate::support::ingress::RunningIngress,
+    RunningWorker,
+) {
+    let mut stack = Stack::new().await;
+    let wechatpay = &mut stack.config.wechatpay;
+    wechatpay.enabled = true;
+    wechatpay.mch_ids = vec![MCH_ID.to_owned()];
+    wechatpay.app_ids = vec![APP_ID.to_owned()];
+    wechatpay.apiv3_key = serde_json::from_value(serde_json::json!(fake.apiv3_key)).expect("key");
+    wechatpay.platform_keys = [(SERIAL.to_owned(), fake.public_key_pem())].into();
+    if let Some(webhook) = webhook {
+        stack.config.alert.webhook_url = Some(webhook.url.parse().expect("url"));
+        stack.config.alert.min_interval = Duration::from_millis(1);
+    }
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
+    (stack, ingress, worker)
+}
+
+/// POSTs a notification as WeChat Pay does; returns status, content type and body.
+async fn post(
+    ingress: &crate::support::ingress::RunningIngress,
+    posted: &Posted,
+) -> (u16, String, String) {
+    let mut request = reqwest::Client::new()
+        .post(ingress.path("/wechatpay/notify"))
+        .header("content-type", "application/json")
+        .body(posted.body.clone());
+    for (name, value) in &posted.headers {
+        request = request.header(*name, value);
+    }
+    let response = request.send().await.expect("ingress answers");
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    (status, content_type, response.text().await.expect("body"))
+}
+
+fn with_header(posted: &Posted, name: &str, value: &str) -> Posted {
+    let headers = posted
+        .headers
+        .iter()
+        .map(|(n, v)| {
+            (
+                *n,
+                if *n == name {
+                    value.to_owned()
+                } else {
+                    v.clone()
+                },
+            )
+        })
+        .collect();
+    Posted {
+        headers,
+        body: posted.body.clone(),
+    }
+}
+
+fn failed(answer: &(u16, String, String)) -> bool {
+    let json: serde_json::Value = serde_json::from_str(&answer.2).unwrap_or_default();
+    (400..600).contains(&answer.0) && answer.1 == "application/json" && json["code"] == "FAIL"
+}
+
+#[tokio::test]
+async fn a_signed_payment_becomes_one_event_under_its_own_key_and_the_resend_is_a_duplicate() {
+    let fake = FakeWechatPay::new();
+    let (stack, ingress, worker) = stack(&fake, None).await;
+    let first = fake.payment("ORDER-20261201-0001", MCH_ID);
+    assert_eq!(
+        post(&ingress, &first).await,
+        (200, String::new(), String::new()),
+        "an empty 200 once the broker confirmed"
+    );
+    let events = stack.events(1).await;
+    let event = &events[0];
+    assert_eq!(event["provider"], "wechatpay");
+    assert_eq!(event["order_key"], "wechatpay:ORDER-20261201-0001");
+    assert_eq!(event["sequence"], 1);
+    assert_eq!(event["txn_type"], "TRANSACTION.SUCCESS");
+    assert_eq!(event["payment_status"], "SUCCESS");
+    assert_eq!(event["txn_id"], "4200000000202612010000000001");
+    assert_eq!(event["fields"]["amount.total"], "8800");
+    assert_eq!(event["fields"]["amount.currency"], "CNY");
+    assert_eq!(event["fields"]["trade_state_desc"], "支付成功");
+    assert_eq!(
+        event["fields"]["notification.event_type"],
+        "TRANSACTION.SUCCESS"
+    );
+    assert_eq!(raw(event), first.body, "byte for byte, still encrypted");
+    assert_eq!(
+        worker.metric("ipn_worker_rerouted_total").await,
+        Some(1.0),
+        "from the intake key to its own"
+    );
+
+    // WeChat Pay's resend: the same body, signed again later (new timestamp, nonce, signature).
+    let resend = fake.sign(first.body.clone(), now() + 1);
+    assert_ne!(resend.headers[1], first.headers[1]);
+    assert_eq!(post(&ingress, &resend).await.0, 200);
+    let dropped = async {
+        while worker.metric("ipn_worker_duplicates_total").await != Some(1.0) {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, dropped)
+        .await
+        .expect("the resend dropped as a duplicate");
+    assert_eq!(stack.events(0).await.len(), 0, "no second event");
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn a_probe_is_failed_without_an_alert_and_its_genuine_resend_becomes_the_one_event() {
+    let webhook = FakeWebhook::start(0).await;
+    let fake = FakeWechatPay::new();
+    let (stack, ingress, worker) = stack(&fake, Some(&webhook)).await;
+    let genuine = fake.payment("ORDER-20261201-0002", MCH_ID);
+    let signature = &genuine.headers[2].1;
+    let probe = with_header(
+        &genuine,
+        "Wechatpay-Signature",
+        &format!("WECHATPAY/SIGNTEST/{signature}"),
+    );
+    let answer = post(&ingress, &probe).await;
+    assert!(failed(&answer), "{answer:?}");
+    let probes = ingress
+        .metric("ipn_ingress_refused_total{provider=\"wechatpay\",reason=\"probe\"}")
+        .await;
+    assert_eq!(probes, Some(1.0));
+    // The genuine copy, with the same body.
+    assert_eq!(post(&ingress, &genuine).await.0, 200);
+    let events = stack.events(1).await;
+    assert_eq!(events[0]["order_key"], "wechatpay:ORDER-20261201-0002");
+    assert_eq!(raw(&events[0]), genuine.body);
+    // A refusal that does alert goes out after it: the probe raised none before it.
+    let unknown = with_header(
+        &genuine,
+        "Wechatpay-Serial",
+        "PUB_KEY_ID_0000000000000000000000000099",
+    );
+    assert!(failed(&post(&ingress, &unknown).await));
+    let alerts = webhook.wait_for(1).await;
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["kind"], "refused");
+    assert_eq!(alerts[0]["reason"], "unknown-serial");
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn bad_signatures_stale_timestamps_and_unknown_serials_are_failed_and_nothing_is_queued() {
+    let fake = FakeWechatPay::new();
+    let (stack, ingress, worker) = stack(&fake, None).await;
+    let genuine = fake.payment("ORDER-20261201-0003", MCH_ID);
+    // Signed by someone else's key under our serial.
+    let forger = FakeWechatPay::new();
+    let forged = forger.sign(genuine.body.clone(), now());
+    // The body changed after signing.
+    let mut altered = fake.sign(genuine.body.clone(), now());
+    altered.body = String::from_utf8(altered.body)
+        .expect("json")
+        .replace("支付成功", "支付失败")
+        .into_bytes();
+    let stale = fake.sign(genuine.body.clone(), now() - 6 * 60);
+    let unknown = with_header(
+        &genuine,
+        "Wechatpay-Serial",
+        "PUB_KEY_ID_0000000000000000000000000099",
+    );
+    let mut unsigned = with_header(&genuine, "Wechatpay-Timestamp", "soon");
+    unsigned
+        .headers
+        .retain(|(name, _)| *name != "Wechatpay-Nonce");
+    for (posted, reason) in [
+        (&forged, "bad-signature"),
+        (&altered, "bad-signature"),
+        (&stale, "stale"),
+        (&unknown, "unknown-serial"),
+        (&unsigned, "unsigned"),
+    ] {
+        let answer = post(&ingress, posted).await;
+        assert!(failed(&answer), "{reason}: {answer:?}");
+        assert!(answer.2.contains(reason), "{reason}: {answer:?}");
+    }
+    let refused = |reason: &'static str| {
+        let ingress = &ingress;
+        async move {
+            let name =
+                format!("ipn_ingress_refused_total{{provider=\"wechatpay\",reason=\"{reason}\"}}");
+            ingress.metric(&name).await
+        }
+    };
+    assert_eq!(refused("bad-signature").await, Some(2.0));
+    assert_eq!(refused("stale").await, Some(1.0));
+    assert_eq!(refused("unknown-serial").await, Some(1.0));
+    assert_eq!(refused("unsigned").await, Some(1.0));
+    // Only the genuine one is queued: it is the first and only event, nothing is quarantined.
+    assert_eq!(post(&ingress, &genuine).await.0, 200);
+    let events = stack.events(1).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(raw(&events[0]), genuine.body);
+    let channel = stack.broker.channel().await;
+    let quarantine = stack.topology().quarantine_queue();
+    assert_eq!(stack.broker.count(&channel, &quarantine).await, 0);
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn another_merchant_and_a_wrong_apiv3_key_are_quarantined_with_their_reason() {
+    let fake = FakeWechatPay::new();
+    let (stack, ingress, worker) = stack(&fake, None).await;
+    // Genuinely signed, for another merchant.
+    let foreign = fake.payment("ORDER-20261201-0004", "1230000109");
+    assert_eq!(post(&ingress, &foreign).await.0, 200);
+    // Genuinely signed, encrypted with a key that is not our APIv3 key.
+    let body = fake.body(
+        &random_text(32),
+        "EV-wrong-key",
+        "TRANSACTION.SUCCESS",
+        "transaction",
+        &transaction("ORDER-20261201-0005", MCH_ID),
+    );
+    assert_eq!(post(&ingress, &fake.sign(body, now())).await.0, 200);
+    let quarantine = stack.topology().quarantine_queue();
+    stack.wait_for(&quarantine, 2).await;
+    let channel = stack.broker.channel().await;
+    let quarantined = stack.broker.drain(&channel, &quarantine).await;
+    let mut reasons: Vec<String> = quarantined
+        .iter()
+        .filter_map(|d| ipn_bridge::contract::header_text(&d.properties, "x-ipn-reason"))
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, ["foreign-receiver", "undecryptable"]);
+    let undecryptable = quarantined
+        .iter()
+        .find(|d| {
+            ipn_bridge::contract::header_text(&d.properties, "x-ipn-reason").as_deref()
+                == Some("undecryptable")
+        })
+        .expect("undecryptable");
+    let cause = ipn_bridge::contract::header_text(&undecryptable.properties, "x-ipn-cause")
+        .expect("a cause");
+    assert!(cause.contains("apiv3_key"), "{cause}");
+    // The signature headers travelled with it, so a replay once the key is fixed can verify.
+    assert!(
+        ipn_bridge::contract::request_header(&undecryptable.properties, "wechatpay-signature")
+            .is_some()
+    );
+    assert_eq!(stack.broker.count(&channel, "downstream").await, 0);
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn a_refund_posted_right_after_its_payment_follows_it_with_the_next_sequence_number() {
+    let fake = FakeWechatPay::new();
+    let (stack, ingress, worker) = stack(&fake, None).await;
+    let payment = fake.payment("ORDER-20261201-0006", MCH_ID);
+    let refund = fake.refund("ORDER-20261201-0006");
+    assert_eq!(post(&ingress, &payment).await.0, 200);
+    assert_eq!(post(&ingress, &refund).await.0, 200);
+    let events = stack.events(2).await;
+    assert_eq!(events[0]["txn_type"], "TRANSACTION.SUCCESS");
+    assert_eq!(events[0]["sequence"], 1);
+    assert_eq!(events[1]["txn_type"], "REFUND.SUCCESS");
+    assert_eq!(events[1]["sequence"], 2);
+    assert_eq!(events[1]["order_key"], "wechatpay:ORDER-20261201-0006");
+    assert_eq!(events[1]["payment_status"], "SUCCESS");
+    assert_eq!(events[1]["fields"]["amount.refund"], "3000");
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+/// A notification as the ingress queues it: under the intake key, with the provider, the
+/// receive time and the signature headers.
+fn queued(posted: &Posted) -> ipn_bridge::worker::Inbound {
+    use ipn_bridge::contract;
+    let key = ipn_bridge::provider::wechatpay::intake_key();
+    let mut headers = contract::ingress_headers("wechatpay", key.as_str(), SystemTime::now());
+    let value = |name: &str| {
+        posted
+            .headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_bytes())
+    };
+    contract::carry_request_headers(
+        &mut headers,
+        &ipn_bridge::provider::wechatpay::HEADERS,
+        value,
+    );
+    let properties = lapin::BasicProperties::default()
+        .with_message_id(uuid::Uuid::now_v7().to_string().as_str().into())
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    ipn_bridge::worker::Inbound::new(posted.body.clone(), properties)
+}
+
+/// Takes every message in the shard queues, waiting until there are `n`.
+async fn shard_copies(rig: &crate::worker::Rig, n: usize) -> Vec<ipn_bridge::worker::Inbound> {
+    let mut copies = Vec::new();
+    let collect = async {
+        while copies.len() < n {
+            for (_, delivery) in rig.broker.drain_shards(&rig.topology).await {
+                copies.push(ipn_bridge::worker::Inbound::new(
+                    delivery.data,
+                    delivery.properties,
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, collect)
+        .await
+        .expect("copies in the shards in time");
+    copies
+}
+
+#[tokio::test]
+async fn a_notification_held_behind_a_stuck_one_on_the_intake_key_keeps_its_provider_and_signature()
+{
+    use ipn_bridge::worker::pipeline::{Error, Step};
+    use ipn_bridge::worker::{Outcome, Settled};
+    let fake = FakeWechatPay::new();
+    let rig = crate::worker::Rig::start(|config| {
+        let wechatpay = &mut config.wechatpay;
+        wechatpay.enabled = true;
+        wechatpay.mch_ids = vec![MCH_ID.to_owned()];
+        wechatpay.apiv3_key =
+            serde_json::from_value(serde_json::json!(fake.apiv3_key)).expect("key");
+        wechatpay.platform_keys = [(SERIAL.to_owned(), fake.public_key_pem())].into();
+    })
+    .await;
+    let payment = queued(&fake.payment("ORDER-20261201-0007", MCH_ID));
+    let refund = queued(&fake.refund("ORDER-20261201-0007"));
+    // The payment's re-route kept failing (as when the broker is unwell): sent to a tier, the
+    // intake key blocked behind it; the refund arriving next is held in PostgreSQL.
+    let stuck = rig
+        .pipeline
+        .defer_stuck(&payment, &Error::Injected(Step::Claimed))
+        .await
+        .expect("deferred");
+    assert!(matches!(stuck, Some(Settled::Deferred { .. })), "{stuck:?}");
+    let held = rig.pipeline.settle(&refund).await.expect("settled");
+    assert_eq!(held, Settled::Held);
+    // The payment back from its tier: re-routed, and the held refund after it.
+    let back = shard_copies(&rig, 1).await;
+    assert_eq!(back.len(), 1);
+    let settled = rig.pipeline.settle(&back[0]).await.expect("settled");
+    assert_eq!(
+        settled,
+        Settled::Rerouted {
+            to: "wechatpay:ORDER-20261201-0007".to_owned()
+        }
+    );
+    let copies = shard_copies(&rig, 2).await;
+    let mut sequences = Vec::new();
+    for copy in &copies {
+        assert_eq!(copy.key().as_str(), "wechatpay:ORDER-20261201-0007");
+        assert_eq!(copy.provider, "wechatpay", "the held one kept its provider");
+        match rig.pipeline.settle(copy).await.expect("settled") {
+            Settled::Finished {
+                outcome: Outcome::Published { sequence, .. },
+                ..
+            } => sequences.push(sequence),
+            other => panic!("not published (signature headers lost?): {other:?}"),
+        }
+    }
+    assert_eq!(sequences, [1, 2]);
+    let events = rig.events().await;
+    let types: Vec<&str> = events
+        .iter()
+        .map(|e| e["txn_type"].as_str().expect("type"))
+        .collect();
+    assert_eq!(types, ["TRANSACTION.SUCCESS", "REFUND.SUCCESS"]);
+}
