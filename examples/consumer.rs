@@ -1,7 +1,7 @@
 //! A business service consuming ipn-bridge events: the pattern to copy.
 //!
 //! ```sh
-//! cargo run --example consumer -- --queue billing --bind 'subscr_payment.#' --bind '#.refunded'
+//! cargo run --example consumer -- --queue billing --bind 'paypal.subscription.#' --bind '*.refund.#'
 //! ```
 //! It declares its queue exactly as the bridge declares a `[[downstream]]` queue (durable quorum,
 //! a delivery limit, and `<queue>.dead` for what it cannot take), binds it to `<prefix>.events`,
@@ -49,7 +49,7 @@ struct Args {
     /// This service's queue.
     #[arg(long, default_value = "example.events")]
     queue: String,
-    /// Routing-key patterns (`<txn_type>.<payment_status>`); default every event.
+    /// Routing-key patterns (`<provider>.<kind>.<type>.<status>`); default every event.
     #[arg(long = "bind", default_values_t = vec!["#".to_owned()])]
     bindings: Vec<String>,
     /// Returns of one event before the broker dead-letters it; must equal the bridge's

@@ -85,7 +85,8 @@ pub struct Config {
 pub struct Downstream {
     /// Queue name (a durable quorum queue, created if missing).
     pub queue: String,
-    /// Topic patterns on `<txn_type>.<payment_status>`, e.g. `subscr_payment.#`, `#.refunded`.
+    /// Topic patterns on `<provider>.<kind>.<type>.<status>`, e.g. `paypal.subscription.#`,
+    /// `*.refund.#`.
     /// RabbitMQ's `*` and `#` match whole words only, so a word that mixes them with letters
     /// (`subscr_*`) would match nothing: it is refused at load.
     #[serde(default = "all_events")]
@@ -573,6 +574,11 @@ fn read_if_path(value: &str, key: &str) -> Result<String, Error> {
 pub struct Secret(String);
 
 impl Secret {
+    /// A secret holding `value`.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
     /// The value itself, for the one place that uses it.
     pub fn expose(&self) -> &str {
         &self.0
@@ -1112,7 +1118,19 @@ impl Config {
                 return Err(invalid(
                     &format!("downstream[{index}].bindings"),
                     &format!(
-                        "`{pattern}` matches nothing: RabbitMQ's `*` (one word) and `#` (any words) stand for whole dot-separated words only; bind each txn_type, e.g. `subscr_signup.#`, `subscr_payment.#` (docs/events.md lists them)"
+                        "`{pattern}` matches nothing: RabbitMQ's `*` (one word) and `#` (any words) stand for whole dot-separated words only; bind a family instead, e.g. `paypal.subscription.#`, `*.refund.#` (docs/events.md)"
+                    ),
+                ));
+            }
+            if let Some(pattern) = downstream
+                .bindings
+                .iter()
+                .find(|b| !starts_with_provider(b))
+            {
+                return Err(invalid(
+                    &format!("downstream[{index}].bindings"),
+                    &format!(
+                        "`{pattern}` matches nothing: routing keys are <provider>.<kind>.<type>.<status> since event schema version 2 (e.g. `subscr_payment.#` is now `paypal.subscription.subscr_payment.#`, `#.refunded` is `paypal.refund.#` or `*.refund.#`; docs/events.md, \"Migrating from version 1\")"
                     ),
                 ));
             }
@@ -1199,6 +1217,13 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// True when a topic pattern's first word is a provider's name, `*` or `#`: every routing key
+/// starts with its provider.
+fn starts_with_provider(pattern: &str) -> bool {
+    let first = pattern.split('.').next().unwrap_or_default();
+    first == "*" || first == "#" || crate::provider::NAMES.contains(&first)
 }
 
 /// True when every `*` and `#` in a topic pattern is a whole word of its own.
@@ -1470,19 +1495,35 @@ mod tests {
 
     #[test]
     fn downstream_queues_come_from_the_file_with_all_events_by_default() {
-        let file = "[[downstream]]\nqueue = \"billing\"\nbindings = [\"subscr_payment.#\"]\n\n[[downstream]]\nqueue = \"audit\"\n";
+        let file = "[[downstream]]\nqueue = \"billing\"\nbindings = [\"paypal.subscription.#\"]\n\n[[downstream]]\nqueue = \"audit\"\n";
         let config = Config::load(Some(file), &env(&[])).expect("loads");
         assert_eq!(config.downstream.len(), 2);
-        assert_eq!(config.downstream[0].bindings, ["subscr_payment.#"]);
+        assert_eq!(config.downstream[0].bindings, ["paypal.subscription.#"]);
         assert_eq!(config.downstream[1].bindings, ["#"]);
         for pattern in ["subscr_*.#", "recurring_payment*.#", "#.refund#"] {
             let file = format!("[[downstream]]\nqueue = \"b\"\nbindings = [\"{pattern}\"]\n");
             let err = Config::load(Some(&file), &env(&[])).unwrap_err();
             assert!(err.to_string().contains("downstream[0].bindings"), "{err}");
         }
-        for pattern in ["*.refunded", "#", "subscr_payment.*", "a.#.b"] {
+        for pattern in [
+            "*.refund.#",
+            "#",
+            "paypal.subscription.*.*",
+            "wechatpay.#.b",
+            "#.completed",
+        ] {
             let file = format!("[[downstream]]\nqueue = \"b\"\nbindings = [\"{pattern}\"]\n");
             assert!(Config::load(Some(&file), &env(&[])).is_ok(), "{pattern}");
+        }
+        // Version 1's routing keys started with the txn_type: such a binding would match
+        // nothing now, so it is refused with the way to migrate.
+        for pattern in ["subscr_payment.#", "none.refunded", "stripe.#"] {
+            let file = format!("[[downstream]]\nqueue = \"b\"\nbindings = [\"{pattern}\"]\n");
+            let err = Config::load(Some(&file), &env(&[])).unwrap_err();
+            assert!(
+                err.to_string().contains("Migrating from version 1"),
+                "{err}"
+            );
         }
         let err = Config::load(Some("[[downstream]]\nqueue = \"\"\n"), &env(&[])).unwrap_err();
         assert!(err.to_string().contains("downstream[0]"), "{err}");
@@ -1630,6 +1671,68 @@ mod tests {
     }
 
     #[test]
+    fn wechatpay_needs_a_merchant_a_32_byte_apiv3_key_and_keys_under_their_serials() {
+        let on = |extra: &str| format!("[wechatpay]\nenabled = true\n{extra}");
+        let key = "0123456789abcdef0123456789abcdef";
+        let error =
+            Config::load(Some(&on(&format!("apiv3_key = \"{key}\"\n"))), &env(&[])).unwrap_err();
+        assert!(error.to_string().contains("wechatpay.mch_ids"), "{error}");
+        let short = on("mch_ids = [\"1900000109\"]\napiv3_key = \"testMchAPIv3Key0\"\n");
+        let error = Config::load(Some(&short), &env(&[])).unwrap_err();
+        assert!(error.to_string().contains("32-character"), "{error}");
+        assert!(
+            !error.to_string().contains("testMchAPIv3Key0"),
+            "the key is never printed: {error}"
+        );
+        let keyless = on(&format!(
+            "mch_ids = [\"1900000109\"]\napiv3_key = \"{key}\"\n"
+        ));
+        let error = Config::load(Some(&keyless), &env(&[])).unwrap_err();
+        assert!(
+            error.to_string().contains("wechatpay.platform_keys"),
+            "{error}"
+        );
+        // From the environment: SERIAL=PEM-or-path pairs; a file that is missing is an error.
+        let vars = env(&[
+            ("IPN_WECHATPAY__ENABLED", "true"),
+            ("IPN_WECHATPAY__MCH_IDS", "1900000109"),
+            ("IPN_WECHATPAY__APIV3_KEY", key),
+            (
+                "IPN_WECHATPAY__PLATFORM_KEYS",
+                "PUB_KEY_ID_01=/no/such/wechatpay.pem",
+            ),
+        ]);
+        let error = Config::load(None, &vars).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("cannot read /no/such/wechatpay.pem"),
+            "{error}"
+        );
+        let vars = env(&[
+            ("IPN_WECHATPAY__ENABLED", "true"),
+            ("IPN_WECHATPAY__MCH_IDS", "1900000109"),
+            ("IPN_WECHATPAY__APIV3_KEY", key),
+            ("IPN_WECHATPAY__PLATFORM_KEYS", "PUB_KEY_ID_01=bm90IGEga2V5"),
+        ]);
+        let error = Config::load(None, &vars).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("PUB_KEY_ID_01: not a certificate or an RSA public key"),
+            "{error}"
+        );
+        // Off: nothing is checked; the key never shows in the config's Debug.
+        let off = Config::load(
+            Some(&format!("[wechatpay]\napiv3_key = \"{key}\"\n")),
+            &env(&[]),
+        )
+        .expect("off");
+        assert!(!format!("{off:?}").contains(key));
+        assert_eq!(off.wechatpay.apiv3_key.expose(), key);
+    }
+
+    #[test]
     fn the_example_downstream_entry_uncommented_states_the_defaults() {
         let text = include_str!("../config/example.toml");
         let settings = [
@@ -1648,16 +1751,7 @@ mod tests {
             .map(|line| format!("{line}\n"))
             .collect();
         let config = Config::load(Some(&uncommented), &env(&[])).expect("loads");
-        let bindings = [
-            "subscr_signup.#",
-            "subscr_payment.#",
-            "subscr_modify.#",
-            "subscr_failed.#",
-            "subscr_cancel.#",
-            "subscr_eot.#",
-            "#.refunded",
-            "#.reversed",
-        ];
+        let bindings = ["paypal.subscription.#", "*.refund.#", "*.dispute.#"];
         assert_eq!(config.downstream, [Downstream::new("billing", &bindings)]);
     }
 }

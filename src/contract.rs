@@ -353,6 +353,45 @@ mod tests {
     }
 
     #[test]
+    fn a_held_ipn_keeps_its_provider_carried_headers_and_reroute_origin_exactly() {
+        let mut headers = ingress_headers("wechatpay", "wechatpay-intake:all", SystemTime::now());
+        let signature: &[u8] = b"c2lnbmF0dXJl+/=";
+        carry_request_headers(&mut headers, &["wechatpay-signature", "absent"], |name| {
+            (name == "wechatpay-signature").then_some(signature)
+        });
+        headers.insert(REROUTED_FROM.into(), text("wechatpay-intake:all"));
+        let properties = BasicProperties::default().with_headers(headers);
+        let kept = kept_while_held(&properties).expect("kept");
+        let mut restored = FieldTable::default();
+        restore_held(&mut restored, &kept);
+        let restored = BasicProperties::default().with_headers(restored);
+        assert_eq!(
+            request_header(&restored, "wechatpay-signature").as_deref(),
+            Some(signature)
+        );
+        assert_eq!(request_header(&restored, "absent"), None);
+        assert_eq!(
+            header_text(&restored, PROVIDER).as_deref(),
+            Some("wechatpay")
+        );
+        assert_eq!(
+            header_text(&restored, REROUTED_FROM).as_deref(),
+            Some("wechatpay-intake:all")
+        );
+        assert_eq!(
+            header(&restored, ORDER_KEY),
+            None,
+            "the row has its own column for the key"
+        );
+        assert_eq!(kept_while_held(&BasicProperties::default()), None);
+        // A value too long to have passed the door is not carried.
+        let mut long = FieldTable::default();
+        let huge = vec![b'A'; MAX_CARRIED_HEADER_BYTES + 1];
+        carry_request_headers(&mut long, &["wechatpay-signature"], |_| Some(&huge[..]));
+        assert!(long.inner().is_empty());
+    }
+
+    #[test]
     fn a_replay_starts_afresh_without_the_retry_headers() {
         let mut headers = FieldTable::default();
         headers.insert(ORDER_KEY.into(), text("profile:I-1"));

@@ -1,9 +1,9 @@
 //! The business event a verified IPN becomes: the contract downstream services consume.
 //!
 //! JSON, `content_type: application/json`, published persistent to `<p>.events` (topic) with
-//! routing key `<txn_type|none>.<payment_status|none>` in lower case. Documented in
-//! docs/events.md, with a JSON Schema (docs/event.schema.json) and an example per sample
-//! (docs/examples/, checked against this code by a unit test).
+//! routing key `<provider>.<kind>.<type|none>.<status|none>` in lower case (version 2 of the
+//! contract). Documented in docs/events.md, with a JSON Schema (docs/event.schema.json) and an
+//! example per sample and provider (docs/examples/, checked against this code by a unit test).
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
@@ -12,11 +12,11 @@ use base64::Engine;
 use serde::Serialize;
 
 use crate::keys::OrderKey;
-use crate::provider::Verified;
+use crate::provider::{Kind, Verified};
 use crate::store::Reservation;
 
 /// Version of the event's shape; bumped on any incompatible change.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// One verified IPN, as business services receive it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -25,17 +25,32 @@ pub struct Event {
     pub schema_version: u32,
     /// Stable id: the same IPN (resends included) always has the same id. Deduplicate on it.
     pub event_id: String,
-    /// `paypal`.
+    /// `paypal`, `alipay`, `wechatpay`.
     pub provider: String,
     /// Events of one key are published in the order the bridge received them.
     pub order_key: String,
     /// 1, 2, 3... within the order key, without gaps.
     pub sequence: i64,
-    /// `txn_type`, when present.
+    /// What it is about, for every provider: `payment`, `refund`, `dispute`, `subscription`,
+    /// `payout`, `other`.
+    pub kind: Kind,
+    /// The provider's status, lower case (`completed`, `trade_success`, `success`).
+    pub status: Option<String>,
+    /// The amount in the currency's major unit, a decimal string.
+    pub amount: Option<String>,
+    /// ISO 4217, when known.
+    pub currency: Option<String>,
+    /// The provider's transaction id.
+    pub transaction_id: Option<String>,
+    /// The merchant's own order id (PayPal `invoice`, Alipay and WeChat Pay `out_trade_no`).
+    pub merchant_order_id: Option<String>,
+    /// The provider's own type field: PayPal `txn_type`, Alipay `notify_type`, WeChat Pay
+    /// `event_type`.
     pub txn_type: Option<String>,
-    /// `payment_status`, when present.
+    /// The provider's own status field: PayPal `payment_status`, Alipay `trade_status`, WeChat
+    /// Pay `trade_state` / `refund_status`.
     pub payment_status: Option<String>,
-    /// `txn_id`, when present.
+    /// The provider's transaction id (as `transaction_id`; kept from version 1).
     pub txn_id: Option<String>,
     /// True for sandbox IPNs (`test_ipn=1`).
     pub test: bool,
@@ -76,6 +91,12 @@ impl Event {
             provider: context.provider.to_owned(),
             order_key: context.order_key.to_string(),
             sequence: context.reservation.sequence,
+            kind: verified.kind,
+            status: verified.status.clone(),
+            amount: verified.amount.clone(),
+            currency: verified.currency.clone(),
+            transaction_id: verified.txn_id.clone(),
+            merchant_order_id: verified.merchant_order_id.clone(),
             txn_type: verified.txn_type.clone(),
             payment_status: verified.payment_status.clone(),
             txn_id: verified.txn_id.clone(),
@@ -89,25 +110,32 @@ impl Event {
         }
     }
 
-    /// `<txn_type|none>.<payment_status|none>`, lower case, e.g. `subscr_payment.completed`;
-    /// for a provider other than PayPal, prefixed with its name
-    /// (`alipay.trade_status_sync.trade_success`), so no PayPal binding receives it.
-    /// Characters with a meaning in topic patterns (`.`, `*`, `#`) become `_`.
+    /// `<provider>.<kind>.<type|none>.<status|none>`, lower case, always four words, e.g.
+    /// `paypal.subscription.subscr_payment.completed`, `alipay.refund.trade_status_sync.trade_closed`,
+    /// `wechatpay.payment.transaction_success.success`; bind a family with one pattern
+    /// (`paypal.subscription.#`, `*.refund.#`). Characters with a meaning in topic patterns
+    /// (`.`, `*`, `#`) become `_`.
     pub fn routing_key(&self) -> String {
-        let part = |value: &Option<String>| {
-            let text = value.as_deref().unwrap_or("none").to_lowercase();
+        let word = |value: Option<&str>| {
+            let text = value.unwrap_or("none").to_lowercase();
             let clean: String = text
                 .chars()
                 .map(|c| if matches!(c, '.' | '*' | '#') { '_' } else { c })
                 .take(100)
                 .collect();
-            clean
+            if clean.is_empty() {
+                "none".to_owned()
+            } else {
+                clean
+            }
         };
-        let key = format!("{}.{}", part(&self.txn_type), part(&self.payment_status));
-        match self.provider.as_str() {
-            crate::provider::paypal::NAME => key,
-            provider => format!("{provider}.{key}"),
-        }
+        format!(
+            "{}.{}.{}.{}",
+            word(Some(&self.provider)),
+            self.kind.as_str(),
+            word(self.txn_type.as_deref()),
+            word(self.status.as_deref()),
+        )
     }
 
     /// The JSON body.
@@ -186,17 +214,29 @@ mod tests {
                 .expect("sample");
             example(&body).routing_key()
         };
-        assert_eq!(key("013_subscr_payment.txt"), "subscr_payment.completed");
-        assert_eq!(key("002_refunded.txt"), "none.refunded");
-        assert_eq!(key("012_subscr_signup.txt"), "subscr_signup.none");
+        assert_eq!(
+            key("013_subscr_payment.txt"),
+            "paypal.subscription.subscr_payment.completed"
+        );
+        assert_eq!(key("002_refunded.txt"), "paypal.refund.none.refunded");
+        assert_eq!(
+            key("012_subscr_signup.txt"),
+            "paypal.subscription.subscr_signup.none"
+        );
         assert_eq!(
             key("009_canceled_reversal.txt"),
-            "express_checkout.canceled_reversal"
+            "paypal.dispute.express_checkout.canceled_reversal"
+        );
+        assert_eq!(key("007_new_case.txt"), "paypal.dispute.new_case.none");
+        assert_eq!(key("041_masspay.txt"), "paypal.payout.masspay.processed");
+        assert_eq!(
+            key("001_web_accept.txt"),
+            "paypal.payment.web_accept.completed"
         );
         let mut odd = example(b"txn_type=a.b&payment_status=%23*");
-        assert_eq!(odd.routing_key(), "a_b.__");
+        assert_eq!(odd.routing_key(), "paypal.payment.a_b.__");
         odd.txn_type = None;
-        assert_eq!(odd.routing_key(), "none.__");
+        assert_eq!(odd.routing_key(), "paypal.payment.none.__");
     }
 
     #[test]
@@ -224,6 +264,132 @@ mod tests {
         assert_eq!(event.received_at, "2025-11-23T12:13:20.123Z");
     }
 
+    /// The event of a verified notification of another provider, first of its key, at the
+    /// examples' fixed times.
+    fn provider_event(provider: &str, order_key: &str, verified: Verified, body: &[u8]) -> Event {
+        let order_key = OrderKey::from_header(order_key);
+        let context = Context {
+            order_key: &order_key,
+            reservation: Reservation {
+                event_id: verified.dedup.event_id(),
+                sequence: 1,
+            },
+            received_at: UNIX_EPOCH + Duration::from_millis(1_763_900_000_123),
+            provider,
+        };
+        Event::new(&verified, body, &context)
+    }
+
+    /// An example event per provider and type besides PayPal's samples: file name and event.
+    fn provider_examples() -> Vec<(String, Event)> {
+        use crate::provider::{alipay, wechatpay};
+        let at = UNIX_EPOCH + Duration::from_millis(1_763_900_000_373);
+        let mut examples = Vec::new();
+        let payment = "notify_time=2026-12-01+10%3A00%3A02&notify_type=trade_status_sync&notify_id=2026120100222155624068450559358070&app_id=2021004100000001&charset=utf-8&version=1.0&sign_type=RSA2&sign=c2lnbg%3D%3D&trade_no=2026120122001468450512505578&out_trade_no=ORDER-20261201-0001&buyer_logon_id=xud***%40126.com&seller_id=2088531891668739&trade_status=TRADE_SUCCESS&total_amount=88.00&receipt_amount=88.00&subject=%E8%AF%AD%E9%9B%80%E7%A9%BA%E9%97%B4&gmt_payment=2026-12-01+10%3A00%3A01";
+        let refund = "notify_time=2026-12-02+09%3A00%3A02&notify_type=trade_status_sync&notify_id=2026120200222155624068450559358071&app_id=2021004100000001&charset=utf-8&version=1.0&sign_type=RSA2&sign=c2lnbg%3D%3D&trade_no=2026120122001468450512505578&out_trade_no=ORDER-20261201-0001&out_biz_no=R-0001&seller_id=2088531891668739&trade_status=TRADE_SUCCESS&total_amount=88.00&refund_fee=30.00&gmt_refund=2026-12-02+09%3A00%3A01.123&gmt_payment=2026-12-01+10%3A00%3A01";
+        for (name, body) in [
+            ("alipay_trade_success", payment),
+            ("alipay_refund_partial", refund),
+        ] {
+            let form = Form::parse(body.as_bytes());
+            let verified = alipay::verified(&form, body.as_bytes(), at);
+            let key = alipay::order_key(&form, body.as_bytes());
+            let event = provider_event("alipay", key.as_str(), verified, body.as_bytes());
+            examples.push((name.to_owned(), event));
+        }
+        let envelope = |event_type: &str, original: &str| {
+            format!(
+                r#"{{"id":"EV-2026120110000001-{original}","create_time":"2026-12-01T10:00:01+08:00","resource_type":"encrypt-resource","event_type":"{event_type}","summary":"支付成功","resource":{{"original_type":"{original}","algorithm":"AEAD_AES_256_GCM","ciphertext":"(the resource below, encrypted)","associated_data":"{original}","nonce":"Kj7QIyUiYx1q"}}}}"#
+            )
+        };
+        let transaction = r#"{"mchid":"1900000109","appid":"wxd678efh567hg6787","out_trade_no":"ORDER-20261201-0006","transaction_id":"4200000000202612010000000001","trade_type":"JSAPI","trade_state":"SUCCESS","trade_state_desc":"支付成功","bank_type":"CMC","success_time":"2026-12-01T10:00:00+08:00","payer":{"openid":"oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"},"amount":{"total":8800,"payer_total":8800,"currency":"CNY","payer_currency":"CNY"}}"#;
+        let refunded = r#"{"mchid":"1900000109","out_trade_no":"ORDER-20261201-0006","transaction_id":"4200000000202612010000000001","out_refund_no":"R-0001","refund_id":"50000000382019052709732678859","refund_status":"SUCCESS","success_time":"2026-12-01T10:05:00+08:00","user_received_account":"招商银行信用卡0403","amount":{"total":8800,"refund":3000,"payer_total":8800,"payer_refund":3000}}"#;
+        for (name, event_type, original, plain) in [
+            (
+                "wechatpay_transaction_success",
+                "TRANSACTION.SUCCESS",
+                "transaction",
+                transaction,
+            ),
+            (
+                "wechatpay_refund_success",
+                "REFUND.SUCCESS",
+                "refund",
+                refunded,
+            ),
+        ] {
+            let body = envelope(event_type, original);
+            let opened =
+                wechatpay::Opened::parse(body.as_bytes(), plain.as_bytes()).expect("opens");
+            let key = opened.order_key(body.as_bytes());
+            let verified = opened.verified(body.as_bytes(), at);
+            let event = provider_event("wechatpay", key.as_str(), verified, body.as_bytes());
+            examples.push((name.to_owned(), event));
+        }
+        examples
+    }
+
+    #[test]
+    fn the_providers_normalized_fields_and_routing_keys() {
+        let examples: std::collections::BTreeMap<String, Event> =
+            provider_examples().into_iter().collect();
+        let ali = &examples["alipay_trade_success"];
+        assert_eq!(
+            (ali.kind, ali.amount.as_deref(), ali.currency.as_deref()),
+            (Kind::Payment, Some("88.00"), Some("CNY"))
+        );
+        assert_eq!(
+            ali.merchant_order_id.as_deref(),
+            Some("ORDER-20261201-0001")
+        );
+        assert_eq!(
+            ali.routing_key(),
+            "alipay.payment.trade_status_sync.trade_success"
+        );
+        let refund = &examples["alipay_refund_partial"];
+        assert_eq!(
+            (refund.kind, refund.amount.as_deref()),
+            (Kind::Refund, Some("30.00"))
+        );
+        assert_eq!(
+            refund.routing_key(),
+            "alipay.refund.trade_status_sync.trade_success"
+        );
+        let wx = &examples["wechatpay_transaction_success"];
+        assert_eq!(
+            (wx.kind, wx.amount.as_deref(), wx.currency.as_deref()),
+            (Kind::Payment, Some("88.00"), Some("CNY")),
+            "8800 fen"
+        );
+        assert_eq!(
+            wx.routing_key(),
+            "wechatpay.payment.transaction_success.success"
+        );
+        let wx_refund = &examples["wechatpay_refund_success"];
+        assert_eq!(
+            (
+                wx_refund.kind,
+                wx_refund.amount.as_deref(),
+                wx_refund.currency.as_deref()
+            ),
+            (Kind::Refund, Some("30.00"), None),
+            "a WeChat Pay refund names no currency"
+        );
+        assert_eq!(wx_refund.order_key, "wechatpay:ORDER-20261201-0006");
+        assert_eq!(
+            wx_refund.routing_key(),
+            "wechatpay.refund.refund_success.success"
+        );
+        // One pattern per family, whoever sent it: every refund matches `*.refund.#`.
+        for event in examples.values() {
+            let words: Vec<String> = event.routing_key().split('.').map(str::to_owned).collect();
+            assert_eq!(words.len(), 4, "{}", event.routing_key());
+            assert_eq!(words[0], event.provider);
+        }
+        assert_eq!(crate::provider::minor_units(-5, None), "-0.05");
+        assert_eq!(crate::provider::minor_units(1200, Some("JPY")), "1200");
+    }
+
     #[test]
     fn every_example_event_satisfies_the_documented_schema() {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -234,8 +400,11 @@ mod tests {
             .should_validate_formats(true)
             .build(&schema)
             .expect("a valid schema");
-        for (name, body) in samples() {
-            let event = serde_json::to_value(example(&body)).expect("json");
+        let paypal = samples()
+            .into_iter()
+            .map(|(name, body)| (name, example(&body)));
+        for (name, event) in paypal.chain(provider_examples()) {
+            let event = serde_json::to_value(event).expect("json");
             let errors: Vec<String> = validator
                 .iter_errors(&event)
                 .map(|e| e.to_string())
@@ -255,9 +424,12 @@ mod tests {
     #[test]
     fn the_documented_examples_are_what_the_code_produces() {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/examples");
-        for (name, body) in samples() {
-            let path = dir.join(name.replace(".txt", ".json"));
-            let produced = serde_json::to_string_pretty(&example(&body)).expect("json") + "\n";
+        let paypal = samples()
+            .into_iter()
+            .map(|(name, body)| (name.replace(".txt", ""), example(&body)));
+        for (name, event) in paypal.chain(provider_examples()) {
+            let path = dir.join(format!("{name}.json"));
+            let produced = serde_json::to_string_pretty(&event).expect("json") + "\n";
             if std::env::var_os("UPDATE_EXAMPLES").is_some() {
                 std::fs::create_dir_all(&dir).expect("mkdir");
                 std::fs::write(&path, &produced).expect("write example");

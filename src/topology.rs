@@ -9,7 +9,7 @@
 //!                                      dead-letters (at-least-once) to <p>.inbound, keeping the
 //!                                      shard routing key the message was published with
 //! <p>.parked                                               quorum; retries exhausted
-//! <p>.events (topic) --rk = <txn_type>.<payment_status>--> <queue> of each [[downstream]]
+//! <p>.events (topic) --rk = <provider>.<kind>.<type>.<status>--> <queue> of each [[downstream]]
 //!                                      quorum, x-delivery-limit, x-message-ttl (optional),
 //!                                      dead-letters (at-least-once) to <queue>.dead
 //! ```

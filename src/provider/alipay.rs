@@ -20,7 +20,7 @@ use crate::config;
 use crate::form::Form;
 use crate::keys::{DedupKeys, OrderKey, body_hash};
 use crate::policy::Reason;
-use crate::provider::{Checked, Failure, Provider, Received, Refused, Verified};
+use crate::provider::{Checked, Failure, Kind, Provider, Received, Refused, Verified};
 
 /// The route's name in headers, metrics and events.
 pub const NAME: &str = "alipay";
@@ -127,14 +127,11 @@ impl Alipay {
         if let Err(reason) = self.policy(&form) {
             return Checked::Rejected(reason, None);
         }
-        let dedup = dedup_keys(&form, body);
-        let verified = Verified::of_form(
+        Checked::Passed(Box::new(verified(
             &form,
-            dedup,
-            event_fields(&form),
+            body,
             std::time::SystemTime::now(),
-        );
-        Checked::Passed(Box::new(verified))
+        )))
     }
 
     /// The checks after the signature: addressed to our app, and (when the config names sellers)
@@ -150,6 +147,32 @@ impl Alipay {
             _ => Ok(()),
         }
     }
+}
+
+/// A verified notification as the pipeline takes it. A refund (partial: `TRADE_SUCCESS` with
+/// `refund_fee`; full: `TRADE_CLOSED` with it) is kind `refund` with the cumulative `refund_fee`
+/// as its amount; otherwise a payment of `total_amount`. Amounts are yuan (`CNY`) unless the
+/// notification names a `trans_currency`.
+pub fn verified(form: &Form, body: &[u8], verified_at: std::time::SystemTime) -> Verified {
+    let mut verified = Verified::of_form(
+        form,
+        dedup_keys(form, body),
+        event_fields(form),
+        verified_at,
+    );
+    let refunded = form.text("refund_fee").filter(|fee| !fee.trim().is_empty());
+    verified.kind = if refunded.is_some() {
+        Kind::Refund
+    } else {
+        Kind::Payment
+    };
+    verified.amount = refunded.or_else(|| form.text("total_amount"));
+    verified.currency = Some(
+        form.text("trans_currency")
+            .unwrap_or_else(|| "CNY".to_owned()),
+    );
+    verified.merchant_order_id = form.text("out_trade_no");
+    verified
 }
 
 /// The order key of a notification: `alipay:<out_trade_no>`, or the body's hash without one.

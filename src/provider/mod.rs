@@ -131,6 +131,17 @@ pub struct Verified {
     pub payment_status: Option<String>,
     /// The provider's transaction id (`txn_id`, `trade_no`, `transaction_id`).
     pub txn_id: Option<String>,
+    /// What it is about, the same for every provider.
+    pub kind: Kind,
+    /// The provider's status in lower case (`completed`, `trade_success`, `success`).
+    pub status: Option<String>,
+    /// The amount in the currency's major unit, as a decimal string (`88.00`, `-10.00` for a
+    /// PayPal refund); for a refund, the amount refunded (Alipay: cumulative).
+    pub amount: Option<String>,
+    /// The ISO 4217 currency, when the notification names or implies one.
+    pub currency: Option<String>,
+    /// The merchant's own order id (PayPal's `invoice`, `out_trade_no`).
+    pub merchant_order_id: Option<String>,
     /// The charset the fields were decoded with (encoding_rs name).
     pub charset: String,
     /// True when the message named no charset and one was assumed.
@@ -157,18 +168,68 @@ impl Verified {
         for (name, value) in form.decoded() {
             fields.entry(name).or_insert(value);
         }
+        let status = payment_status.as_deref().map(str::to_lowercase);
         Verified {
             dedup,
             fields,
             txn_type,
             payment_status,
             txn_id,
+            kind: Kind::Other,
+            status,
+            amount: None,
+            currency: None,
+            merchant_order_id: None,
             charset: charset.encoding.name().to_owned(),
             charset_assumed: charset.assumed,
             test: false,
             paid: None,
             verified_at,
         }
+    }
+}
+
+/// What a notification is about, whoever sent it: the first word after the provider in the
+/// routing key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A payment (or its status changing: pending, completed, failed…).
+    Payment,
+    /// Money going back to the payer.
+    Refund,
+    /// A chargeback, reversal, case or adjustment.
+    Dispute,
+    /// A subscription's or recurring profile's lifecycle and payments.
+    Subscription,
+    /// Money sent by the merchant (PayPal masspay).
+    Payout,
+    /// Anything else.
+    Other,
+}
+
+impl Kind {
+    /// The word in routing keys and the event's `kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Payment => "payment",
+            Kind::Refund => "refund",
+            Kind::Dispute => "dispute",
+            Kind::Subscription => "subscription",
+            Kind::Payout => "payout",
+            Kind::Other => "other",
+        }
+    }
+}
+
+/// An amount in minor units (fen, cents) as a decimal string in the major unit of `currency`
+/// (2 decimals, none for the zero-decimal currencies WeChat Pay settles in).
+pub fn minor_units(amount: i64, currency: Option<&str>) -> String {
+    let sign = if amount < 0 { "-" } else { "" };
+    let units = amount.unsigned_abs();
+    match currency {
+        Some("JPY" | "KRW") => format!("{sign}{units}"),
+        _ => format!("{sign}{}.{:02}", units / 100, units % 100),
     }
 }
 

@@ -31,7 +31,9 @@ use serde::Deserialize;
 use crate::config;
 use crate::keys::{DedupKeys, OrderKey, body_hash};
 use crate::policy::Reason;
-use crate::provider::{Checked, Failure, Provider, Queued, Received, Refused, Verified};
+use crate::provider::{
+    Checked, Failure, Kind, Provider, Queued, Received, Refused, Verified, minor_units,
+};
 
 /// The route's name in headers, metrics and events.
 pub const NAME: &str = "wechatpay";
@@ -407,19 +409,7 @@ impl WechatPay {
         if let Err(reason) = self.policy(&opened) {
             return Checked::Rejected(reason, None);
         }
-        Checked::Passed(Box::new(Verified {
-            dedup: opened.dedup_keys(queued.body),
-            fields: opened.fields(),
-            txn_type: Some(opened.envelope.event_type.clone()),
-            payment_status: opened.status(),
-            txn_id: opened.text("transaction_id"),
-            // JSON is UTF-8 (RFC 8259).
-            charset: "UTF-8".to_owned(),
-            charset_assumed: false,
-            test: false,
-            paid: None,
-            verified_at: SystemTime::now(),
-        }))
+        Checked::Passed(Box::new(opened.verified(queued.body, SystemTime::now())))
     }
 
     /// The notification's own key, when it opens and its identifying fields are bounded.
@@ -450,6 +440,11 @@ impl WechatPay {
         self.verifier
             .verify(&signed, body, at)
             .map_err(|refusal| (Reason::Invalid, format!("signature: {refusal}")))?;
+        self.decrypt(body)
+    }
+
+    /// Reads the envelope and decrypts its resource with the APIv3 key (no signature check).
+    pub fn decrypt(&self, body: &[u8]) -> Result<Opened, (Reason, String)> {
         let envelope: Envelope = serde_json::from_slice(body).map_err(|e| {
             (
                 Reason::Unreadable,
@@ -478,13 +473,7 @@ impl WechatPay {
                 "the resource does not decrypt with wechatpay.apiv3_key (a wrong or changed APIv3 key)".to_owned(),
             )
         })?;
-        let resource = serde_json::from_slice(&plain).map_err(|e| {
-            (
-                Reason::Unprocessable,
-                format!("the decrypted resource is not a JSON object: {e}"),
-            )
-        })?;
-        Ok(Opened { envelope, resource })
+        Opened::from_parts(envelope, &plain)
     }
 
     /// The checks after decryption: our merchant (the service provider's in partner mode), and
@@ -505,6 +494,28 @@ impl WechatPay {
 }
 
 impl Opened {
+    /// A notification from its envelope (JSON) and its resource's plaintext, as if decrypted:
+    /// for fuzzing what comes after decryption, which no fuzzed input can reach.
+    pub fn parse(body: &[u8], plaintext: &[u8]) -> Result<Opened, (Reason, String)> {
+        let envelope = serde_json::from_slice(body).map_err(|e| {
+            (
+                Reason::Unreadable,
+                format!("not a WeChat Pay notification: {e}"),
+            )
+        })?;
+        Opened::from_parts(envelope, plaintext)
+    }
+
+    fn from_parts(envelope: Envelope, plaintext: &[u8]) -> Result<Opened, (Reason, String)> {
+        let resource = serde_json::from_slice(plaintext).map_err(|e| {
+            (
+                Reason::Unprocessable,
+                format!("the decrypted resource is not a JSON object: {e}"),
+            )
+        })?;
+        Ok(Opened { envelope, resource })
+    }
+
     /// A decrypted top-level field as text (a number as its digits).
     pub fn text(&self, name: &str) -> Option<String> {
         match self.resource.get(name)? {
@@ -565,6 +576,47 @@ impl Opened {
                 Some((*name, value?))
             })
             .collect()
+    }
+
+    /// The notification as the pipeline takes it: a payment (`TRANSACTION.*`) of
+    /// `amount.total`, or a refund (`REFUND.*`) of `amount.refund`, converted from fen; a refund
+    /// names no currency, so none is given.
+    pub fn verified(&self, body: &[u8], verified_at: SystemTime) -> Verified {
+        let amount = |name: &str| {
+            let amount = self.resource.get("amount")?.get(name)?.as_i64()?;
+            Some(amount)
+        };
+        let currency = self
+            .resource
+            .get("amount")
+            .and_then(|amount| amount.get("currency"))
+            .and_then(|currency| currency.as_str())
+            .map(str::to_owned);
+        let (kind, minor) = if self.is_refund() {
+            (Kind::Refund, amount("refund"))
+        } else if self.envelope.event_type.starts_with("TRANSACTION.") {
+            (Kind::Payment, amount("total"))
+        } else {
+            (Kind::Other, None)
+        };
+        Verified {
+            dedup: self.dedup_keys(body),
+            fields: self.fields(),
+            txn_type: Some(self.envelope.event_type.clone()),
+            payment_status: self.status(),
+            txn_id: self.text("transaction_id"),
+            kind,
+            status: self.status().map(|status| status.to_lowercase()),
+            amount: minor.map(|minor| minor_units(minor, currency.as_deref())),
+            currency,
+            merchant_order_id: self.text("out_trade_no"),
+            // JSON is UTF-8 (RFC 8259).
+            charset: "UTF-8".to_owned(),
+            charset_assumed: false,
+            test: false,
+            paid: None,
+            verified_at,
+        }
     }
 
     /// The status: `trade_state` of a transaction, `refund_status` of a refund.

@@ -145,7 +145,7 @@ async fn an_event_no_queue_is_bound_for_raises_an_unroutable_alert() {
     assert_eq!(alert["kind"], "unroutable");
     assert_eq!(
         alert["reason"],
-        "no queue bound for subscr_payment.completed"
+        "no queue bound for paypal.subscription.subscr_payment.completed"
     );
     assert!(
         alert["fix"]

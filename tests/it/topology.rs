@@ -119,7 +119,7 @@ async fn downstream_queues_from_the_config_are_declared_and_bound_to_the_events(
     let broker = TestBroker::new().await;
     let mut config = broker.config();
     let mut billing =
-        ipn_bridge::config::Downstream::new("billing", &["subscr_payment.#", "#.refunded"]);
+        ipn_bridge::config::Downstream::new("billing", &["paypal.subscription.#", "*.refund.#"]);
     billing.message_ttl = Some(Duration::from_secs(7 * 24 * 3600));
     config.downstream = vec![
         billing,
@@ -132,7 +132,7 @@ async fn downstream_queues_from_the_config_are_declared_and_bound_to_the_events(
     assert_eq!(broker.queue_info("billing").await["type"], "quorum");
     let mut billing = broker.binding_keys("billing", "ipn.events").await;
     billing.sort();
-    assert_eq!(billing, ["#.refunded", "subscr_payment.#"]);
+    assert_eq!(billing, ["*.refund.#", "paypal.subscription.#"]);
     assert_eq!(broker.binding_keys("audit", "ipn.events").await, ["#"]);
     // Nothing a service does can drop an event: a limit, and a dead-letter queue of its own.
     let arguments = &broker.queue_info("billing").await["arguments"];

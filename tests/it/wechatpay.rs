@@ -199,7 +199,7 @@ async fn stack(
     wechatpay.enabled = true;
     wechatpay.mch_ids = vec![MCH_ID.to_owned()];
     wechatpay.app_ids = vec![APP_ID.to_owned()];
-    wechatpay.apiv3_key = serde_json::from_value(serde_json::json!(fake.apiv3_key)).expect("key");
+    wechatpay.apiv3_key = ipn_bridge::config::Secret::new(fake.apiv3_key.clone());
     wechatpay.platform_keys = [(SERIAL.to_owned(), fake.public_key_pem())].into();
     if let Some(webhook) = webhook {
         stack.config.alert.webhook_url = Some(webhook.url.parse().expect("url"));
@@ -526,8 +526,7 @@ async fn a_notification_held_behind_a_stuck_one_on_the_intake_key_keeps_its_prov
         let wechatpay = &mut config.wechatpay;
         wechatpay.enabled = true;
         wechatpay.mch_ids = vec![MCH_ID.to_owned()];
-        wechatpay.apiv3_key =
-            serde_json::from_value(serde_json::json!(fake.apiv3_key)).expect("key");
+        wechatpay.apiv3_key = ipn_bridge::config::Secret::new(fake.apiv3_key.clone());
         wechatpay.platform_keys = [(SERIAL.to_owned(), fake.public_key_pem())].into();
     })
     .await;

@@ -463,7 +463,7 @@ async fn a_crash_between_any_two_steps_yields_one_event_id_and_number_after_the_
         assert_eq!(json["event_id"], of_first[0]["event_id"], "{step:?}");
         assert_eq!(
             stored[0].routing_key.as_deref(),
-            Some("subscr_payment.completed")
+            Some("paypal.subscription.subscr_payment.completed")
         );
     }
 }

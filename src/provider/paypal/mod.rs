@@ -8,7 +8,7 @@ pub mod verify;
 
 use crate::form::{self, Form, fields};
 use crate::keys::{DedupKeys, OrderKey, body_hash};
-use crate::provider::{Checked, Provider, Queued, Verified};
+use crate::provider::{Checked, Kind, Provider, Queued, Verified};
 
 /// PayPal's name in `x-ipn-provider`, events and metrics.
 pub const NAME: &str = "paypal";
@@ -25,6 +25,28 @@ pub fn check(body: &[u8]) -> Checked {
     match crate::policy::processable(&form) {
         Ok(()) => Checked::Postback(Pending { form }),
         Err(cause) => Checked::Rejected(crate::policy::Reason::Unprocessable, Some(cause)),
+    }
+}
+
+/// What an IPN is about: a refund or dispute by its status or type first (a subscription's
+/// refund is a refund), then subscriptions and recurring profiles, payouts, and payments.
+pub fn kind_of(txn_type: Option<&str>, payment_status: Option<&str>) -> Kind {
+    let txn_type = txn_type.unwrap_or_default();
+    match payment_status {
+        Some("Refunded") => return Kind::Refund,
+        Some("Reversed" | "Canceled_Reversal") => return Kind::Dispute,
+        _ => {}
+    }
+    if matches!(txn_type, "new_case" | "adjustment") {
+        Kind::Dispute
+    } else if txn_type == "masspay" {
+        Kind::Payout
+    } else if txn_type.starts_with("subscr_") || txn_type.starts_with("recurring_payment") {
+        Kind::Subscription
+    } else if payment_status.is_some() {
+        Kind::Payment
+    } else {
+        Kind::Other
     }
 }
 
@@ -59,6 +81,13 @@ impl Pending {
         ];
         let mut verified = Verified::of_form(&form, dedup, names, verified_at);
         verified.test = form.text("test_ipn").as_deref() == Some("1");
+        verified.kind = kind_of(
+            form.text("txn_type").as_deref(),
+            form.text("payment_status").as_deref(),
+        );
+        verified.amount = form.text("mc_gross");
+        verified.currency = form.text("mc_currency");
+        verified.merchant_order_id = form.text("invoice");
         // A later refund or chargeback naming only this txn_id follows the profile's order.
         verified.paid = form
             .text("txn_id")
