@@ -24,7 +24,6 @@ use tracing::{debug, info, warn};
 
 use crate::amqp::{Outgoing, PublishError, Publisher, State};
 use crate::config::{self, Config};
-use crate::provider::PayPal;
 use crate::provider::Provider;
 use crate::server::Connections;
 use crate::topology::Topology;
@@ -125,16 +124,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
 
 impl<S: Sink> App<S> {
     fn new(config: &Config, topology: Topology, publisher: S) -> App<S> {
-        let mut routes: Vec<(String, Box<dyn Provider>)> =
-            vec![(config.ingress.path.clone(), Box::new(PayPal))];
-        if config.alipay.enabled {
-            let alipay = crate::provider::alipay::Alipay::new(&config.alipay);
-            routes.push((config.alipay.path.clone(), Box::new(alipay)));
-        }
-        if config.wechatpay.enabled {
-            let wechatpay = crate::provider::wechatpay::Verifier::new(&config.wechatpay);
-            routes.push((config.wechatpay.path.clone(), Box::new(wechatpay)));
-        }
+        let routes = crate::provider::routes(config);
         App {
             config: config.ingress.clone(),
             routes,

@@ -90,6 +90,22 @@ pub trait Provider: Send + Sync + 'static {
     fn order_key(&self, body: &[u8]) -> OrderKey;
 }
 
+/// Each enabled provider's ingress route: PayPal at `ingress.path`, the others at their own
+/// path when enabled.
+pub fn routes(config: &Config) -> Vec<(String, Box<dyn Provider>)> {
+    let mut routes: Vec<(String, Box<dyn Provider>)> =
+        vec![(config.ingress.path.clone(), Box::new(PayPal))];
+    if config.alipay.enabled {
+        let alipay = alipay::Alipay::new(&config.alipay);
+        routes.push((config.alipay.path.clone(), Box::new(alipay)));
+    }
+    if config.wechatpay.enabled {
+        let wechatpay = wechatpay::Verifier::new(&config.wechatpay);
+        routes.push((config.wechatpay.path.clone(), Box::new(wechatpay)));
+    }
+    routes
+}
+
 // ---------------------------------------------------------------------------------------------
 // The worker's half: checking a queued notification and what it becomes.
 
@@ -327,6 +343,46 @@ impl Providers {
                 let form = Form::parse(body);
                 (form.text("txn_type"), form.text("txn_id"))
             }
+        }
+    }
+}
+
+impl Providers {
+    /// What an operator can do about a notification of `provider` quarantined for `reason`
+    /// (the alert's fix).
+    pub fn quarantine_fix(provider: &str, reason: Reason, message_id: &str) -> String {
+        let replay = format!("`ipnctl quarantine replay --id {message_id}`");
+        match (provider, reason) {
+            (alipay::NAME, Reason::Invalid) => format!(
+                "its signature does not verify with alipay.public_keys here (the ingress had checked it): published into a shard by someone else, or the worker's keys differ from the ingress's; once they agree, {replay}"
+            ),
+            (alipay::NAME, Reason::ForeignReceiver) => format!(
+                "addressed to another Alipay app or seller: check alipay.app_id/seller_ids; once they are right, {replay}"
+            ),
+            (wechatpay::NAME, Reason::Invalid) => format!(
+                "its signature does not verify with wechatpay.platform_keys here (see x-ipn-cause; the ingress had checked it): published into a shard by someone else, or the worker's keys differ from the ingress's; once they agree, {replay}"
+            ),
+            (wechatpay::NAME, Reason::ForeignReceiver) => format!(
+                "addressed to another WeChat Pay merchant or app: check wechatpay.mch_ids/app_ids; once they are right, {replay}"
+            ),
+            (_, Reason::Invalid) => format!(
+                "PayPal says it did not send this IPN: a possible forgery; check where it came from. Nothing is published. If PayPal was wrong, {replay}"
+            ),
+            (_, Reason::WrongEnvironment) => format!(
+                "a sandbox IPN in live mode or the reverse: check paypal.environment and the notify_url configured at PayPal; once the config is right, {replay}"
+            ),
+            (_, Reason::ForeignReceiver) => format!(
+                "addressed to another PayPal account: check paypal.receiver_ids/receiver_emails; once they are right, {replay}"
+            ),
+            (_, Reason::Unreadable) => {
+                "not a notification the provider could have sent; nothing to replay".to_owned()
+            }
+            (_, Reason::Undecryptable) => format!(
+                "the resource does not decrypt (see x-ipn-cause): check wechatpay.apiv3_key against the merchant platform; once it is right, {replay}"
+            ),
+            (_, Reason::Unprocessable) => format!(
+                "the bridge can never store or publish one of its values (see x-ipn-cause): most likely a forged or malformed notification. Nothing is published. If it is genuine, report it as a bug; after a fix, {replay}"
+            ),
         }
     }
 }

@@ -435,8 +435,11 @@ impl Pipeline {
             // (which varies) goes with the fix.
             reason: reason.as_str().to_owned(),
             fix: match cause {
-                Some(cause) => format!("{cause}; {}", quarantine_fix(reason, &inbound.message_id)),
-                None => quarantine_fix(reason, &inbound.message_id),
+                Some(cause) => format!(
+                    "{cause}; {}",
+                    Providers::quarantine_fix(inbound.provider, reason, &inbound.message_id)
+                ),
+                None => Providers::quarantine_fix(inbound.provider, reason, &inbound.message_id),
             },
         });
         Ok(Outcome::Quarantined(reason))
@@ -470,29 +473,4 @@ fn own_properties(inbound: &Inbound, reason: Reason, cause: Option<&str>) -> Bas
         properties = properties.with_content_type(content_type.clone());
     }
     properties
-}
-
-/// What an operator can do about a quarantined IPN.
-fn quarantine_fix(reason: Reason, message_id: &str) -> String {
-    let replay = format!("`ipnctl quarantine replay --id {message_id}`");
-    match reason {
-        Reason::Invalid => format!(
-            "PayPal says it did not send this IPN: a possible forgery; check where it came from. Nothing is published. If PayPal was wrong, {replay}"
-        ),
-        Reason::WrongEnvironment => format!(
-            "a sandbox IPN in live mode or the reverse: check paypal.environment and the notify_url configured at PayPal; once the config is right, {replay}"
-        ),
-        Reason::ForeignReceiver => format!(
-            "addressed to another PayPal account: check paypal.receiver_ids/receiver_emails; once they are right, {replay}"
-        ),
-        Reason::Unreadable => {
-            "not a notification the provider could have sent; nothing to replay".to_owned()
-        }
-        Reason::Undecryptable => format!(
-            "the resource does not decrypt (see x-ipn-cause): check wechatpay.apiv3_key against the merchant platform; once it is right, {replay}"
-        ),
-        Reason::Unprocessable => format!(
-            "the bridge can never store or publish one of its values (see x-ipn-cause): most likely a forged or malformed IPN. Nothing is published. If it is genuine, report it as a bug; after a fix, {replay}"
-        ),
-    }
 }

@@ -238,3 +238,61 @@ async fn a_bad_signature_is_answered_fail_and_nothing_is_queued_and_a_foreign_ap
     worker.stop().await;
     ingress.stop().await;
 }
+
+#[tokio::test]
+async fn a_refund_posted_right_after_its_payment_follows_it_with_the_next_sequence_number() {
+    let fake = FakeAlipay::new();
+    let (stack, ingress, worker) = stack(&fake).await;
+    let paid = payment(
+        "2026120100222155624068450559358080",
+        "2026-12-01 10:00:02",
+        "utf-8",
+    );
+    let mut refunded = payment(
+        "2026120200222155624068450559358081",
+        "2026-12-02 09:00:02",
+        "utf-8",
+    );
+    refunded.push(("refund_fee", "30.00"));
+    refunded.push(("out_biz_no", "R-0001"));
+    refunded.push(("gmt_refund", "2026-12-02 09:00:01.123"));
+    assert_eq!(post(&ingress, fake.notification(&paid, UTF_8)).await.0, 200);
+    assert_eq!(
+        post(&ingress, fake.notification(&refunded, UTF_8)).await.0,
+        200
+    );
+    let events = stack.events(2).await;
+    let seen: Vec<(i64, &str, &str)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["sequence"].as_i64().expect("sequence"),
+                e["kind"].as_str().expect("kind"),
+                e["amount"].as_str().expect("amount"),
+            )
+        })
+        .collect();
+    assert_eq!(seen, [(1, "payment", "88.00"), (2, "refund", "30.00")]);
+    assert_eq!(events[1]["order_key"], "alipay:ORDER-20261201-0001");
+    assert_eq!(events[1]["currency"], "CNY");
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_broker_down_alipay_gets_fail_and_so_resends() {
+    let fake = FakeAlipay::new();
+    let broker = crate::support::TestBroker::new().await;
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").to_string()
+    };
+    let mut config = broker.config_via(&closed);
+    config.alipay.enabled = true;
+    config.alipay.app_id = APP_ID.to_owned();
+    config.alipay.public_keys = vec![fake.public_key()];
+    let ingress = crate::support::ingress::spawn_ingress(config).await;
+    let body = fake.notification(&payment("9", "2026-12-01 10:00:02", "utf-8"), UTF_8);
+    assert_eq!(post(&ingress, body).await, (503, "fail".to_owned()));
+    ingress.stop().await;
+}

@@ -573,3 +573,24 @@ async fn a_notification_held_behind_a_stuck_one_on_the_intake_key_keeps_its_prov
         .collect();
     assert_eq!(types, ["TRANSACTION.SUCCESS", "REFUND.SUCCESS"]);
 }
+
+#[tokio::test]
+async fn with_the_broker_down_wechat_pay_gets_its_failure_answer_and_so_resends() {
+    let fake = FakeWechatPay::new();
+    let broker = crate::support::TestBroker::new().await;
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").to_string()
+    };
+    let mut config = broker.config_via(&closed);
+    config.wechatpay.enabled = true;
+    config.wechatpay.mch_ids = vec![MCH_ID.to_owned()];
+    config.wechatpay.apiv3_key = ipn_bridge::config::Secret::new(fake.apiv3_key.clone());
+    config.wechatpay.platform_keys = [(SERIAL.to_owned(), fake.public_key_pem())].into();
+    let ingress = crate::support::ingress::spawn_ingress(config).await;
+    let answer = post(&ingress, &fake.payment("ORDER-20261201-0009", MCH_ID)).await;
+    assert!(failed(&answer), "{answer:?}");
+    assert_eq!(answer.0, 503);
+    assert!(answer.2.contains("broker unavailable"), "{answer:?}");
+    ingress.stop().await;
+}
