@@ -31,6 +31,7 @@ pub mod ctl;
 pub mod downstream;
 pub mod event;
 pub mod fake_paypal;
+pub mod fake_providers;
 pub mod form;
 pub mod ingress;
 pub mod keys;

@@ -9,6 +9,14 @@ use ipn_bridge::ctl;
 use ipn_bridge::ctl::review::{self, Queue, Selection};
 use ipn_bridge::store::EventFilter;
 
+/// Whose notification `ipnctl send` posts.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SendAs {
+    Paypal,
+    Alipay,
+    Wechatpay,
+}
+
 /// Operate ipn-bridge: declare its topology, replay parked IPNs, release blocked keys, send a
 /// sample IPN.
 #[derive(Parser)]
@@ -59,13 +67,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// POST a raw IPN body from FILE the way PayPal does, and print the answer.
+    /// POST a notification from FILE the way its provider does, and print the answer. PayPal:
+    /// FILE is the raw form body, sent byte for byte. Alipay: FILE is the form's fields, signed
+    /// here with the demo key (`fake-keys`). WeChat Pay: FILE is `{"event_type": …,
+    /// "resource": {…}}`, encrypted and signed here with the demo keys.
     Send {
-        /// File holding the raw form body, sent byte for byte.
+        /// The notification (tests/samples/ has some of each provider).
         file: PathBuf,
-        /// Ingress URL; default http://<ingress.listen><ingress.path> from the config.
+        /// Ingress URL; default http://<ingress.listen><the provider's path> from the config.
         #[arg(long)]
         url: Option<String>,
+        /// paypal, alipay or wechatpay.
+        #[arg(long, default_value = "paypal")]
+        provider: SendAs,
+        /// The demo keys' directory (made there when missing) for alipay and wechatpay.
+        #[arg(long, default_value = "target/demo-keys")]
+        keys: PathBuf,
+    },
+    /// Make (once) the demo Alipay and WeChat Pay keys in DIR, and print the variables that
+    /// enable both providers in ipn-ingress and ipn-worker with them. For local demos only.
+    FakeKeys {
+        /// Where the keys go.
+        #[arg(default_value = "target/demo-keys")]
+        dir: PathBuf,
     },
     /// Run a fake PayPal postback endpoint (for local demos and tests) until Ctrl-C.
     FakePaypal {
@@ -299,11 +323,37 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<ExitCode> {
             ctl::fake_paypal(listen, answer).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Send { file, url } => {
-            let body =
-                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let url = url.unwrap_or_else(|| ctl::default_ingress_url(config));
-            let (status, answer) = ctl::send(&url, body).await?;
+        Command::FakeKeys { dir } => {
+            ipn_bridge::fake_providers::DemoKeys::at(&dir)?;
+            // Absolute: the config reads a key from a value starting with `/` as a file.
+            let dir = std::fs::canonicalize(&dir)
+                .with_context(|| format!("cannot resolve {}", dir.display()))?;
+            println!("{}", ctl::demo::demo_settings(&dir));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Send {
+            file,
+            url,
+            provider,
+            keys,
+        } => {
+            let (status, answer) = match provider {
+                SendAs::Paypal => {
+                    let body = std::fs::read(&file)
+                        .with_context(|| format!("cannot read {}", file.display()))?;
+                    let url = url.unwrap_or_else(|| ctl::default_ingress_url(config));
+                    ctl::send(&url, body).await?
+                }
+                SendAs::Alipay => {
+                    let url = url.unwrap_or_else(|| ctl::ingress_url(config, &config.alipay.path));
+                    ctl::demo::send_alipay(&url, &keys, &file).await?
+                }
+                SendAs::Wechatpay => {
+                    let url =
+                        url.unwrap_or_else(|| ctl::ingress_url(config, &config.wechatpay.path));
+                    ctl::demo::send_wechatpay(&url, &keys, &file).await?
+                }
+            };
             println!("{}", format!("{status} {}", answer.trim()).trim_end());
             Ok(if (200..300).contains(&status) {
                 ExitCode::SUCCESS

@@ -1,5 +1,6 @@
 //! `ipnctl`, the operator's tool: each subcommand is a function here, the binary only parses.
 
+pub mod demo;
 pub mod downstream;
 pub mod events;
 pub mod review;
@@ -40,6 +41,11 @@ pub async fn declare_topology(config: &Config) -> anyhow::Result<String> {
 /// The URL `send` posts to when none is given: the configured ingress address and path.
 pub fn default_ingress_url(config: &Config) -> String {
     format!("http://{}{}", config.ingress.listen, config.ingress.path)
+}
+
+/// `http://<ingress.listen><path>`: another provider's route on the configured ingress.
+pub fn ingress_url(config: &Config, path: &str) -> String {
+    format!("http://{}{path}", config.ingress.listen)
 }
 
 /// POSTs `body` unchanged the way PayPal does; returns the status and the answer's body.

@@ -1,67 +1,40 @@
 //! Alipay's asynchronous notifications end to end: a fake Alipay that signs as Alipay does (an
-//! RSA key made in the test, SHA256withRSA over the sorted fields in the message's charset),
+//! RSA key made in the test, SHA256withRSA over the sorted fields in the message's charset;
+//! checked against Alipay's own published notification in src/provider/alipay.rs),
 //! the real ingress, worker, RabbitMQ and PostgreSQL.
 
 use std::time::Duration;
 
-use aws_lc_rs::encoding::AsDer;
-use aws_lc_rs::rsa::KeySize;
-use aws_lc_rs::signature::{KeyPair, RSA_PKCS1_SHA256, RsaKeyPair};
-use base64::Engine;
 use encoding_rs::{Encoding, GBK, UTF_8};
+use ipn_bridge::fake_providers::{self, SigningKey};
 
 use crate::pipeline_e2e::{RunningWorker, Stack, raw};
 use crate::support::{PATIENCE, ready_ingress};
 
 const APP_ID: &str = "2021004100000001";
 
-/// Alipay as the test plays it: its key pair, and how it signs and encodes a notification.
+/// Alipay as the test plays it: its key pair (made here), signing and encoding as Alipay does
+/// ([`ipn_bridge::fake_providers`]).
 struct FakeAlipay {
-    key: RsaKeyPair,
+    key: SigningKey,
 }
 
 impl FakeAlipay {
     fn new() -> FakeAlipay {
         FakeAlipay {
-            key: RsaKeyPair::generate(KeySize::Rsa2048).expect("RSA key"),
+            key: SigningKey::generate(),
         }
     }
 
     /// The public key as Alipay's console shows it: bare base64 of the SubjectPublicKeyInfo.
     fn public_key(&self) -> String {
-        let der = self.key.public_key().as_der().expect("SPKI");
-        base64::engine::general_purpose::STANDARD.encode(der.as_ref())
+        self.key.public_base64()
     }
 
     /// A signed notification body: the fields (sign and sign_type added), each value's bytes
     /// in `charset` percent-encoded, as Alipay posts them.
     fn notification(&self, fields: &[(&str, &str)], charset: &'static Encoding) -> Vec<u8> {
-        // What Alipay signs: non-empty fields but sign/sign_type, sorted, `k=v&...`, in charset.
-        let mut signed: Vec<&(&str, &str)> = fields.iter().filter(|(_, v)| !v.is_empty()).collect();
-        signed.sort();
-        let content: Vec<String> = signed.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let content = content.join("&");
-        let (bytes, _, _) = charset.encode(&content);
-        let mut signature = vec![0; self.key.public_modulus_len()];
-        let rng = aws_lc_rs::rand::SystemRandom::new();
-        self.key
-            .sign(&RSA_PKCS1_SHA256, &rng, &bytes, &mut signature)
-            .expect("sign");
-        let sign = base64::engine::general_purpose::STANDARD.encode(signature);
-        let mut all: Vec<(&str, &str)> = fields.to_vec();
-        all.push(("sign_type", "RSA2"));
-        all.push(("sign", &sign));
-        let pairs: Vec<String> = all
-            .iter()
-            .map(|(k, v)| {
-                let (bytes, _, _) = charset.encode(v);
-                let value: String =
-                    percent_encoding::percent_encode(&bytes, percent_encoding::NON_ALPHANUMERIC)
-                        .collect();
-                format!("{k}={value}")
-            })
-            .collect();
-        pairs.join("&").into_bytes()
+        fake_providers::alipay_notification(&self.key, fields, charset)
     }
 }
 

@@ -3,13 +3,9 @@
 //! `timestamp\nnonce\nbody\n`; the resource AES-256-GCM), the real ingress, worker, RabbitMQ
 //! and PostgreSQL.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-use aws_lc_rs::encoding::AsDer;
-use aws_lc_rs::rsa::KeySize;
-use aws_lc_rs::signature::{KeyPair, RSA_PKCS1_SHA256, RsaKeyPair};
-use base64::Engine;
+use ipn_bridge::fake_providers::{self, SigningKey, now, random_text};
 
 use crate::pipeline_e2e::{RunningWorker, Stack, raw};
 use crate::support::alerts::FakeWebhook;
@@ -20,9 +16,9 @@ const APP_ID: &str = "wxd678efh567hg6787";
 const SERIAL: &str = "PUB_KEY_ID_0114232134912410000000000000";
 
 /// WeChat Pay as the test plays it: its signing key (known to us by `SERIAL`) and the
-/// merchant's APIv3 key it encrypts with.
+/// merchant's APIv3 key it encrypts with ([`ipn_bridge::fake_providers`]).
 struct FakeWechatPay {
-    key: RsaKeyPair,
+    key: SigningKey,
     apiv3_key: String,
 }
 
@@ -32,38 +28,17 @@ struct Posted {
     body: Vec<u8>,
 }
 
-fn random_text(n: usize) -> String {
-    (0..n).map(|_| fastrand::alphanumeric()).collect()
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-}
-
 impl FakeWechatPay {
     fn new() -> FakeWechatPay {
         FakeWechatPay {
-            key: RsaKeyPair::generate(KeySize::Rsa2048).expect("RSA key"),
+            key: SigningKey::generate(),
             apiv3_key: random_text(32),
         }
     }
 
     /// The platform public key as the merchant platform offers it: PEM.
     fn public_key_pem(&self) -> String {
-        let der = self.key.public_key().as_der().expect("SPKI");
-        let base64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
-        let lines: Vec<&str> = base64
-            .as_bytes()
-            .chunks(64)
-            .map(|line| std::str::from_utf8(line).expect("ascii"))
-            .collect();
-        format!(
-            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
-            lines.join("\n")
-        )
+        self.key.public_pem()
     }
 
     /// The body of a notification: `resource` encrypted with `apiv3_key`.
@@ -75,60 +50,14 @@ impl FakeWechatPay {
         original_type: &str,
         resource: &serde_json::Value,
     ) -> Vec<u8> {
-        let nonce = random_text(12);
-        let key =
-            LessSafeKey::new(UnboundKey::new(&AES_256_GCM, apiv3_key.as_bytes()).expect("key"));
-        let mut data = resource.to_string().into_bytes();
-        key.seal_in_place_append_tag(
-            Nonce::try_assume_unique_for_key(nonce.as_bytes()).expect("nonce"),
-            Aad::from(original_type.as_bytes()),
-            &mut data,
-        )
-        .expect("seal");
-        let ciphertext = base64::engine::general_purpose::STANDARD.encode(data);
-        serde_json::json!({
-            "id": id,
-            "create_time": "2026-12-01T10:00:01+08:00",
-            "resource_type": "encrypt-resource",
-            "event_type": event_type,
-            "summary": "支付成功",
-            "resource": {
-                "original_type": original_type,
-                "algorithm": "AEAD_AES_256_GCM",
-                "ciphertext": ciphertext,
-                "associated_data": original_type,
-                "nonce": nonce,
-            }
-        })
-        .to_string()
-        .into_bytes()
+        fake_providers::wechatpay_body(apiv3_key, id, event_type, original_type, resource)
+            .expect("encrypted")
     }
 
-    /// Signs `body` as sent at `timestamp`: the four headers WeChat Pay sends.
+    /// Signs `body` as sent at `timestamp`: the headers WeChat Pay sends.
     fn sign(&self, body: Vec<u8>, timestamp: u64) -> Posted {
-        let nonce = random_text(32);
-        let mut message = format!("{timestamp}\n{nonce}\n").into_bytes();
-        message.extend_from_slice(&body);
-        message.push(b'\n');
-        let mut signature = vec![0; self.key.public_modulus_len()];
-        let rng = aws_lc_rs::rand::SystemRandom::new();
-        self.key
-            .sign(&RSA_PKCS1_SHA256, &rng, &message, &mut signature)
-            .expect("sign");
         Posted {
-            headers: vec![
-                ("Wechatpay-Timestamp", timestamp.to_string()),
-                ("Wechatpay-Nonce", nonce),
-                (
-                    "Wechatpay-Signature",
-                    base64::engine::general_purpose::STANDARD.encode(signature),
-                ),
-                ("Wechatpay-Serial", SERIAL.to_owned()),
-                (
-                    "Wechatpay-Signature-Type",
-                    "WECHATPAY2-SHA256-RSA2048".to_owned(),
-                ),
-            ],
+            headers: fake_providers::wechatpay_headers(&self.key, SERIAL, &body, timestamp),
             body,
         }
     }
