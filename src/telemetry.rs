@@ -110,3 +110,76 @@ pub fn render_metrics(registry: &prometheus_client::registry::Registry) -> Strin
     let _ = prometheus_client::encoding::text::encode(&mut text, registry);
     text
 }
+
+/// OpenMetrics' content type, served to a scraper that asks for it (Prometheus does).
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The Prometheus text format's content type (0.0.4), served to everyone else (`curl`,
+/// `promtool check metrics`).
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The body and content type of `/metrics` for a request with this `Accept` header: the
+/// OpenMetrics text as rendered when the client accepts it, otherwise the same metrics in the
+/// Prometheus text format (a counter's `# HELP`/`# TYPE` name its `_total` series, no `# UNIT`,
+/// no `# EOF`), so that neither parser takes a counter for an untyped metric.
+pub fn exposition(openmetrics: String, accept: Option<&str>) -> (&'static str, String) {
+    if accept.is_some_and(|accept| accept.contains("application/openmetrics-text")) {
+        return (OPENMETRICS, openmetrics);
+    }
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(renamed) => text.push_str(&renamed),
+            None => text.push_str(line),
+        }
+        text.push('\n');
+    }
+    (PROMETHEUS_TEXT, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::gauge::Gauge;
+
+    fn rendered() -> String {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("ipn_test");
+        let counter = Counter::<u64>::default();
+        counter.inc();
+        registry.register("requests", "Requests", counter);
+        registry.register("in_flight", "In flight", Gauge::<i64>::default());
+        render_metrics(&registry)
+    }
+
+    #[test]
+    fn prometheus_gets_openmetrics_and_everyone_else_typed_prometheus_text() {
+        let openmetrics = rendered();
+        assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+        let (kind, body) = exposition(
+            openmetrics.clone(),
+            Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+        );
+        assert_eq!((kind, body.as_str()), (OPENMETRICS, openmetrics.as_str()));
+        let (kind, body) = exposition(openmetrics, None);
+        assert_eq!(kind, PROMETHEUS_TEXT);
+        assert_eq!(
+            body,
+            "# HELP ipn_test_requests_total Requests.\n# TYPE ipn_test_requests_total counter\nipn_test_requests_total 1\n# HELP ipn_test_in_flight In flight.\n# TYPE ipn_test_in_flight gauge\nipn_test_in_flight 0\n"
+        );
+    }
+}

@@ -46,7 +46,17 @@ pub(super) async fn serve(
             let (pipeline, consuming, stopping) =
                 (Arc::clone(&pipeline), Arc::clone(&consuming), stop.clone());
             let service = service_fn(move |request: Request<Incoming>| {
-                let response = probe(request.uri().path(), &pipeline, &consuming, &stopping);
+                let accept = request
+                    .headers()
+                    .get(hyper::header::ACCEPT)
+                    .and_then(|value| value.to_str().ok());
+                let response = probe(
+                    request.uri().path(),
+                    accept,
+                    &pipeline,
+                    &consuming,
+                    &stopping,
+                );
                 async move { Ok::<_, Infallible>(response) }
             });
             accepted.serve(&http, service);
@@ -57,13 +67,23 @@ pub(super) async fn serve(
 /// The answer to one probe.
 fn probe(
     path: &str,
+    accept: Option<&str>,
     pipeline: &Pipeline,
     consuming: &AtomicBool,
     stopping: &CancellationToken,
 ) -> Response<Full<Bytes>> {
+    if path == "/metrics" {
+        let (content_type, body) =
+            crate::telemetry::exposition(pipeline.metrics().render(), accept);
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        let value = hyper::header::HeaderValue::from_static(content_type);
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+        return response;
+    }
     let (status, body) = match path {
         "/healthz" => (StatusCode::OK, "ok".to_owned()),
-        "/metrics" => (StatusCode::OK, pipeline.metrics().render()),
         "/readyz" => readiness(pipeline, consuming, stopping),
         _ => (StatusCode::NOT_FOUND, "not found".to_owned()),
     };

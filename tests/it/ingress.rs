@@ -87,6 +87,31 @@ async fn every_sample_arrives_in_its_shard_queue_byte_for_byte_with_its_headers(
             .collect();
         assert_eq!(queued, posted, "shard {shard} order");
     }
+    // /metrics: Prometheus text, its counters typed as counters under their `_total` name, for
+    // curl and promtool; OpenMetrics for a scraper that asks for it.
+    let plain = reqwest::get(ingress.path("/metrics"))
+        .await
+        .expect("metrics");
+    assert_eq!(
+        plain.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = plain.text().await.expect("text");
+    assert!(
+        text.contains("# TYPE ipn_ingress_requests_total counter\n") && !text.contains("# EOF"),
+        "{text}"
+    );
+    let open = reqwest::Client::new()
+        .get(ingress.path("/metrics"))
+        .header("accept", "application/openmetrics-text; version=1.0.0")
+        .send()
+        .await
+        .expect("metrics");
+    let open = open.text().await.expect("text");
+    assert!(
+        open.contains("# TYPE ipn_ingress_requests counter\n") && open.ends_with("# EOF\n"),
+        "{open}"
+    );
     ingress.stop().await;
 }
 
