@@ -115,6 +115,20 @@ pub struct Counters {
     pub failed: Family<ChannelLabel, Counter>,
 }
 
+impl Counters {
+    /// Both channels' series at 0 from the start, so `alerts_failed_total` can be alerted on
+    /// before the first failure.
+    pub fn initialized() -> Counters {
+        let counters = Counters::default();
+        for channel in ["webhook", "email"] {
+            let label = ChannelLabel { channel };
+            let _ = counters.sent.get_or_create(&label);
+            let _ = counters.failed.get_or_create(&label);
+        }
+        counters
+    }
+}
+
 /// Label of the alert counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct ChannelLabel {

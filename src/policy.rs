@@ -29,6 +29,16 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, for metrics that show each from the start.
+    pub const ALL: [Reason; 6] = [
+        Reason::Invalid,
+        Reason::WrongEnvironment,
+        Reason::ForeignReceiver,
+        Reason::Unreadable,
+        Reason::Unprocessable,
+        Reason::Undecryptable,
+    ];
+
     /// Header value: `invalid`, `wrong-environment`, `foreign-receiver`, `unreadable`,
     /// `unprocessable`, `undecryptable`.
     pub fn as_str(self) -> &'static str {

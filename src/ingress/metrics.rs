@@ -65,7 +65,7 @@ impl Metrics {
             "Notifications refused at the door (bad signature...), by provider and reason",
             refused.clone(),
         );
-        let alerts = crate::alert::Counters::default();
+        let alerts = crate::alert::Counters::initialized();
         registry.register(
             "alerts_sent",
             "Alert messages delivered, by channel",
@@ -83,6 +83,26 @@ impl Metrics {
             confirm_seconds,
             in_flight,
             refused,
+        }
+    }
+
+    /// Puts every series whose labels are known in advance at 0: each status the ingress answers
+    /// (and `dropped`), and each refusal reason of each route's provider.
+    pub fn initialize(&self, providers: &[&dyn crate::provider::Provider]) {
+        for status in ["200", "400", "405", "408", "413", "415", "503", "dropped"] {
+            let label = StatusLabel {
+                status: status.to_owned(),
+            };
+            let _ = self.requests.get_or_create(&label);
+        }
+        for provider in providers {
+            for reason in provider.refusal_reasons() {
+                let label = RefusedLabel {
+                    provider: provider.name(),
+                    reason,
+                };
+                let _ = self.refused.get_or_create(&label);
+            }
         }
     }
 

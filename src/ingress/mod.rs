@@ -125,12 +125,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
 impl<S: Sink> App<S> {
     fn new(config: &Config, topology: Topology, publisher: S) -> App<S> {
         let routes = crate::provider::routes(config);
+        let metrics = Metrics::new();
+        let providers: Vec<&dyn Provider> = routes.iter().map(|(_, p)| p.as_ref()).collect();
+        metrics.initialize(&providers);
         App {
             config: config.ingress.clone(),
             routes,
             publisher,
             topology,
-            metrics: Metrics::new(),
+            metrics,
             draining: CancellationToken::new(),
             refusals: crate::bounded::LogBudget::new(REFUSALS_LOGGED_PER_SECOND),
             alerter: crate::alert::Alerter::logging_only(),

@@ -265,6 +265,10 @@ impl Provider for Alipay {
         })
     }
 
+    fn refusal_reasons(&self) -> &'static [&'static str] {
+        &["unsigned", "bad-signature"]
+    }
+
     fn order_key(&self, body: &[u8]) -> OrderKey {
         order_key(&Form::parse(body), body)
     }

@@ -79,6 +79,11 @@ pub trait Provider: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Every reason [`Provider::admit`] can refuse with (metric labels shown from the start).
+    fn refusal_reasons(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// The request headers (lower case) that must travel with the raw body, for the worker's
     /// own check (WeChat Pay's signature headers). Each was bounded by [`Provider::admit`].
     fn carried_headers(&self) -> &'static [&'static str] {

@@ -363,6 +363,16 @@ impl Provider for Verifier {
         &HEADERS
     }
 
+    fn refusal_reasons(&self) -> &'static [&'static str] {
+        &[
+            "unsigned",
+            "probe",
+            "unknown-serial",
+            "stale",
+            "bad-signature",
+        ]
+    }
+
     /// Nothing of the key is visible before decryption, so every WeChat Pay notification
     /// queues under one intake key ([`intake_key`]); the worker re-routes each to its own key.
     fn order_key(&self, _body: &[u8]) -> OrderKey {

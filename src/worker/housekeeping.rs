@@ -33,8 +33,16 @@ pub(super) async fn purge_periodically(store: Store, retention: Duration, stop: 
 }
 
 /// Refreshes the blocked-key and held-IPN gauges every five seconds, and with them whether the
-/// database answers (for `/readyz`), until `stop`.
-pub(super) async fn count_blocked(store: Store, pipeline: Arc<Pipeline>, stop: CancellationToken) {
+/// database answers (for `/readyz`), until `stop`. The counts are the deployment's (PostgreSQL's),
+/// so only the worker that owns shard 0 exports them; the others export 0, so that a `sum()` over
+/// the workers is the count, not a multiple of it.
+pub(super) async fn count_blocked(
+    store: Store,
+    pipeline: Arc<Pipeline>,
+    config: crate::config::Config,
+    id: String,
+    stop: CancellationToken,
+) {
     let mut every = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
@@ -44,6 +52,8 @@ pub(super) async fn count_blocked(store: Store, pipeline: Arc<Pipeline>, stop: C
         let totals = tokio::time::timeout(Duration::from_secs(5), store.blocked_totals()).await;
         let up = matches!(totals, Ok(Ok(_)));
         if let Ok(Ok((keys, held))) = totals {
+            let exporting = super::watch::watching(&store, &config, &id).await;
+            let (keys, held) = if exporting { (keys, held) } else { (0, 0) };
             pipeline.metrics().blocked_keys.set(keys);
             pipeline.metrics().held_now.set(held);
         }

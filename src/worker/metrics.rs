@@ -94,7 +94,7 @@ impl Metrics {
             parked: Counter::default(),
             held: Counter::default(),
             released: Counter::default(),
-            alerts: crate::alert::Counters::default(),
+            alerts: crate::alert::Counters::initialized(),
             rerouted: Counter::default(),
             owned_shards: Gauge::default(),
             blocked_keys: Gauge::default(),
@@ -104,6 +104,18 @@ impl Metrics {
             downstream_dead: Family::default(),
             registry: Registry::default(),
         };
+        // Every series of a fixed label set exists from the start, at 0.
+        for outcome in ["verified", "invalid", "error"] {
+            let _ = metrics
+                .verifications
+                .get_or_create(&OutcomeLabel { outcome });
+        }
+        for reason in crate::policy::Reason::ALL {
+            let label = ReasonLabel {
+                reason: reason.as_str(),
+            };
+            let _ = metrics.quarantined.get_or_create(&label);
+        }
         registry.register(
             "verifications",
             "PayPal postbacks by outcome",

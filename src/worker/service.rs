@@ -117,12 +117,14 @@ async fn serve(config: Config, health: TcpListener, stop: CancellationToken) -> 
         config.database.dedup_retention,
         stop.clone(),
     ));
+    let id = id(&config);
     let gauges = tokio::spawn(housekeeping::count_blocked(
         store.clone(),
         Arc::clone(&pipeline),
+        config.clone(),
+        id.clone(),
         stop.clone(),
     ));
-    let id = id(&config);
     info!(worker = %id, "ipn-worker starting");
     let watch = tokio::spawn(watch::watch_downstream(
         config.clone(),

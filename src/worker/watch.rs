@@ -83,7 +83,9 @@ pub(super) async fn watch_downstream(
 }
 
 /// Whether this worker watches now: it owns [`WATCHING_SHARD`] among the live workers.
-async fn watching(store: &Store, config: &Config, id: &str) -> bool {
+/// Whether worker `id` owns [`WATCHING_SHARD`] among the live workers now: the one worker that
+/// watches the downstream queues and exports the deployment-wide gauges.
+pub(super) async fn watching(store: &Store, config: &Config, id: &str) -> bool {
     match store.live_workers(config.worker.takeover).await {
         Ok(live) => {
             let ids: Vec<String> = live.into_iter().map(|w| w.worker_id).collect();

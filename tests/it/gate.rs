@@ -107,6 +107,8 @@ async fn paypal_timing_out_every_time_walks_the_tiers_then_parks_the_ipn_and_blo
         (key.as_str(), "parked")
     );
     assert_eq!(listed[0].held, 0);
+    // The deployment's count, exported by the owner of shard 0 (here the only worker).
+    wait_metric(&worker, "ipn_worker_blocked_keys", 1.0).await;
 
     let store = Store::connect(&stack.config.database).await.expect("store");
     let blocked = store

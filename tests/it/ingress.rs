@@ -88,7 +88,20 @@ async fn every_sample_arrives_in_its_shard_queue_byte_for_byte_with_its_headers(
         assert_eq!(queued, posted, "shard {shard} order");
     }
     // /metrics: Prometheus text, its counters typed as counters under their `_total` name, for
-    // curl and promtool; OpenMetrics for a scraper that asks for it.
+    // curl and promtool; OpenMetrics for a scraper that asks for it. Fixed label sets exist from
+    // the start, at 0.
+    assert_eq!(
+        ingress
+            .metric("ipn_ingress_requests_total{status=\"503\"}")
+            .await,
+        Some(0.0)
+    );
+    assert_eq!(
+        ingress
+            .metric("ipn_ingress_alerts_failed_total{channel=\"webhook\"}")
+            .await,
+        Some(0.0)
+    );
     let plain = reqwest::get(ingress.path("/metrics"))
         .await
         .expect("metrics");
