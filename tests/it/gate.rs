@@ -33,17 +33,6 @@ fn key_of(body: &[u8]) -> String {
     PayPal::order_key_of(&Form::parse(body), body).to_string()
 }
 
-async fn wait_metric(worker: &RunningWorker, name: &str, value: f64) {
-    let reached = async {
-        while worker.metric(name).await != Some(value) {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, reached)
-        .await
-        .unwrap_or_else(|_| panic!("{name} reached {value} in time"));
-}
-
 fn header_text(delivery: &lapin::message::Delivery, name: &str) -> Option<String> {
     ipn_bridge::contract::header_text(&delivery.properties, name)
 }
@@ -108,7 +97,7 @@ async fn paypal_timing_out_every_time_walks_the_tiers_then_parks_the_ipn_and_blo
     );
     assert_eq!(listed[0].held, 0);
     // The deployment's count, exported by the owner of shard 0 (here the only worker).
-    wait_metric(&worker, "ipn_worker_blocked_keys", 1.0).await;
+    worker.wait_metric("ipn_worker_blocked_keys", 1.0).await;
 
     let store = Store::connect(&stack.config.database).await.expect("store");
     let blocked = store
@@ -188,7 +177,7 @@ async fn an_ipn_behind_a_parked_one_is_verified_and_held_and_a_replay_delivers_b
     assert_eq!(post_form(&ingress.url, second.clone()).await.0, 200);
     assert_eq!(post_form(&ingress.url, forged.clone()).await.0, 200);
     stack.wait_for("ipn.quarantine", 1).await;
-    wait_metric(&worker, "ipn_worker_held_total", 1.0).await;
+    worker.wait_metric("ipn_worker_held_total", 1.0).await;
     let postbacks = stack.paypal.postbacks();
     assert!(
         postbacks.iter().any(|p| p.ipn == second),
@@ -254,7 +243,7 @@ async fn releasing_a_blocked_key_skips_its_blocker_and_delivers_the_held_ipns_in
     for body in &later {
         assert_eq!(post_form(&ingress.url, body.clone()).await.0, 200);
     }
-    wait_metric(&worker, "ipn_worker_held_total", 2.0).await;
+    worker.wait_metric("ipn_worker_held_total", 2.0).await;
 
     let key = key_of(&blocker);
     assert!(

@@ -50,6 +50,18 @@ impl RunningWorker {
         crate::support::metric(&format!("http://{}/metrics", self.address), name).await
     }
 
+    /// Waits until the metric `name` reads `value`; panics after [`PATIENCE`].
+    pub(crate) async fn wait_metric(&self, name: &str, value: f64) {
+        let reached = async {
+            while self.metric(name).await != Some(value) {
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, reached)
+            .await
+            .unwrap_or_else(|_| panic!("{name} reached {value} in time"));
+    }
+
     /// Ends the worker abruptly, as a killed process: nothing drains, nothing is acked after
     /// this. (Its broker connections go when the test cuts the proxy they run through.)
     pub(crate) fn kill(self) {
