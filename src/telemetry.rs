@@ -151,6 +151,22 @@ pub fn exposition(openmetrics: String, accept: Option<&str>) -> (&'static str, S
     (PROMETHEUS_TEXT, text)
 }
 
+/// The `/metrics` answer of either binary for a request with this `Accept` header
+/// ([`exposition`]).
+pub fn metrics_response(
+    openmetrics: String,
+    accept: Option<&hyper::header::HeaderValue>,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    let accept = accept.and_then(|value| value.to_str().ok());
+    let (content_type, body) = exposition(openmetrics, accept);
+    let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

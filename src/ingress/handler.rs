@@ -83,18 +83,10 @@ pub(super) async fn handle<S: Sink>(
         match path {
             "/healthz" => text(StatusCode::OK, "ok"),
             "/readyz" => readiness(&app),
-            "/metrics" => {
-                let accept = request
-                    .headers()
-                    .get(hyper::header::ACCEPT)
-                    .and_then(|value| value.to_str().ok());
-                let (content_type, body) =
-                    crate::telemetry::exposition(app.metrics.render(), accept);
-                let mut response = Response::new(Full::new(Bytes::from(body)));
-                let value = HeaderValue::from_static(content_type);
-                response.headers_mut().insert(CONTENT_TYPE, value);
-                response
-            }
+            "/metrics" => crate::telemetry::metrics_response(
+                app.metrics.render(),
+                request.headers().get(hyper::header::ACCEPT),
+            ),
             _ => text(StatusCode::NOT_FOUND, "not found"),
         }
     };

@@ -92,12 +92,16 @@ impl Alipay {
 
     /// Checks the signature of a raw notification body.
     pub fn verify(&self, body: &[u8]) -> Result<(), Refusal> {
-        let form = Form::parse(body);
+        self.verify_form(&Form::parse(body))
+    }
+
+    /// [`Alipay::verify`] of a notification already parsed.
+    pub fn verify_form(&self, form: &Form) -> Result<(), Refusal> {
         let signature = form
             .raw("sign")
             .and_then(|sign| base64::engine::general_purpose::STANDARD.decode(sign).ok())
             .ok_or(Refusal::Unsigned)?;
-        let content = signed_content(&form);
+        let content = signed_content(form);
         let verifies = |der: &Vec<u8>| {
             UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, der)
                 .verify(&content, &signature)
@@ -121,7 +125,7 @@ impl Alipay {
         if let Err(cause) = crate::policy::fields_processable(&form, &ID_FIELDS) {
             return Checked::Rejected(Reason::Unprocessable, Some(cause));
         }
-        if self.verify(body).is_err() {
+        if self.verify_form(&form).is_err() {
             return Checked::Rejected(Reason::Invalid, None);
         }
         if let Err(reason) = self.policy(&form) {

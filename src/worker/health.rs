@@ -46,10 +46,7 @@ pub(super) async fn serve(
             let (pipeline, consuming, stopping) =
                 (Arc::clone(&pipeline), Arc::clone(&consuming), stop.clone());
             let service = service_fn(move |request: Request<Incoming>| {
-                let accept = request
-                    .headers()
-                    .get(hyper::header::ACCEPT)
-                    .and_then(|value| value.to_str().ok());
+                let accept = request.headers().get(hyper::header::ACCEPT);
                 let response = probe(
                     request.uri().path(),
                     accept,
@@ -67,20 +64,13 @@ pub(super) async fn serve(
 /// The answer to one probe.
 fn probe(
     path: &str,
-    accept: Option<&str>,
+    accept: Option<&hyper::header::HeaderValue>,
     pipeline: &Pipeline,
     consuming: &AtomicBool,
     stopping: &CancellationToken,
 ) -> Response<Full<Bytes>> {
     if path == "/metrics" {
-        let (content_type, body) =
-            crate::telemetry::exposition(pipeline.metrics().render(), accept);
-        let mut response = Response::new(Full::new(Bytes::from(body)));
-        let value = hyper::header::HeaderValue::from_static(content_type);
-        response
-            .headers_mut()
-            .insert(hyper::header::CONTENT_TYPE, value);
-        return response;
+        return crate::telemetry::metrics_response(pipeline.metrics().render(), accept);
     }
     let (status, body) = match path {
         "/healthz" => (StatusCode::OK, "ok".to_owned()),

@@ -394,6 +394,10 @@ impl Pipeline {
         reason: Reason,
         cause: Option<&str>,
     ) -> Result<Outcome, Error> {
+        // A cause may quote the notification (a decoder's message names the value it refused):
+        // bounded once here, for the header, the log line and the alert alike.
+        let cause = cause.map(|cause| bounded::cut(cause, bounded::MAX_ERROR_BYTES));
+        let cause = cause.as_deref();
         let mut headers = inbound.properties.headers().clone().unwrap_or_default();
         headers.insert(contract::REASON.into(), text(reason.as_str()));
         if let Some(cause) = cause {
