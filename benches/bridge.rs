@@ -2,20 +2,23 @@
 //! resident memory of each long-running binary at rest and under load.
 //!
 //! ```sh
-//! cargo bench --bench bridge                     # all: ingress, then e2e at 0 ms and 200 ms PayPal
+//! cargo bench --bench bridge                # all: ingress, e2e at 0 and 200 ms, providers
 //! cargo bench --bench bridge -- ingress --concurrency 256 --seconds 30
 //! cargo bench --bench bridge -- e2e --paypal-delay 200ms
+//! cargo bench --bench bridge -- providers   # PayPal, Alipay, WeChat Pay side by side
 //! ```
 //! `ingress` (benches/ingress.rs): the real `ipn-ingress` under HTTP load vs a raw lapin publisher
 //! with confirms. `e2e` (benches/e2e.rs): ingress → real `ipn-worker` → downstream vs a raw relay
-//! (consume → republish → ack). Both check every `200` against what arrived, and fail if one is
-//! missing. Needs RabbitMQ and PostgreSQL on 127.0.0.1 (`scripts/services`). docs/PERFORMANCE.md
+//! (consume → republish → ack). `providers` (benches/providers.rs): each provider's
+//! notifications through the ingress and the worker, beside PayPal's. All check every `200`
+//! against what arrived, and fail if one is missing. Needs RabbitMQ and PostgreSQL on 127.0.0.1 (`scripts/services`). docs/PERFORMANCE.md
 //! has the results.
 
 use clap::{Parser, Subcommand};
 
 mod e2e;
 mod ingress;
+mod providers;
 #[path = "../tests/samples.rs"]
 mod samples_dir;
 mod support;
@@ -35,8 +38,10 @@ enum Command {
     Ingress(ingress::Args),
     /// Ingress → worker → downstream vs the raw relay; the worker's memory.
     E2e(e2e::Args),
-    /// Both with their defaults, e2e with PayPal answering at once and after 200 ms (the
-    /// default when no command is given; about 8.5 minutes).
+    /// PayPal, Alipay and WeChat Pay through the ingress and the worker, side by side.
+    Providers(providers::Args),
+    /// All with their defaults, e2e with PayPal answering at once and after 200 ms (the default
+    /// when no command is given; about 10 minutes).
     All,
 }
 
@@ -45,12 +50,14 @@ fn main() -> anyhow::Result<()> {
     let summary = match cli.command.unwrap_or(Command::All) {
         Command::Ingress(args) => ingress::bench(&args)?,
         Command::E2e(args) => e2e::bench(&args)?,
+        Command::Providers(args) => providers::bench(&args)?,
         Command::All => {
             let mut summary = ingress::bench(&parse::<ingress::Args>(&[]))?;
             for delay in ["0ms", "200ms"] {
                 let args = parse::<e2e::Args>(&["--paypal-delay", delay]);
                 summary.extend(e2e::bench(&args)?);
             }
+            summary.extend(providers::bench(&parse::<providers::Args>(&[]))?);
             summary
         }
     };

@@ -20,13 +20,12 @@
 //! 1..n without a gap or a repeat. Needs RabbitMQ (guest/guest) and PostgreSQL (user postgres)
 //! on 127.0.0.1. Uses a unique prefix in vhost `/` and a database of its own; removes both.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
-use hdrhistogram::Histogram;
 use ipn_bridge::amqp::{Outgoing, Publisher};
 use ipn_bridge::config::{Config, Downstream};
 use ipn_bridge::fake_paypal::{Answer, FakePaypal};
@@ -39,8 +38,9 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, Semaphore, mpsc};
 
 use crate::samples_dir;
+use crate::support::events::{Arrival, Drained, Ledger, consume_downstream, take_events};
 use crate::support::{self, Summary};
-use crate::support::{BodySource, ChildProcess, Length, cores, free_port, histogram, http_phase};
+use crate::support::{BodySource, ChildProcess, Length, cores, http_phase};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -85,19 +85,9 @@ struct Names<'a> {
     database_url: &'a str,
 }
 
-/// One event as the downstream consumer saw it.
-struct Arrival {
-    at: SystemTime,
-    order_key: String,
-    sequence: i64,
-    /// The `bench_seq` of the IPN (its `txn_id` is `B<seq>`).
-    seq: u64,
-    received_at: Option<SystemTime>,
-}
-
 /// IPN number `seq`: a real `subscr_payment` shape with its own txn_id and ipn_track_id, for the
 /// profile `seq % keys` (so each key's IPNs are posted in increasing `seq` order).
-fn body_source(keys: u64) -> BodySource {
+pub fn body_source(keys: u64) -> BodySource {
     let template = samples_dir::sample("013_subscr_payment.txt");
     Arc::new(move |seq| {
         let mut body = Vec::with_capacity(template.len() + 32);
@@ -149,7 +139,7 @@ async fn bench_in_runtime(args: &Args) -> anyhow::Result<Summary> {
     let result = run(args, &config, &topology, &connection, &names).await;
     let dead = ipn_bridge::config::dead_letter_queue(&downstream);
     support::cleanup(&connection, &topology, &[&downstream, &dead]).await?;
-    drop_database(&args.postgres, &database).await?;
+    support::drop_database(&args.postgres, &database).await?;
     result
 }
 
@@ -171,14 +161,15 @@ async fn run(
     };
     let paypal = FakePaypal::start(listener, answer)?;
 
-    let (mut ingress, url) = support::start_ingress(config).await?;
+    let (mut ingress, url) = support::start_ingress(config, &[]).await?;
+    let posts = support::paypal_posts(&bodies);
     let accepted = Arc::new(Mutex::new(HashSet::new()));
     let posted = http_phase(
         "post (worker stopped)",
         64,
         None,
         &url,
-        &bodies,
+        &posts,
         &accepted,
         0,
         Length::Count(args.ipns),
@@ -197,7 +188,7 @@ async fn run(
         256,
         Some(live_rate),
         &url,
-        &bodies,
+        &posts,
         &accepted,
         args.ipns,
         Length::Time(Duration::from_secs(args.seconds)),
@@ -280,121 +271,6 @@ async fn run(
     );
     summary.memory(&format!("ipn-worker (PayPal {delay})"), rss_rest, rss_drain);
     Ok(summary)
-}
-
-/// What the downstream consumer saw across phases.
-#[derive(Default)]
-struct Ledger {
-    events: u64,
-    duplicates: u64,
-    sequence_errors: u64,
-    last_sequence: HashMap<String, i64>,
-}
-
-/// One phase's events at the downstream queue.
-struct Drained {
-    events: u64,
-    elapsed: Duration,
-    latency: Histogram<u64>,
-}
-
-impl Drained {
-    fn rate(&self) -> f64 {
-        self.events.saturating_sub(1) as f64 / self.elapsed.as_secs_f64().max(1e-9)
-    }
-
-    fn ms(&self, quantile: f64) -> f64 {
-        self.latency.value_at_quantile(quantile) as f64 / 1000.0
-    }
-}
-
-/// Takes events until every IPN in `accepted` has one (each found one leaves the set); the rate
-/// runs from the first event to the last.
-async fn take_events(
-    arrivals: &mut mpsc::UnboundedReceiver<Arrival>,
-    accepted: &Mutex<HashSet<u64>>,
-    ledger: &mut Ledger,
-) -> anyhow::Result<Drained> {
-    let mut latency = histogram();
-    let (mut first, mut last, mut events) = (None, None, 0);
-    while !accepted.lock().await.is_empty() {
-        let arrival = tokio::time::timeout(Duration::from_secs(60), arrivals.recv())
-            .await
-            .context("no event for 60 s")?
-            .context("downstream consumer ended")?;
-        if !accepted.lock().await.remove(&arrival.seq) {
-            ledger.duplicates += 1;
-            continue;
-        }
-        let previous = ledger
-            .last_sequence
-            .insert(arrival.order_key.clone(), arrival.sequence);
-        if arrival.sequence != previous.unwrap_or(0) + 1 {
-            ledger.sequence_errors += 1;
-        }
-        if let Some(received) = arrival.received_at {
-            let waited = arrival.at.duration_since(received).unwrap_or_default();
-            latency.saturating_record(waited.as_micros().max(1) as u64);
-        }
-        first.get_or_insert(arrival.at);
-        last = Some(arrival.at);
-        events += 1;
-        ledger.events += 1;
-    }
-    let elapsed = match (first, last) {
-        (Some(first), Some(last)) => last.duration_since(first).unwrap_or_default(),
-        _ => Duration::ZERO,
-    };
-    Ok(Drained {
-        events,
-        elapsed,
-        latency,
-    })
-}
-
-/// Consumes the downstream queue (no ack: the bench is its only reader) into a channel.
-async fn consume_downstream(
-    connection: &Connection,
-    queue: &str,
-) -> anyhow::Result<mpsc::UnboundedReceiver<Arrival>> {
-    let channel = connection.create_channel().await?;
-    let options = BasicConsumeOptions {
-        no_ack: true,
-        ..BasicConsumeOptions::default()
-    };
-    let mut consumer = channel
-        .basic_consume(queue.into(), "".into(), options, FieldTable::default())
-        .await?;
-    let (sender, receiver) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(Ok(delivery)) = consumer.next().await {
-            let at = SystemTime::now();
-            match parse_event(&delivery.data, at) {
-                Some(arrival) => {
-                    if sender.send(arrival).is_err() {
-                        return;
-                    }
-                }
-                None => eprintln!("an event the bench cannot read"),
-            }
-        }
-    });
-    Ok(receiver)
-}
-
-fn parse_event(json: &[u8], at: SystemTime) -> Option<Arrival> {
-    let event: serde_json::Value = serde_json::from_slice(json).ok()?;
-    let txn_id = event.get("txn_id")?.as_str()?;
-    Some(Arrival {
-        at,
-        order_key: event.get("order_key")?.as_str()?.to_owned(),
-        sequence: event.get("sequence")?.as_i64()?,
-        seq: txn_id.strip_prefix('B')?.parse().ok()?,
-        received_at: event
-            .get("received_at")
-            .and_then(serde_json::Value::as_str)
-            .and_then(|text| humantime::parse_rfc3339(text).ok()),
-    })
 }
 
 /// Fills the shard queues with `--ipns` messages shaped as the ingress makes them, then relays
@@ -533,38 +409,22 @@ async fn fill(
     Ok(())
 }
 
-/// The real `ipn-worker` binary for this run's broker, database and fake PayPal.
+/// The real `ipn-worker` binary for this run's broker, database and fake PayPal, with the run's
+/// concurrency, prefetch and database connections.
 async fn start_worker(
     args: &Args,
     config: &Config,
     database_url: &str,
     paypal: &FakePaypal,
 ) -> anyhow::Result<ChildProcess> {
-    let port = free_port()?;
-    let envs = [
-        ("IPN_AMQP__URL", config.amqp.url.uri().to_string()),
-        ("IPN_TOPOLOGY__PREFIX", config.topology.prefix.clone()),
-        ("IPN_TOPOLOGY__SHARDS", config.topology.shards.to_string()),
-        ("IPN_DATABASE__URL", database_url.to_owned()),
+    let settings = [
         (
             "IPN_DATABASE__MAX_CONNECTIONS",
             args.db_connections.to_string(),
         ),
-        ("IPN_PAYPAL__VERIFY_URL", paypal.url().to_string()),
         ("IPN_WORKER__CONCURRENCY", args.concurrency.to_string()),
         ("IPN_WORKER__PREFETCH", args.prefetch.to_string()),
-        ("IPN_WORKER__LISTEN", format!("127.0.0.1:{port}")),
-        ("RUST_LOG", "warn".to_owned()),
-    ];
-    let envs = envs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-    let ready = format!("http://127.0.0.1:{port}/readyz");
-    ChildProcess::start("ipn-worker", env!("CARGO_BIN_EXE_ipn-worker"), envs, &ready).await
-}
-
-async fn drop_database(server: &str, name: &str) -> anyhow::Result<()> {
-    use sqlx::{Connection as _, Executor as _};
-    let mut connection = sqlx::PgConnection::connect(&format!("{server}/postgres")).await?;
-    let statement = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-    connection.execute(sqlx::AssertSqlSafe(statement)).await?;
-    Ok(())
+    ]
+    .map(|(k, v)| (k.to_owned(), v));
+    support::start_worker(config, database_url, paypal.url().as_ref(), &settings).await
 }

@@ -170,10 +170,10 @@ async fn run(
 ) -> anyhow::Result<Summary> {
     let duration = Duration::from_secs(args.seconds);
     let accepted = Arc::new(Mutex::new(HashSet::new()));
-    let (mut ingress, url) = support::start_ingress(config).await?;
-    let source: support::BodySource = {
+    let (mut ingress, url) = support::start_ingress(config, &[]).await?;
+    let source = {
         let bodies = Arc::clone(bodies);
-        Arc::new(move |seq| bodies.get(seq))
+        support::paypal_posts(&(Arc::new(move |seq| bodies.get(seq)) as support::BodySource))
     };
     let rss_rest = ingress.rss_kib();
     let mut rss_load = None;

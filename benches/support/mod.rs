@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each bench uses part of it
 
+pub mod events;
+
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -19,6 +21,36 @@ use tokio::sync::Mutex;
 
 /// The body of request number `seq`.
 pub type BodySource = Arc<dyn Fn(u64) -> Vec<u8> + Send + Sync>;
+
+/// One request of a load phase: where it goes, as what, with which headers.
+#[derive(Clone)]
+pub struct Post {
+    pub path: &'static str,
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+/// Request number `seq`.
+pub type PostSource = Arc<dyn Fn(u64) -> Post + Send + Sync>;
+
+/// PayPal's requests: each body of `bodies` as a form POST to `/ipn`.
+pub fn paypal_posts(bodies: &BodySource) -> PostSource {
+    let bodies = Arc::clone(bodies);
+    Arc::new(move |seq| Post {
+        path: "/ipn",
+        content_type: "application/x-www-form-urlencoded",
+        headers: Vec::new(),
+        body: bodies(seq),
+    })
+}
+
+/// Requests made in advance (signing one takes longer than sending it): request `seq` is
+/// `posts[seq - first]`; a phase must not ask beyond them.
+pub fn prepared_posts(posts: Vec<Post>, first: u64) -> PostSource {
+    let posts = Arc::new(posts);
+    Arc::new(move |seq| posts[(seq - first) as usize].clone())
+}
 
 /// What one phase measured.
 pub struct Phase {
@@ -66,15 +98,16 @@ pub enum Length {
     Count(u64),
 }
 
-/// POSTs bodies to `url` from `concurrency` keep-alive connections, paced to `rate` when given,
-/// numbering them from `first`; the numbers of the requests answered 200 go into `accepted`.
+/// POSTs requests to `url`'s host from `concurrency` keep-alive connections, paced to `rate`
+/// when given, numbering them from `first`; the numbers of the requests answered 200 go into
+/// `accepted`.
 #[allow(clippy::too_many_arguments)]
 pub async fn http_phase(
     name: &'static str,
     concurrency: usize,
     rate: Option<f64>,
     url: &str,
-    bodies: &BodySource,
+    posts: &PostSource,
     accepted: &Arc<Mutex<HashSet<u64>>>,
     first: u64,
     length: Length,
@@ -97,7 +130,7 @@ pub async fn http_phase(
     for _ in 0..concurrency {
         let worker = HttpWorker {
             address: address.clone(),
-            bodies: Arc::clone(bodies),
+            posts: Arc::clone(posts),
             accepted: Arc::clone(accepted),
             stop: Arc::clone(&stop),
             sequence: Arc::clone(&sequence),
@@ -154,7 +187,7 @@ pub async fn ticket(tickets: Option<&Tickets>) -> bool {
 
 struct HttpWorker {
     address: String,
-    bodies: BodySource,
+    posts: PostSource,
     accepted: Arc<Mutex<HashSet<u64>>>,
     stop: Arc<AtomicBool>,
     sequence: Arc<AtomicU64>,
@@ -184,9 +217,9 @@ impl HttpWorker {
             if seq >= self.last {
                 break;
             }
-            let body = (self.bodies)(seq);
+            let post = (self.posts)(seq);
             let started = Instant::now();
-            let answer = client.post("/ipn", &body).await;
+            let answer = client.post(&post).await;
             record(&mut latency, started);
             if answer.is_some_and(|(status, _)| status == 200) {
                 ok += 1;
@@ -203,7 +236,7 @@ impl HttpWorker {
     }
 }
 
-/// The load generator's HTTP/1.1 client: a form POST written in one system call, the answer read
+/// The load generator's HTTP/1.1 client: a POST written in one system call, the answer read
 /// into a reused buffer and parsed with `httparse`. It shares the two cores with the ingress and
 /// the broker, so it does no more than that: no second task per connection, no header map.
 pub struct PostClient {
@@ -225,20 +258,26 @@ impl PostClient {
         })
     }
 
-    /// POSTs `body` as a form and reads the whole answer: its status and whether the connection
-    /// stays open; `None` when the connection failed or the answer was not HTTP.
-    pub async fn post(&mut self, path: &str, body: &[u8]) -> Option<(u16, bool)> {
+    /// Sends `post` and reads the whole answer: its status and whether the connection stays
+    /// open; `None` when the connection failed or the answer was not HTTP.
+    pub async fn post(&mut self, post: &Post) -> Option<(u16, bool)> {
         use std::io::Write;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         self.request.clear();
         write!(
             self.request,
-            "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n",
+            "POST {} HTTP/1.1\r\nhost: {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n",
+            post.path,
             self.host,
-            body.len()
+            post.content_type,
+            post.body.len()
         )
         .ok()?;
-        self.request.extend_from_slice(body);
+        for (name, value) in &post.headers {
+            write!(self.request, "{name}: {value}\r\n").ok()?;
+        }
+        self.request.extend_from_slice(b"\r\n");
+        self.request.extend_from_slice(&post.body);
         self.stream.write_all(&self.request).await.ok()?;
         self.answer.clear();
         loop {
@@ -372,9 +411,13 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// The real `ipn-ingress` binary for `config`'s broker and topology; returns it and its IPN URL.
-/// `BENCH_INGRESS_<VAR>` variables are passed on as `<VAR>` (e.g. `BENCH_INGRESS_IPN_AMQP__PUBLISHER_CHANNELS`).
-pub async fn start_ingress(config: &Config) -> anyhow::Result<(ChildProcess, String)> {
+/// The real `ipn-ingress` binary for `config`'s broker and topology, with `settings` (more
+/// `IPN_*` variables); returns it and its IPN URL. `BENCH_INGRESS_<VAR>` variables are passed on
+/// as `<VAR>` (e.g. `BENCH_INGRESS_IPN_AMQP__PUBLISHER_CHANNELS`).
+pub async fn start_ingress(
+    config: &Config,
+    settings: &[(String, String)],
+) -> anyhow::Result<(ChildProcess, String)> {
     let port = free_port()?;
     let mut envs = vec![
         (
@@ -395,6 +438,7 @@ pub async fn start_ingress(config: &Config) -> anyhow::Result<(ChildProcess, Str
         ),
         ("RUST_LOG".to_owned(), "warn".to_owned()),
     ];
+    envs.extend(settings.iter().cloned());
     envs.extend(
         std::env::vars()
             .filter(|(k, _)| k.starts_with("BENCH_INGRESS_"))
@@ -409,6 +453,43 @@ pub async fn start_ingress(config: &Config) -> anyhow::Result<(ChildProcess, Str
     )
     .await?;
     Ok((process, format!("http://127.0.0.1:{port}/ipn")))
+}
+
+/// The real `ipn-worker` binary for `config`'s broker and topology, the database at
+/// `database_url` and the (fake) PayPal at `paypal_url`, with `settings` (more `IPN_*`
+/// variables).
+pub async fn start_worker(
+    config: &Config,
+    database_url: &str,
+    paypal_url: &str,
+    settings: &[(String, String)],
+) -> anyhow::Result<ChildProcess> {
+    let port = free_port()?;
+    let envs = [
+        ("IPN_AMQP__URL", config.amqp.url.uri().to_string()),
+        ("IPN_TOPOLOGY__PREFIX", config.topology.prefix.clone()),
+        ("IPN_TOPOLOGY__SHARDS", config.topology.shards.to_string()),
+        ("IPN_DATABASE__URL", database_url.to_owned()),
+        ("IPN_PAYPAL__VERIFY_URL", paypal_url.to_owned()),
+        ("IPN_WORKER__LISTEN", format!("127.0.0.1:{port}")),
+        ("RUST_LOG", "warn".to_owned()),
+    ];
+    let envs = envs
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .chain(settings.iter().cloned())
+        .collect();
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    ChildProcess::start("ipn-worker", env!("CARGO_BIN_EXE_ipn-worker"), envs, &ready).await
+}
+
+/// Drops the database `name` on `server` (a run's own).
+pub async fn drop_database(server: &str, name: &str) -> anyhow::Result<()> {
+    use sqlx::{Connection as _, Executor as _};
+    let mut connection = sqlx::PgConnection::connect(&format!("{server}/postgres")).await?;
+    let statement = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+    connection.execute(sqlx::AssertSqlSafe(statement)).await?;
+    Ok(())
 }
 
 pub fn cores() -> usize {
