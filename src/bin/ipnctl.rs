@@ -91,6 +91,15 @@ enum Command {
         #[arg(default_value = "target/demo-keys")]
         dir: PathBuf,
     },
+    /// GET a binary's /healthz or /readyz and exit 0 on 200, 1 otherwise (a container
+    /// healthcheck: `ipnctl health http://127.0.0.1:8080/readyz`).
+    Health {
+        /// The URL to ask.
+        url: String,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Run a fake PayPal postback endpoint (for local demos and tests) until Ctrl-C.
     FakePaypal {
         /// Address to listen on.
@@ -319,6 +328,15 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Workers { json } => show(&ctl::workers(config).await?, json, ctl::workers_table),
+        Command::Health { url, timeout } => {
+            let (line, healthy) = ctl::health(&url, timeout).await;
+            println!("{line}");
+            Ok(if healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::FakePaypal { listen, answer } => {
             ctl::fake_paypal(listen, answer).await?;
             Ok(ExitCode::SUCCESS)

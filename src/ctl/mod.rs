@@ -70,6 +70,31 @@ pub async fn send(url: &str, body: Vec<u8>) -> anyhow::Result<(u16, String)> {
     Ok((status, text))
 }
 
+/// `ipnctl health URL`: GETs `url` (a binary's `/healthz` or `/readyz`) within `timeout`; the
+/// line to print, and whether it answered 200. A container healthcheck with nothing but our
+/// image (no curl in it).
+pub async fn health(url: &str, timeout: Duration) -> (String, bool) {
+    let client = match reqwest::Client::builder().timeout(timeout).build() {
+        Ok(client) => client,
+        Err(error) => return (format!("cannot build an HTTP client: {error}"), false),
+    };
+    match client.get(url).send().await {
+        Ok(response) => {
+            let status = response.status();
+            let text = response.text().await.unwrap_or_default();
+            let text = crate::bounded::shown(text.trim());
+            (format!("{url}: {} {text}", status.as_u16()), status == 200)
+        }
+        Err(error) => (
+            format!(
+                "{url}: no answer: {}",
+                crate::bounded::error_chain(&error.without_url())
+            ),
+            false,
+        ),
+    }
+}
+
 /// Runs a fake PayPal postback endpoint on `listen` until SIGINT/SIGTERM.
 pub async fn fake_paypal(
     listen: std::net::SocketAddr,

@@ -20,6 +20,7 @@ use super::metrics::{RefusedLabel, StatusLabel};
 use super::{App, Sink};
 use crate::alert::{Alert, Kind};
 use crate::amqp::{Outgoing, PublishError, State};
+use crate::keys::OrderKey;
 use crate::provider::{Provider, Received, Refused};
 use crate::topology::Topology;
 
@@ -226,8 +227,8 @@ async fn accept<S: Sink>(
         headers: &parts.headers,
         received_at,
     };
-    provider.admit(&received).map_err(Rejection::Refused)?;
-    publish(app, provider, content_type, &received).await?;
+    let key = provider.admit(&received).map_err(Rejection::Refused)?;
+    publish(app, provider, content_type, &received, key).await?;
     Ok(body.len())
 }
 
@@ -276,9 +277,9 @@ async fn publish<S: Sink>(
     provider: &dyn Provider,
     content_type: ShortString,
     received: &Received<'_>,
+    key: OrderKey,
 ) -> Result<(), Rejection> {
     let body = received.body;
-    let key = provider.order_key(body);
     let shard = key.shard(app.topology.shards());
     let message_id = uuid::Uuid::now_v7().to_string();
     let span = tracing::Span::current();

@@ -257,8 +257,10 @@ impl Provider for Alipay {
         })
     }
 
-    fn admit(&self, request: &Received<'_>) -> Result<(), Refused> {
-        self.verify(request.body).map_err(|refusal| Refused {
+    fn admit(&self, request: &Received<'_>) -> Result<OrderKey, Refused> {
+        let form = Form::parse(request.body);
+        let verified = self.verify_form(&form);
+        verified.map(|()| order_key(&form, request.body)).map_err(|refusal| Refused {
             reason: refusal.as_str(),
             alert: match refusal {
                 Refusal::Unsigned => None,

@@ -74,9 +74,10 @@ pub trait Provider: Send + Sync + 'static {
     }
 
     /// What the ingress checks before anything is queued: a signature it can verify with
-    /// public keys. A refused request gets a failure answer, so the provider resends it.
-    fn admit(&self, _request: &Received<'_>) -> Result<(), Refused> {
-        Ok(())
+    /// public keys. A refused request gets a failure answer, so the provider resends it. An
+    /// admitted one's order key comes with it (from the body read once for both).
+    fn admit(&self, request: &Received<'_>) -> Result<OrderKey, Refused> {
+        Ok(self.order_key(request.body))
     }
 
     /// Every reason [`Provider::admit`] can refuse with (metric labels shown from the start).

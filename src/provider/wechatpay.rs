@@ -339,10 +339,10 @@ impl Provider for Verifier {
         })
     }
 
-    fn admit(&self, request: &Received<'_>) -> Result<(), Refused> {
+    fn admit(&self, request: &Received<'_>) -> Result<OrderKey, Refused> {
         let checked = Signed::read(|name| request.header(name))
             .and_then(|signed| self.verify(&signed, request.body, request.received_at));
-        checked.map_err(|refusal| Refused {
+        checked.map(|()| intake_key()).map_err(|refusal| Refused {
             reason: refusal.as_str(),
             alert: match refusal {
                 Refusal::Unsigned | Refusal::Probe => None,

@@ -181,3 +181,41 @@ fn a_non_utf8_variable_or_a_port_in_use_stops_each_binary_with_exit_code_64() {
         assert!(stderr.contains("cannot listen on"), "{stderr}");
     }
 }
+
+/// `ipnctl health URL` as a container healthcheck runs it.
+fn ipnctl_health(url: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ipnctl"))
+        .args(["health", url, "--timeout", "2s"])
+        .output()
+        .expect("ipnctl runs")
+}
+
+#[tokio::test]
+async fn ipnctl_health_exits_0_on_a_ready_binary_and_1_with_the_reason_otherwise() {
+    let broker = TestBroker::new().await;
+    let (_, ingress) = ready_ingress(broker.config()).await;
+    let ready = ingress.path("/readyz");
+    let output = tokio::task::spawn_blocking(move || ipnctl_health(&ready))
+        .await
+        .expect("joined");
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains(": 200"));
+    // Not 200: a path the ingress does not serve.
+    let missing = ingress.path("/nothing-here");
+    let output = tokio::task::spawn_blocking(move || ipnctl_health(&missing))
+        .await
+        .expect("joined");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains(": 404"));
+    let gone = ingress.path("/readyz");
+    ingress.stop().await;
+    // Nothing listening any more.
+    let output = tokio::task::spawn_blocking(move || ipnctl_health(&gone))
+        .await
+        .expect("joined");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("no answer"),
+        "{output:?}"
+    );
+}

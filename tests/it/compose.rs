@@ -1,55 +1,132 @@
 //! docker-compose.yml, the Dockerfile and rabbitmq/ cannot run here (no Docker engine), so this
-//! checks what can be checked: the compose file parses, and every service, port, variable, file
-//! and binary it names matches the code, the config and each other.
+//! checks what can be checked: the Compose CLI itself (`docker-compose config`, from
+//! `scripts/tools`) reads the file as Docker would, with `.env.example`, and every service, port,
+//! variable, file and binary it resolves to matches the code, the config and each other.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
-use ipn_bridge::config::Config;
+use ipn_bridge::config::{Config, LogFormat};
 use serde::Deserialize;
 
+/// The project as `docker-compose config --format json` resolves it.
 #[derive(Debug, Deserialize)]
 struct Compose {
     services: BTreeMap<String, Service>,
-    volumes: BTreeMap<String, Option<serde::de::IgnoredAny>>,
+    volumes: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
 struct Service {
     image: Option<String>,
-    build: Option<String>,
+    build: Option<Build>,
     command: Option<Vec<String>>,
+    hostname: Option<String>,
     #[serde(default)]
-    environment: BTreeMap<String, String>,
+    environment: BTreeMap<String, Option<String>>,
     #[serde(default)]
-    ports: Vec<String>,
+    ports: Vec<Port>,
     #[serde(default)]
     expose: Vec<String>,
     #[serde(default)]
-    volumes: Vec<String>,
+    volumes: Vec<Mount>,
     #[serde(default)]
     profiles: Vec<String>,
+    stop_grace_period: Option<String>,
+    healthcheck: Option<Healthcheck>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Build {
+    context: String,
+    dockerfile: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Port {
+    host_ip: Option<String>,
+    published: String,
+    target: u16,
+}
+
+#[derive(Debug, Deserialize)]
+struct Mount {
+    source: String,
+    target: String,
+    #[serde(default)]
+    read_only: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct Healthcheck {
+    test: Vec<String>,
+}
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn repo_file(path: &str) -> String {
-    let full = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    let full = repo().join(path);
     std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-fn compose() -> Compose {
-    serde_saphyr::from_str(&repo_file("docker-compose.yml")).expect("docker-compose.yml parses")
+/// `docker-compose` from `scripts/tools` (the README's test command runs it first).
+fn compose_cli() -> Command {
+    let cli = repo().join("target/tools/bin/docker-compose");
+    assert!(
+        cli.exists(),
+        "{} is missing: run scripts/tools (scripts/test does)",
+        cli.display()
+    );
+    let mut command = Command::new(cli);
+    command.current_dir(repo());
+    // Only the env file given decides the interpolation, not this shell's variables.
+    for name in [
+        "RABBITMQ_USER",
+        "RABBITMQ_PASSWORD",
+        "POSTGRES_PASSWORD",
+        "IPN_PAYPAL__ENVIRONMENT",
+        "IPN_PAYPAL__VERIFY_URL",
+        "IPN_PAYPAL__RECEIVER_EMAILS",
+        "COMPOSE_PROFILES",
+        "COMPOSE_FILE",
+    ] {
+        command.env_remove(name);
+    }
+    command
 }
 
-/// `${NAME:-default}` as compose resolves it with NAME unset.
-fn resolved(value: &str) -> String {
-    match value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
-        Some(inner) => inner
-            .split_once(":-")
-            .map(|(_, d)| d)
-            .unwrap_or("")
-            .to_owned(),
-        None => value.to_owned(),
-    }
+/// The project with `.env.example` and every profile, as the Compose CLI resolves it.
+fn compose() -> Compose {
+    let output = compose_cli()
+        .args([
+            "--env-file",
+            ".env.example",
+            "--profile",
+            "demo",
+            "config",
+            "--format",
+            "json",
+        ])
+        .output()
+        .expect("docker-compose runs");
+    assert!(
+        output.status.success(),
+        "docker-compose config: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("docker-compose config prints the project")
+}
+
+fn env<'a>(service: &'a Service, name: &str) -> &'a str {
+    service
+        .environment
+        .get(name)
+        .and_then(Option::as_deref)
+        .unwrap_or_else(|| panic!("{name} is set"))
 }
 
 /// The config a service's binary would load: config/compose.toml plus its IPN_* variables.
@@ -57,28 +134,39 @@ fn config_of(service: &Service) -> Config {
     let env: BTreeMap<String, String> = service
         .environment
         .iter()
-        .map(|(k, v)| (k.clone(), resolved(v)))
+        .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
         .collect();
     assert_eq!(env["IPN_CONFIG"], "/etc/ipn-bridge/config.toml");
-    assert!(
-        service
-            .volumes
-            .contains(&"./config/compose.toml:/etc/ipn-bridge/config.toml:ro".to_owned())
-    );
+    let mounted = service.volumes.iter().any(|m| {
+        Path::new(&m.source) == repo().join("config/compose.toml")
+            && m.target == "/etc/ipn-bridge/config.toml"
+            && m.read_only
+    });
+    assert!(mounted, "config/compose.toml is mounted read-only");
     Config::load(Some(&repo_file("config/compose.toml")), &env)
         .unwrap_or_else(|e| panic!("a variable compose sets is not a valid setting: {e}"))
 }
 
-fn port(address: &str) -> String {
-    address.rsplit(':').next().expect("a port").to_owned()
+fn port(address: &str) -> u16 {
+    address
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port")
 }
 
-fn conf_value(conf: &str, key: &str) -> String {
+fn conf_value(conf: &str, key: &str) -> Option<String> {
     conf.lines()
         .find_map(|line| line.strip_prefix(&format!("{key} = ")))
-        .unwrap_or_else(|| panic!("rabbitmq.conf sets {key}"))
-        .trim()
-        .to_owned()
+        .map(|value| value.trim().to_owned())
+}
+
+fn grace(service: &Service) -> Duration {
+    let text = service
+        .stop_grace_period
+        .as_deref()
+        .expect("stop_grace_period is set");
+    humantime::parse_duration(text).expect("a duration")
 }
 
 #[test]
@@ -94,18 +182,17 @@ fn the_compose_file_names_what_the_code_and_the_config_define() {
         ["postgres-data", "rabbitmq-data"]
     );
 
-    let binaries: Vec<String> =
-        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/bin"))
-            .expect("src/bin")
-            .map(|e| {
-                e.expect("entry")
-                    .path()
-                    .file_stem()
-                    .expect("stem")
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
+    let binaries: Vec<String> = std::fs::read_dir(repo().join("src/bin"))
+        .expect("src/bin")
+        .map(|e| {
+            e.expect("entry")
+                .path()
+                .file_stem()
+                .expect("stem")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
     let dockerfile = repo_file("Dockerfile");
     for binary in &binaries {
         assert!(
@@ -115,26 +202,31 @@ fn the_compose_file_names_what_the_code_and_the_config_define() {
     }
     for name in ["ingress", "worker", "fake-paypal"] {
         let service = &compose.services[name];
+        let build = service.build.as_ref().expect("built here");
         assert_eq!(
-            service.build.as_deref(),
-            Some("."),
-            "{name} is built from the Dockerfile"
+            Path::new(&build.context),
+            repo(),
+            "{name} is built from the repo"
         );
+        assert_eq!(build.dockerfile, "Dockerfile");
         let command = service.command.as_ref().expect("command");
         assert!(
             binaries.contains(&command[0]),
             "{name} runs one of our binaries: {command:?}"
         );
-        config_of(service);
+        let config = config_of(service);
+        // Container logs are JSON lines, not the pretty format with ANSI escapes.
+        assert_eq!(config.telemetry.format, LogFormat::Json, "{name}");
     }
 
     let ingress = config_of(&compose.services["ingress"]);
-    let published: Vec<String> = compose.services["ingress"]
-        .ports
-        .iter()
-        .map(|p| port(p))
-        .collect();
-    assert_eq!(published, [ingress.ingress.listen.port().to_string()]);
+    let published = &compose.services["ingress"].ports;
+    assert_eq!(published.len(), 1);
+    assert_eq!(published[0].target, ingress.ingress.listen.port());
+    assert_eq!(
+        published[0].published,
+        ingress.ingress.listen.port().to_string()
+    );
     assert_eq!(ingress.ingress.path, "/ipn");
 
     let worker = config_of(&compose.services["worker"]);
@@ -161,7 +253,7 @@ fn the_compose_file_names_what_the_code_and_the_config_define() {
         .position(|a| a == "--listen")
         .expect("--listen")
         + 1];
-    assert_eq!(fake.expose, [port(listen)]);
+    assert_eq!(fake.expose, [port(listen).to_string()]);
     let demo_url = format!("http://fake-paypal:{}/cgi-bin/webscr", port(listen));
     assert!(
         repo_file("docker-compose.yml").contains(&demo_url),
@@ -174,52 +266,108 @@ fn the_compose_file_names_what_the_code_and_the_config_define() {
 }
 
 #[test]
-fn the_broker_and_database_settings_agree_with_the_urls_the_binaries_use() {
+fn only_the_ingress_is_reachable_from_outside_and_both_binaries_have_a_healthcheck_and_their_grace()
+{
     let compose = compose();
-    let rabbitmq = &compose.services["rabbitmq"];
-    let image = rabbitmq.image.as_deref().expect("image");
-    assert!(
-        image.starts_with("rabbitmq:4.") && image.ends_with("-management"),
-        "{image}"
-    );
-    for mount in &rabbitmq.volumes {
-        if let Some(host) = mount.strip_prefix("./").and_then(|m| m.split(':').next()) {
-            assert!(
-                Path::new(env!("CARGO_MANIFEST_DIR")).join(host).exists(),
-                "{host}"
+    for (name, service) in &compose.services {
+        for port in &service.ports {
+            if name == "ingress" {
+                continue;
+            }
+            assert_eq!(
+                port.host_ip.as_deref(),
+                Some("127.0.0.1"),
+                "{name} publishes {} on the host's loopback only",
+                port.published
             );
         }
     }
-    let ports: Vec<String> = rabbitmq
-        .ports
-        .iter()
-        .map(|p| {
-            p.split(':')
-                .next()
-                .unwrap_or("")
-                .trim_matches('"')
-                .to_owned()
-        })
-        .collect();
-    assert_eq!(ports, ["5672", "15672", "15692"]);
+    let ingress = config_of(&compose.services["ingress"]);
+    let worker = config_of(&compose.services["worker"]);
+    for (name, listen, shutdown_grace) in [
+        (
+            "ingress",
+            ingress.ingress.listen,
+            ingress.ingress.shutdown_grace,
+        ),
+        ("worker", worker.worker.listen, worker.worker.shutdown_grace),
+    ] {
+        let service = &compose.services[name];
+        let test = &service.healthcheck.as_ref().expect("a healthcheck").test;
+        let probe = format!("http://127.0.0.1:{}/readyz", listen.port());
+        assert_eq!(test, &["CMD", "ipnctl", "health", probe.as_str()], "{name}");
+        // Docker sends SIGKILL after stop_grace_period: the binary's drain must fit in it.
+        assert!(
+            grace(service) > shutdown_grace,
+            "{name}: stop_grace_period {:?} vs shutdown grace {shutdown_grace:?}",
+            grace(service)
+        );
+    }
+}
+
+#[test]
+fn the_compose_file_refuses_to_start_without_the_passwords_of_the_env_file() {
+    let output = compose_cli()
+        .args(["--env-file", "/dev/null", "config", "--quiet"])
+        .output()
+        .expect("docker-compose runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for name in ["RABBITMQ_PASSWORD", "POSTGRES_PASSWORD"] {
+        assert!(stderr.contains(name), "{stderr}");
+    }
+    assert!(stderr.contains("cp .env.example .env"), "{stderr}");
+    // No password in the files that are committed.
+    let conf = repo_file("rabbitmq/rabbitmq.conf");
+    assert_eq!(conf_value(&conf, "default_pass"), None);
+    assert!(repo_file(".gitignore").lines().any(|l| l == ".env"));
+    assert!(repo_file(".dockerignore").lines().any(|l| l == ".env"));
+}
+
+#[test]
+fn the_broker_keeps_its_node_name_and_the_settings_agree_with_the_urls_the_binaries_use() {
+    let compose = compose();
+    let rabbitmq = &compose.services["rabbitmq"];
+    let image = rabbitmq.image.as_deref().expect("image");
+    // 4.2: the RabbitMQ line in community support (4.1 left it on 2026-01-30).
+    assert_eq!(image, "rabbitmq:4.2-management");
+    // The image keeps its data under the node name, which defaults to the container's
+    // hostname: both fixed, so a new container finds the old node's queues.
+    let hostname = rabbitmq.hostname.as_deref().expect("a fixed hostname");
+    assert_eq!(
+        env(rabbitmq, "RABBITMQ_NODENAME"),
+        format!("rabbit@{hostname}")
+    );
+    assert!(
+        rabbitmq
+            .volumes
+            .iter()
+            .any(|m| m.source == "rabbitmq-data" && m.target == "/var/lib/rabbitmq"),
+        "the node's data is on the named volume"
+    );
+    for mount in &rabbitmq.volumes {
+        if mount.source.starts_with('/') {
+            assert!(Path::new(&mount.source).exists(), "{}", mount.source);
+        }
+    }
+    let ports: Vec<u16> = rabbitmq.ports.iter().map(|p| p.target).collect();
+    assert_eq!(ports, [5672, 15672, 15692]);
     let plugins = repo_file("rabbitmq/enabled_plugins");
     assert!(plugins.contains("rabbitmq_management") && plugins.contains("rabbitmq_prometheus"));
 
-    let conf = repo_file("rabbitmq/rabbitmq.conf");
     let (user, pass) = (
-        conf_value(&conf, "default_user"),
-        conf_value(&conf, "default_pass"),
+        env(rabbitmq, "RABBITMQ_DEFAULT_USER"),
+        env(rabbitmq, "RABBITMQ_DEFAULT_PASS"),
     );
-    let amqp = &compose.services["ingress"].environment["IPN_AMQP__URL"];
-    assert_eq!(amqp, &format!("amqp://{user}:{pass}@rabbitmq:5672/%2f"));
-    assert_eq!(
-        &compose.services["worker"].environment["IPN_AMQP__URL"],
-        amqp
-    );
+    let amqp = env(&compose.services["ingress"], "IPN_AMQP__URL");
+    assert_eq!(amqp, format!("amqp://{user}:{pass}@{hostname}:5672/%2f"));
+    assert_eq!(env(&compose.services["worker"], "IPN_AMQP__URL"), amqp);
 
     // The consumer timeout outlasts the worker's longest hold of a delivery with the defaults:
     // every in-process postback timing out, with the backoff between them.
+    let conf = repo_file("rabbitmq/rabbitmq.conf");
     let timeout_ms: u128 = conf_value(&conf, "consumer_timeout")
+        .expect("consumer_timeout is set")
         .parse()
         .expect("number");
     let defaults = Config::default();
@@ -235,10 +383,10 @@ fn the_broker_and_database_settings_agree_with_the_urls_the_binaries_use() {
 
     let postgres = &compose.services["postgres"];
     assert_eq!(postgres.image.as_deref(), Some("postgres:15"));
-    let password = &postgres.environment["POSTGRES_PASSWORD"];
-    let database = &postgres.environment["POSTGRES_DB"];
+    let password = env(postgres, "POSTGRES_PASSWORD");
+    let database = env(postgres, "POSTGRES_DB");
     assert_eq!(
-        compose.services["worker"].environment["IPN_DATABASE__URL"],
+        env(&compose.services["worker"], "IPN_DATABASE__URL"),
         format!("postgres://postgres:{password}@postgres:5432/{database}")
     );
 }
@@ -273,4 +421,11 @@ fn the_image_runs_as_an_unprivileged_user_and_builds_with_our_toolchain() {
         "{image_version} < {rust_version}"
     );
     assert!(repo_file(".dockerignore").lines().any(|l| l == "target"));
+    // Dependencies compile once: the registry and the target directory are cache mounts.
+    for cache in ["/usr/local/cargo/registry", "/src/target"] {
+        assert!(
+            dockerfile.contains(&format!("--mount=type=cache,target={cache}")),
+            "{cache}"
+        );
+    }
 }

@@ -517,3 +517,36 @@ async fn with_the_broker_down_wechat_pay_gets_its_failure_answer_and_so_resends(
     assert!(answer.2.contains("broker unavailable"), "{answer:?}");
     ingress.stop().await;
 }
+
+#[tokio::test]
+async fn a_notification_undecryptable_under_a_wrong_apiv3_key_is_delivered_by_a_replay_once_fixed()
+{
+    use ipn_bridge::ctl::review::{self, Queue, Selection};
+    let fake = FakeWechatPay::new();
+    let (stack, ingress, worker) = stack(&fake, None).await;
+    worker.stop().await;
+    // The operator configured the wrong APIv3 key: the notification is quarantined.
+    let mut misconfigured = stack.config.clone();
+    misconfigured.wechatpay.apiv3_key = ipn_bridge::config::Secret::new(random_text(32));
+    let worker = RunningWorker::spawn(misconfigured).await;
+    let payment = fake.payment("ORDER-20261201-0007", MCH_ID);
+    assert_eq!(post(&ingress, &payment).await.0, 200);
+    let quarantine = stack.topology().quarantine_queue();
+    stack.wait_for(&quarantine, 1).await;
+    worker.stop().await;
+    // The key fixed and the worker restarted, the operator replays the quarantine: the carried
+    // signature headers and the original receive time let it verify again.
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
+    let pass = review::replay(&stack.config, &Queue::Quarantine, &Selection::All)
+        .await
+        .expect("replay");
+    assert_eq!((pass.taken, pass.kept), (1, 0));
+    let events = stack.events(1).await;
+    assert_eq!(raw(&events[0]), payment.body);
+    assert_eq!(events[0]["order_key"], "wechatpay:ORDER-20261201-0007");
+    assert_eq!(events[0]["sequence"], 1);
+    let channel = stack.broker.channel().await;
+    assert_eq!(stack.broker.count(&channel, &quarantine).await, 0);
+    worker.stop().await;
+    ingress.stop().await;
+}
