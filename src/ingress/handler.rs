@@ -84,10 +84,14 @@ pub(super) async fn handle<S: Sink>(
         match path {
             "/healthz" => text(StatusCode::OK, "ok"),
             "/readyz" => readiness(&app),
-            "/metrics" => crate::telemetry::metrics_response(
-                app.metrics.render(),
-                request.headers().get(hyper::header::ACCEPT),
-            ),
+            "/metrics" => {
+                let ready = !app.draining.is_cancelled() && app.publisher.state() == State::Ready;
+                app.metrics.ready.set(i64::from(ready));
+                crate::telemetry::metrics_response(
+                    app.metrics.render(),
+                    request.headers().get(hyper::header::ACCEPT),
+                )
+            }
             _ => text(StatusCode::NOT_FOUND, "not found"),
         }
     };

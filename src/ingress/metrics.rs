@@ -38,6 +38,8 @@ pub struct Metrics {
     pub refused: Family<RefusedLabel, Counter>,
     /// Alert messages sent and failed, by channel.
     pub alerts: crate::alert::Counters,
+    /// 1 while `/readyz` would answer 200 (set at each scrape).
+    pub ready: Gauge,
 }
 
 impl Metrics {
@@ -47,7 +49,8 @@ impl Metrics {
         // 0.5 ms .. ~8 s
         let confirm_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 15));
         let in_flight = Gauge::default();
-        let mut registry = Registry::with_prefix("ipn_ingress");
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("ipn_ingress");
         registry.register(
             "requests",
             "IPN requests by answered status",
@@ -59,6 +62,12 @@ impl Metrics {
             confirm_seconds.clone(),
         );
         registry.register("in_flight", "IPN requests being handled", in_flight.clone());
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 while the ingress can publish (what /readyz answers 200 to)",
+            ready.clone(),
+        );
         let refused = Family::<RefusedLabel, Counter>::default();
         registry.register(
             "refused",
@@ -76,13 +85,15 @@ impl Metrics {
             "Alert messages given up on, by channel",
             alerts.failed.clone(),
         );
+        crate::telemetry::process::register(&mut root, "ipn-ingress");
         Metrics {
-            registry,
+            registry: root,
             alerts,
             requests,
             confirm_seconds,
             in_flight,
             refused,
+            ready,
         }
     }
 

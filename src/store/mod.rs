@@ -138,6 +138,19 @@ pub struct Blocked {
 }
 
 /// A worker with a recent heartbeat.
+/// The deployment's blocked keys and held IPNs, for the gauges.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BlockedTotals {
+    /// Keys blocked behind a deferred or parked IPN.
+    pub keys: i64,
+    /// IPNs held behind them.
+    pub held: i64,
+    /// Seconds since the longest-blocked key was blocked (0: none).
+    pub longest_blocked_seconds: f64,
+    /// Seconds since the oldest parked IPN was parked (each blocks its key; 0: none).
+    pub oldest_parked_seconds: f64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveWorker {
     /// Its id (`worker.id`, or generated at start).
@@ -513,16 +526,25 @@ impl Store {
             .collect()
     }
 
-    /// How many keys are blocked and how many IPNs they hold (for metrics).
-    pub async fn blocked_totals(&self) -> Result<(i64, i64), Error> {
+    /// How many keys are blocked, how many IPNs they hold, and for how long (for metrics).
+    pub async fn blocked_totals(&self) -> Result<BlockedTotals, Error> {
         let row = sqlx::query(
             "SELECT (SELECT count(*) FROM ipn_blocked_key) AS keys,
-                    (SELECT count(*) FROM ipn_held) AS held",
+                    (SELECT count(*) FROM ipn_held) AS held,
+                    (SELECT coalesce(extract(epoch FROM now() - min(blocked_at)), 0)::float8
+                       FROM ipn_blocked_key) AS longest_blocked,
+                    (SELECT coalesce(extract(epoch FROM now() - min(updated_at)), 0)::float8
+                       FROM ipn_blocked_key WHERE state = 'parked') AS oldest_parked",
         )
         .fetch_one(&self.pool)
         .within(self.query_timeout, "blocked_totals")
         .await?;
-        Ok((row.try_get("keys")?, row.try_get("held")?))
+        Ok(BlockedTotals {
+            keys: row.try_get("keys")?,
+            held: row.try_get("held")?,
+            longest_blocked_seconds: row.try_get("longest_blocked")?,
+            oldest_parked_seconds: row.try_get("oldest_parked")?,
+        })
     }
 
     /// Records that `worker_id` is alive now (registering it on first call).

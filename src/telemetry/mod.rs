@@ -9,6 +9,8 @@
 //! IPN bodies carry payer names and addresses: no code logs a body, or a field other than ids,
 //! at any level.
 
+pub mod process;
+
 use std::sync::OnceLock;
 
 use tracing::{Event, Subscriber};

@@ -70,7 +70,15 @@ fn probe(
     stopping: &CancellationToken,
 ) -> Response<Full<Bytes>> {
     if path == "/metrics" {
-        return crate::telemetry::metrics_response(pipeline.metrics().render(), accept);
+        let metrics = pipeline.metrics();
+        let up = |connection, up: bool| {
+            let label = super::metrics::ConnectionLabel { connection };
+            metrics.connected.get_or_create(&label).set(i64::from(up));
+        };
+        up("publish", pipeline.publisher_state() != State::Down);
+        up("consume", consuming.load(Ordering::Relaxed));
+        up("database", pipeline.database_up.load(Ordering::Relaxed));
+        return crate::telemetry::metrics_response(metrics.render(), accept);
     }
     let (status, body) = match path {
         "/healthz" => (StatusCode::OK, "ok".to_owned()),

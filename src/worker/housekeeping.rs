@@ -32,7 +32,7 @@ pub(super) async fn purge_periodically(store: Store, retention: Duration, stop: 
     }
 }
 
-/// Refreshes the blocked-key and held-IPN gauges every five seconds, and with them whether the
+/// Refreshes the blocked-key and held-IPN gauges (counts and ages) every five seconds, and with them whether the
 /// database answers (for `/readyz`), until `stop`. The counts are the deployment's (PostgreSQL's),
 /// so only the worker that owns shard 0 exports them; the others export 0, so that a `sum()` over
 /// the workers is the count, not a multiple of it.
@@ -51,11 +51,19 @@ pub(super) async fn count_blocked(
         }
         let totals = tokio::time::timeout(Duration::from_secs(5), store.blocked_totals()).await;
         let up = matches!(totals, Ok(Ok(_)));
-        if let Ok(Ok((keys, held))) = totals {
+        if let Ok(Ok(totals)) = totals {
             let exporting = super::watch::watching(&store, &config, &id).await;
-            let (keys, held) = if exporting { (keys, held) } else { (0, 0) };
-            pipeline.metrics().blocked_keys.set(keys);
-            pipeline.metrics().held_now.set(held);
+            let metrics = pipeline.metrics();
+            let shown = |value| if exporting { value } else { 0 };
+            let age = |value| if exporting { value } else { 0.0 };
+            metrics.blocked_keys.set(shown(totals.keys));
+            metrics.held_now.set(shown(totals.held));
+            metrics
+                .longest_blocked_seconds
+                .set(age(totals.longest_blocked_seconds));
+            metrics
+                .oldest_parked_seconds
+                .set(age(totals.oldest_parked_seconds));
         }
         pipeline.database_up.store(up, Ordering::Relaxed);
     }

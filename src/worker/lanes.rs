@@ -148,6 +148,7 @@ impl Lanes {
                     let Ok(_permit) = limit.acquire().await else {
                         return key;
                     };
+                    let _flying = InFlight::new(&pipeline.metrics().in_flight);
                     let stuck = last_error.as_ref().filter(|_| failures >= retries.in_place);
                     settle(&pipeline, &inbound, stuck).await
                 };
@@ -203,4 +204,21 @@ async fn ack(delivery: &Delivery, key: &str, limit: Duration) {
 /// The lane of a delivery: its order key ([`crate::contract::key_of`]).
 fn lane_of(delivery: &Delivery) -> String {
     crate::contract::key_of(&delivery.properties, &delivery.data).to_string()
+}
+
+/// One IPN counted in `ipn_worker_in_flight` while it is being settled (held by its permit's
+/// holder; uncounted when dropped, also when the worker stops mid-way).
+struct InFlight(prometheus_client::metrics::gauge::Gauge);
+
+impl InFlight {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> InFlight {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

@@ -28,6 +28,24 @@ pub struct TierLabel {
     pub tier: String,
 }
 
+/// Label of the connection gauge: `publish`, `consume` (the broker) or `database`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabel {
+    /// Which connection.
+    pub connection: &'static str,
+}
+
+/// Label of the bridge's own queue depths: `inbound` (every shard together), `parked`,
+/// `quarantine`, `dead`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabel {
+    /// The queue's role.
+    pub queue: &'static str,
+}
+
+/// A gauge of seconds.
+pub type Seconds = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 /// Label of the downstream gauges: the business service's queue.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabel {
@@ -64,10 +82,22 @@ pub struct Metrics {
     pub rerouted: Counter,
     /// Shard queues this worker owns and consumes now.
     pub owned_shards: Gauge,
+    /// Shard queues in the topology (`topology.shards`): `sum(owned_shards)` should equal it.
+    pub shards: Gauge,
     /// Keys blocked now (read from the database every few seconds).
     pub blocked_keys: Gauge,
     /// IPNs held behind blocked keys now (read from the database every few seconds).
     pub held_now: Gauge,
+    /// Seconds since the longest-blocked key was blocked (read with `blocked_keys`).
+    pub longest_blocked_seconds: Seconds,
+    /// Seconds since the oldest parked IPN was parked (read with `blocked_keys`).
+    pub oldest_parked_seconds: Seconds,
+    /// Messages in the bridge's own queues, by role (exported by the watching worker only).
+    pub queue_messages: Family<RoleLabel, Gauge>,
+    /// From the ingress's receive time to the event's confirmed publish.
+    pub receive_to_publish_seconds: Histogram,
+    /// 1 while a connection is up, by connection (set at each scrape).
+    pub connected: Family<ConnectionLabel, Gauge>,
     /// Alert messages sent and given up on, by channel.
     pub alerts: crate::alert::Counters,
     /// Events waiting in each downstream queue (exported by the watching worker only).
@@ -81,7 +111,8 @@ pub struct Metrics {
 impl Metrics {
     /// Fresh metrics, all zero.
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("ipn_worker");
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("ipn_worker");
         let metrics = Metrics {
             verifications: Family::default(),
             // 5 ms .. ~80 s
@@ -97,8 +128,15 @@ impl Metrics {
             alerts: crate::alert::Counters::initialized(),
             rerouted: Counter::default(),
             owned_shards: Gauge::default(),
+            shards: Gauge::default(),
             blocked_keys: Gauge::default(),
             held_now: Gauge::default(),
+            longest_blocked_seconds: Seconds::default(),
+            oldest_parked_seconds: Seconds::default(),
+            queue_messages: Family::default(),
+            // 5 ms .. ~80 s
+            receive_to_publish_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 15)),
+            connected: Family::default(),
             downstream_depth: Family::default(),
             downstream_consumers: Family::default(),
             downstream_dead: Family::default(),
@@ -115,6 +153,11 @@ impl Metrics {
                 reason: reason.as_str(),
             };
             let _ = metrics.quarantined.get_or_create(&label);
+        }
+        for connection in ["publish", "consume", "database"] {
+            let _ = metrics
+                .connected
+                .get_or_create(&ConnectionLabel { connection });
         }
         registry.register(
             "verifications",
@@ -177,6 +220,11 @@ impl Metrics {
             metrics.owned_shards.clone(),
         );
         registry.register(
+            "shards",
+            "Shard queues in the topology (sum(owned_shards) over the workers equals it when every shard is consumed)",
+            metrics.shards.clone(),
+        );
+        registry.register(
             "blocked_keys",
             "Order keys blocked behind a deferred or parked IPN",
             metrics.blocked_keys.clone(),
@@ -185,6 +233,31 @@ impl Metrics {
             "held_ipns",
             "IPNs held behind blocked keys",
             metrics.held_now.clone(),
+        );
+        registry.register(
+            "longest_blocked_seconds",
+            "Seconds since the longest-blocked key was blocked (0: none; from the worker owning shard 0)",
+            metrics.longest_blocked_seconds.clone(),
+        );
+        registry.register(
+            "oldest_parked_seconds",
+            "Seconds since the oldest parked IPN was parked (0: none; from the worker owning shard 0)",
+            metrics.oldest_parked_seconds.clone(),
+        );
+        registry.register(
+            "queue_messages",
+            "Messages in the bridge's queues: inbound (all shards), parked, quarantine, dead (from the worker owning shard 0)",
+            metrics.queue_messages.clone(),
+        );
+        registry.register(
+            "receive_to_publish_seconds",
+            "From the ingress's receive time to the event's confirmed publish",
+            metrics.receive_to_publish_seconds.clone(),
+        );
+        registry.register(
+            "connected",
+            "1 while the connection is up: publish and consume (the broker), database",
+            metrics.connected.clone(),
         );
         registry.register(
             "alerts_sent",
@@ -211,8 +284,9 @@ impl Metrics {
             "Events in each downstream queue's dead-letter queue (from the worker that watches them)",
             metrics.downstream_dead.clone(),
         );
+        crate::telemetry::process::register(&mut root, "ipn-worker");
         Metrics {
-            registry,
+            registry: root,
             ..metrics
         }
     }

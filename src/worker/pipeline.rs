@@ -156,6 +156,14 @@ impl Pipeline {
         store: Store,
         publisher: Publisher,
     ) -> Pipeline {
+        let metrics = Metrics::new();
+        // Each delay tier's retry series exists from the start, at 0.
+        for delay in &config.retry.tiers {
+            let label = super::metrics::TierLabel {
+                tier: Topology::tier_name(*delay),
+            };
+            let _ = metrics.retries.get_or_create(&label);
+        }
         Pipeline {
             providers: Providers::new(config),
             worker: config.worker.clone(),
@@ -164,7 +172,7 @@ impl Pipeline {
             verifier,
             store,
             publisher,
-            metrics: Metrics::new(),
+            metrics,
             alerter: Alerter::logging_only(),
             database_up: std::sync::atomic::AtomicBool::new(true),
             fault: None,
@@ -304,6 +312,14 @@ impl Pipeline {
             .await?;
         self.crash_point(Step::MarkedDone)?;
         self.metrics.events.inc();
+        if let Some(received) = inbound.received_at {
+            let waited = SystemTime::now()
+                .duration_since(received)
+                .unwrap_or_default();
+            self.metrics
+                .receive_to_publish_seconds
+                .observe(waited.as_secs_f64());
+        }
         info!(
             sequence = reservation.sequence,
             routing_key, "event published"

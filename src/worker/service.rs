@@ -126,7 +126,7 @@ async fn serve(config: Config, health: TcpListener, stop: CancellationToken) -> 
         stop.clone(),
     ));
     info!(worker = %id, "ipn-worker starting");
-    let watch = tokio::spawn(watch::watch_downstream(
+    let watch = tokio::spawn(watch::watch_queues(
         config.clone(),
         store.clone(),
         Arc::clone(&pipeline),

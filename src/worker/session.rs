@@ -258,7 +258,9 @@ impl Session<'_> {
             owned.tokens.insert(shard, token);
         }
         let count = i64::try_from(owned.tokens.len()).unwrap_or(i64::MAX);
-        self.pipeline.metrics().owned_shards.set(count);
+        let metrics = self.pipeline.metrics();
+        metrics.owned_shards.set(count);
+        metrics.shards.set(i64::from(self.topology.shards().get()));
         Ok(())
     }
 

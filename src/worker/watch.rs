@@ -1,8 +1,9 @@
-//! The watch on the business services' queues: one worker (the owner of shard 0 among the live
-//! workers, so three workers do not send three alerts or triple a `sum()`) looks at every
-//! `[[downstream]]` queue each `worker.downstream_check`, exports depth, consumers and
-//! dead-lettered events as metrics, and raises an alert when a service is in trouble
-//! ([`crate::downstream::Watch`] has the rules).
+//! The watch on the queues: one worker (the owner of shard 0 among the live workers, so three
+//! workers do not send three alerts or triple a `sum()`) looks at every `[[downstream]]` queue
+//! each `worker.downstream_check`, exports depth, consumers and dead-lettered events as metrics,
+//! and raises an alert when a service is in trouble ([`crate::downstream::Watch`] has the
+//! rules); and exports the depth of the bridge's own queues (the inbound shards together,
+//! parked, quarantine, dead) as `ipn_worker_queue_messages`.
 //!
 //! It has a broker connection of its own, opened when needed and bounded by
 //! `amqp.connect_timeout` at every step, so a silent broker delays only the next look.
@@ -25,18 +26,16 @@ use crate::store::Store;
 /// The shard whose owner watches the downstream queues.
 const WATCHING_SHARD: u16 = 0;
 
-/// Looks at the downstream queues every `worker.downstream_check` while this worker owns
+/// Looks at the downstream queues and the bridge's own every `worker.downstream_check` while this worker owns
 /// [`WATCHING_SHARD`], until `stop`.
-pub(super) async fn watch_downstream(
+pub(super) async fn watch_queues(
     config: Config,
     store: Store,
     pipeline: Arc<Pipeline>,
     id: String,
     stop: CancellationToken,
 ) {
-    if config.downstream.is_empty() {
-        return;
-    }
+    let topology = crate::topology::Topology::of(&config);
     let mut watches: Vec<Watch> = config.downstream.iter().cloned().map(Watch::new).collect();
     let mut connection: Option<Connection> = None;
     let mut every = tokio::time::interval(config.worker.downstream_check);
@@ -72,7 +71,9 @@ pub(super) async fn watch_downstream(
             };
         }
         let Some(open) = &connection else { continue };
-        if !look_at_all(open, &mut watches, &pipeline, limit).await {
+        if !look_at_all(open, &mut watches, &pipeline, limit).await
+            || !look_at_bridge(open, &topology, &pipeline, limit).await
+        {
             connection = None;
         }
     }
@@ -149,9 +150,80 @@ async fn look_at_all(
     true
 }
 
-/// Stops exporting the downstream gauges: another worker watches.
+/// One look at the bridge's own queues (passive declarations, no message touched); false when
+/// the connection is no good any more.
+async fn look_at_bridge(
+    connection: &Connection,
+    topology: &crate::topology::Topology,
+    pipeline: &Pipeline,
+    limit: Duration,
+) -> bool {
+    let shards = (0..topology.shards().get()).map(|shard| ("inbound", topology.shard_queue(shard)));
+    let queues: Vec<(&'static str, String)> = shards
+        .chain([
+            ("parked", topology.parked_queue()),
+            ("quarantine", topology.quarantine_queue()),
+            ("dead", topology.dead_queue()),
+        ])
+        .collect();
+    let counted = tokio::time::timeout(limit, count_messages(connection, &queues)).await;
+    let totals = match counted {
+        Ok(Ok(totals)) => totals,
+        Ok(Err(error)) => {
+            let error = bounded::error_chain(&error);
+            warn!(error, "cannot count the bridge's queues; will try again");
+            return false;
+        }
+        Err(_) => {
+            warn!(after = ?limit, "the broker did not answer a count of the bridge's queues; will try again");
+            return false;
+        }
+    };
+    let metrics = pipeline.metrics();
+    for (queue, messages) in totals {
+        let label = super::metrics::RoleLabel { queue };
+        metrics
+            .queue_messages
+            .get_or_create(&label)
+            .set(i64::try_from(messages).unwrap_or(i64::MAX));
+    }
+    true
+}
+
+/// The messages in `queues`, summed by role, in the roles' order.
+async fn count_messages(
+    connection: &Connection,
+    queues: &[(&'static str, String)],
+) -> Result<Vec<(&'static str, u64)>, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let mut totals: Vec<(&'static str, u64)> = Vec::new();
+    for (role, queue) in queues {
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                passive,
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+        let count = u64::from(declared.message_count());
+        match totals.iter_mut().find(|(r, _)| r == role) {
+            Some((_, total)) => *total += count,
+            None => totals.push((role, count)),
+        }
+    }
+    // Only looking; a failing close changes nothing.
+    let _ = channel.close(200, "counted".into()).await;
+    Ok(totals)
+}
+
+/// Stops exporting the watched gauges: another worker watches.
 fn forget(pipeline: &Pipeline) {
     let metrics = pipeline.metrics();
+    metrics.queue_messages.clear();
     metrics.downstream_depth.clear();
     metrics.downstream_consumers.clear();
     metrics.downstream_dead.clear();

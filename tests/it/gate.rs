@@ -96,8 +96,16 @@ async fn paypal_timing_out_every_time_walks_the_tiers_then_parks_the_ipn_and_blo
         (key.as_str(), "parked")
     );
     assert_eq!(listed[0].held, 0);
-    // The deployment's count, exported by the owner of shard 0 (here the only worker).
+    // The deployment's count, exported by the owner of shard 0 (here the only worker), with
+    // how long the key has been blocked and its blocker parked.
     worker.wait_metric("ipn_worker_blocked_keys", 1.0).await;
+    for age in [
+        "ipn_worker_longest_blocked_seconds",
+        "ipn_worker_oldest_parked_seconds",
+    ] {
+        let seconds = worker.metric(age).await.expect(age);
+        assert!(seconds > 0.0 && seconds < 600.0, "{age} {seconds}");
+    }
 
     let store = Store::connect(&stack.config.database).await.expect("store");
     let blocked = store

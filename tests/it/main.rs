@@ -13,6 +13,7 @@ mod gate;
 mod hostile;
 mod ingress;
 mod logs;
+mod observability;
 mod pipeline_e2e;
 mod scaling;
 mod store;

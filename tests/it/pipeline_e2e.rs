@@ -19,7 +19,7 @@ use crate::support::{
 /// A worker running in-process exactly as the binary runs it.
 pub(crate) struct RunningWorker {
     /// Where `/healthz`, `/readyz` and `/metrics` answer.
-    address: std::net::SocketAddr,
+    pub(crate) address: std::net::SocketAddr,
     shutdown: oneshot::Sender<()>,
     task: JoinHandle<Result<(), ipn_bridge::worker::Error>>,
 }
