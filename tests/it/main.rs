@@ -7,6 +7,7 @@ mod alerting;
 mod alipay;
 mod cli;
 mod compose;
+mod deploy;
 mod downstream;
 mod faults;
 mod gate;
