@@ -43,6 +43,20 @@ pub enum Answer {
     Silent,
 }
 
+/// As `--answer` spells it (`verified`, `slow:200ms`), so what is printed can be given back.
+impl std::fmt::Display for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answer::Verified => f.write_str("verified"),
+            Answer::Invalid => f.write_str("invalid"),
+            Answer::ServerError => f.write_str("500"),
+            Answer::Garbage => f.write_str("garbage"),
+            Answer::Silent => f.write_str("silent"),
+            Answer::Slow(delay) => write!(f, "slow:{}", humantime::format_duration(*delay)),
+        }
+    }
+}
+
 impl FromStr for Answer {
     type Err = String;
     /// `verified`, `invalid`, `500`, `garbage`, `silent`, or `slow:<duration>` (e.g. `slow:15s`).
@@ -252,5 +266,13 @@ mod tests {
         assert_eq!("slow:2s".parse(), Ok(Answer::Slow(Duration::from_secs(2))));
         assert!("slow:soon".parse::<Answer>().is_err());
         assert!("maybe".parse::<Answer>().is_err());
+    }
+
+    #[test]
+    fn answers_print_as_they_are_given() {
+        for text in ["verified", "invalid", "500", "garbage", "silent", "slow:2s"] {
+            let answer: Answer = text.parse().expect("parses");
+            assert_eq!(answer.to_string(), text);
+        }
     }
 }

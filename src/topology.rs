@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::config;
 
@@ -143,6 +143,19 @@ impl Topology {
     /// `<p>.events`: the topic exchange business services bind their queues to.
     pub fn events_exchange(&self) -> String {
         format!("{}.events", self.prefix)
+    }
+
+    /// The bridge's own queues by role, for their depths: every shard as `inbound`, then
+    /// `parked`, `quarantine` and `dead`.
+    pub fn own_queues(&self) -> Vec<(&'static str, String)> {
+        (0..self.shards().get())
+            .map(|shard| ("inbound", self.shard_queue(shard)))
+            .chain([
+                ("parked", self.parked_queue()),
+                ("quarantine", self.quarantine_queue()),
+                ("dead", self.dead_queue()),
+            ])
+            .collect()
     }
 
     /// Every queue name, for tools that list or remove them.
@@ -320,6 +333,37 @@ impl Topology {
         insert(&mut args, "x-overflow", text("reject-publish"));
         args
     }
+}
+
+/// The messages in `queues` (role, name), summed by role in the roles' first order: passive
+/// declarations, no message touched; an error when one of them does not exist.
+pub async fn count_messages(
+    connection: &Connection,
+    queues: &[(&'static str, String)],
+) -> Result<Vec<(&'static str, u64)>, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let mut totals: Vec<(&'static str, u64)> = Vec::new();
+    for (role, queue) in queues {
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                passive,
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+        let count = u64::from(declared.message_count());
+        match totals.iter_mut().find(|(r, _)| r == role) {
+            Some((_, total)) => *total += count,
+            None => totals.push((role, count)),
+        }
+    }
+    // Only looking; a failing close changes nothing.
+    let _ = channel.close(200, "counted".into()).await;
+    Ok(totals)
 }
 
 /// Declares a business service's queue as the bridge does (with its `<queue>.dead`) and binds

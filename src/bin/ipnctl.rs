@@ -46,6 +46,13 @@ enum Command {
         #[command(subcommand)]
         action: Review,
     },
+    /// IPNs the broker dead-lettered to <prefix>.dead after topology.delivery_limit deliveries
+    /// (a worker died on each): list them, and replay them to their shards only once the cause
+    /// is fixed, or purge them.
+    Dead {
+        #[command(subcommand)]
+        action: Review,
+    },
     /// Order keys blocked behind a deferred or parked IPN.
     Key {
         #[command(subcommand)]
@@ -60,6 +67,14 @@ enum Command {
     Events {
         #[command(subcommand)]
         action: EventsAction,
+    },
+    /// The deployment at a glance: ingress ready, workers and shards, what waits where
+    /// (inbound, parked, quarantine, dead, business queues), blocked keys. Exit 0 when all is
+    /// well, 3 when something needs attention.
+    Status {
+        /// JSON instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// The live workers and the shards each owns.
     Workers {
@@ -111,20 +126,36 @@ enum Command {
     },
 }
 
+/// What `parked` and `quarantine` do with their queue.
 #[derive(Subcommand)]
 enum Review {
     /// List them in order (key, txn_type, txn_id, reason, attempts, age, message id), leaving
-    /// them as they are.
+    /// them as they are. Long values are cut in the table; --json has them whole.
     List {
-        /// JSON instead of a table.
+        /// JSON instead of a table (docs/operations.md, "ipnctl's JSON").
         #[arg(long)]
         json: bool,
     },
-    /// Send them back to their shards in their order, attempts reset. A parked IPN releases the
-    /// IPNs held behind it once it succeeds.
+    /// Send them back to their shards in their order, attempts reset, to be checked again: a
+    /// parked IPN releases the IPNs held behind it once it succeeds; replay a quarantined one
+    /// after fixing what quarantined it (a receiver id, a key), or it is quarantined again.
     Replay(Which),
-    /// Delete them for good (a parked IPN's key stays blocked: see `key release`).
-    Purge(Which),
+    /// Delete them for good (a parked IPN's key stays blocked: see `key release`). More than
+    /// one message (--all, --key) needs --yes; --dry-run lists what would go.
+    Purge(Purging),
+}
+
+/// A purge's selection and its safety catch.
+#[derive(clap::Args)]
+struct Purging {
+    #[command(flatten)]
+    which: Which,
+    /// Really delete what --all or --key selects.
+    #[arg(long)]
+    yes: bool,
+    /// List what would be deleted, and delete nothing.
+    #[arg(long, conflicts_with = "yes")]
+    dry_run: bool,
 }
 
 /// Which messages: exactly one of these.
@@ -186,12 +217,13 @@ enum DeadAction {
         which: Which,
     },
     /// Delete them from QUEUE.dead for good (`events redeliver` can still send them again
-    /// while the history keeps them).
+    /// while the history keeps them). More than one (--all, --key) needs --yes; --dry-run
+    /// lists what would go.
     Purge {
         /// The [[downstream]] queue, e.g. billing.
         queue: String,
         #[command(flatten)]
-        which: Which,
+        purging: Purging,
     },
 }
 
@@ -307,6 +339,7 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<ExitCode> {
         }
         Command::Parked { action } => review(config, &Queue::Parked, action).await,
         Command::Quarantine { action } => review(config, &Queue::Quarantine, action).await,
+        Command::Dead { action } => review(config, &Queue::BridgeDead, action).await,
         Command::Downstream { action } => downstream(config, action).await,
         Command::Events { action } => events(config, action).await,
         Command::Key {
@@ -326,6 +359,16 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<ExitCode> {
                 println!("{key} is not blocked");
                 Ok(ExitCode::from(2))
             }
+        }
+        Command::Status { json } => {
+            let status = ctl::status::status(config).await?;
+            let healthy = status.healthy();
+            show(&[status], json, ctl::status::status_text)?;
+            Ok(if healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
         }
         Command::Workers { json } => show(&ctl::workers(config).await?, json, ctl::workers_table),
         Command::Health { url, timeout } => {
@@ -392,9 +435,41 @@ async fn review(config: &Config, queue: &Queue, action: Review) -> anyhow::Resul
             );
         }
         Review::Replay(which) => review::replay(config, queue, &which.selection()).await?,
-        Review::Purge(which) => review::purge(config, queue, &which.selection()).await?,
+        Review::Purge(purging) => {
+            return purge(config, queue, purging, review::listed_table).await;
+        }
     };
     taken(&pass)
+}
+
+/// A purge behind its safety catch: with --dry-run the messages that would go, listed; without
+/// --yes, a refusal when more than one could go; else the purge.
+async fn purge(
+    config: &Config,
+    queue: &Queue,
+    purging: Purging,
+    table: fn(&[review::Listed]) -> String,
+) -> anyhow::Result<ExitCode> {
+    let selection = purging.which.selection();
+    if purging.dry_run {
+        let listed = review::list(config, queue).await?;
+        let chosen: Vec<review::Listed> =
+            listed.into_iter().filter(|m| selection.takes(m)).collect();
+        println!("{}", table(&chosen));
+        println!("dry run: {} would be purged; nothing was", chosen.len());
+        return Ok(if chosen.is_empty() {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    if selection.may_take_many() && !purging.yes {
+        eprintln!(
+            "ipnctl: a purge of --all or --key deletes for good and may take many: add --yes, or --dry-run to see which first"
+        );
+        return Ok(ExitCode::from(64));
+    }
+    taken(&review::purge(config, queue, &selection).await?)
 }
 
 async fn downstream(config: &Config, action: DownstreamAction) -> anyhow::Result<ExitCode> {
@@ -418,9 +493,9 @@ async fn downstream(config: &Config, action: DownstreamAction) -> anyhow::Result
             ctl::downstream::configured(config, &queue)?;
             review::replay(config, &Queue::Dead(queue), &which.selection()).await?
         }
-        DeadAction::Purge { queue, which } => {
+        DeadAction::Purge { queue, purging } => {
             ctl::downstream::configured(config, &queue)?;
-            review::purge(config, &Queue::Dead(queue), &which.selection()).await?
+            return purge(config, &Queue::Dead(queue), purging, review::dead_table).await;
         }
     };
     taken(&pass)
@@ -479,13 +554,18 @@ fn taken(pass: &review::Pass) -> anyhow::Result<ExitCode> {
 }
 
 /// Prints rows as pretty JSON or as the readable table `table` makes.
+/// The version of every `--json` document's shape; raised when a field changes meaning or goes.
+const JSON_VERSION: u32 = 1;
+
 fn show<T: serde::Serialize>(
     rows: &[T],
     json: bool,
     table: fn(&[T]) -> String,
 ) -> anyhow::Result<ExitCode> {
     if json {
-        println!("{}", serde_json::to_string_pretty(rows)?);
+        // Versioned: a script can tell a shape it knows (docs/operations.md, "ipnctl's JSON").
+        let document = serde_json::json!({ "version": JSON_VERSION, "items": rows });
+        println!("{}", serde_json::to_string_pretty(&document)?);
     } else {
         println!("{}", table(rows));
     }

@@ -152,6 +152,7 @@ async fn redeliver_with(
         .await
         .context("cannot read the event history")?;
     let mut done = Redelivered::default();
+    let started = std::time::Instant::now();
     let mut after: Option<(String, i64)> = None;
     loop {
         let page = store
@@ -176,8 +177,12 @@ async fn redeliver_with(
             done.published += 1;
             if done.published % 1000 == 0 {
                 eprintln!(
-                    "ipnctl: {} of {total} events redelivered to {queue}",
-                    done.published
+                    "ipnctl: {} of {total} events redelivered to {queue} ({})",
+                    done.published,
+                    super::rate(
+                        usize::try_from(done.published).unwrap_or(usize::MAX),
+                        started
+                    )
                 );
             }
         }

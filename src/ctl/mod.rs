@@ -4,6 +4,7 @@ pub mod demo;
 pub mod downstream;
 pub mod events;
 pub mod review;
+pub mod status;
 
 use std::time::Duration;
 
@@ -104,7 +105,7 @@ pub async fn fake_paypal(
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let fake = crate::fake_paypal::FakePaypal::start(listener, answer)?;
-    println!("fake PayPal answering {answer:?} at {}", fake.url());
+    println!("fake PayPal answering {answer} at {}", fake.url());
     println!(
         "point the worker at it: IPN_PAYPAL__VERIFY_URL={}",
         fake.url()
@@ -173,12 +174,40 @@ pub fn workers_table(workers: &[Worker]) -> String {
     )
 }
 
+/// `n` things since `started` as a rate for a progress line: `412/s`.
+pub(crate) fn rate(n: usize, started: std::time::Instant) -> String {
+    let seconds = started.elapsed().as_secs_f64().max(1e-3);
+    format!("{:.0}/s", n as f64 / seconds)
+}
+
 pub(crate) fn age(seconds: u64) -> String {
     humantime::format_duration(std::time::Duration::from_secs(seconds)).to_string()
 }
 
-/// A table: columns padded to their widest cell, two spaces apart.
+/// The widest a table cell gets (an event's routing key fits): longer values (a masspay key is
+/// `msg:` and 64 hex digits) keep
+/// their start and end around an ellipsis; `--json` has them whole.
+pub(crate) const MAX_CELL_CHARS: usize = 48;
+
+/// `cell` within [`MAX_CELL_CHARS`]: its first and last characters around `…`.
+fn fitted(cell: String) -> String {
+    let count = cell.chars().count();
+    if count <= MAX_CELL_CHARS {
+        return cell;
+    }
+    let keep = MAX_CELL_CHARS - 1;
+    let head: String = cell.chars().take(keep - keep / 2).collect();
+    let tail: String = cell.chars().skip(count - keep / 2).collect();
+    format!("{head}…{tail}")
+}
+
+/// A table: columns padded to their widest cell (each cut to [`MAX_CELL_CHARS`]), two spaces
+/// apart.
 pub(crate) fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|row| row.into_iter().map(fitted).collect())
+        .collect();
     let mut widths: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -212,5 +241,26 @@ mod tests {
             table(&["KEY", "HELD"], rows),
             "KEY          HELD\nprofile:I-1  2\ntxn:A        10"
         );
+    }
+
+    #[test]
+    fn a_long_cell_keeps_its_start_and_end_around_an_ellipsis() {
+        let key = format!("msg:{}", "0123456789abcdef".repeat(4));
+        let rows = vec![vec![key.clone(), "1".to_owned()]];
+        let shown = table(&["KEY", "HELD"], rows);
+        let cell = shown
+            .lines()
+            .nth(1)
+            .expect("a row")
+            .split("  ")
+            .next()
+            .expect("a cell");
+        assert_eq!(cell.chars().count(), MAX_CELL_CHARS);
+        assert_eq!(cell, "msg:0123456789abcdef0123…9abcdef0123456789abcdef");
+        assert!(key.starts_with(cell.split('…').next().expect("head")));
+        assert!(key.ends_with(cell.split('…').nth(1).expect("tail")));
+        // The widest line: the cut key, two spaces, the HELD column (its header).
+        let widest = MAX_CELL_CHARS + 2 + "HELD".len();
+        assert!(shown.lines().all(|line| line.chars().count() <= widest));
     }
 }

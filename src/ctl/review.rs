@@ -52,6 +52,9 @@ pub enum Queue {
     /// `<queue>.dead` of this `[[downstream]]` queue: events its service rejected, requeued too
     /// often, or left past `message_ttl`.
     Dead(String),
+    /// `<p>.dead`: IPNs the broker gave up on after `topology.delivery_limit` deliveries (a
+    /// worker died on each of them); replayed to their shards like parked ones.
+    BridgeDead,
 }
 
 impl Queue {
@@ -60,6 +63,7 @@ impl Queue {
             Queue::Parked => topology.parked_queue(),
             Queue::Quarantine => topology.quarantine_queue(),
             Queue::Dead(queue) => crate::config::dead_letter_queue(queue),
+            Queue::BridgeDead => topology.dead_queue(),
         }
     }
 
@@ -67,7 +71,7 @@ impl Queue {
     fn chunk(&self) -> usize {
         match self {
             // One at a time: a crash leaves at most one second copy.
-            Queue::Parked | Queue::Quarantine => 1,
+            Queue::Parked | Queue::Quarantine | Queue::BridgeDead => 1,
             Queue::Dead(_) => DEAD_CHUNK,
         }
     }
@@ -90,6 +94,8 @@ pub struct Listed {
     pub attempts: i64,
     /// Seconds since the ingress received it.
     pub age_seconds: Option<u64>,
+    /// When the ingress received it (RFC 3339, UTC).
+    pub received_at: Option<String>,
     /// `x-ipn-last-error`.
     pub last_error: Option<String>,
     /// A dead-lettered event's sequence number within its key.
@@ -106,6 +112,22 @@ pub enum Selection {
     Key(String),
     /// The one with this message id.
     MessageId(String),
+}
+
+impl Selection {
+    /// Whether a listed message is one this selection takes.
+    pub fn takes(&self, listed: &Listed) -> bool {
+        match self {
+            Selection::All => true,
+            Selection::Key(key) => listed.order_key == *key,
+            Selection::MessageId(id) => listed.message_id.as_deref() == Some(id.as_str()),
+        }
+    }
+
+    /// Whether it can take more than one message (a purge of those asks for `--yes`).
+    pub fn may_take_many(&self) -> bool {
+        !matches!(self, Selection::MessageId(_))
+    }
 }
 
 /// What a pass over a queue did.
@@ -286,6 +308,7 @@ impl Walk<'_> {
         let count = usize::try_from(count).unwrap_or(usize::MAX);
         let mut pass = Pass::default();
         let mut done = 0;
+        let started = std::time::Instant::now();
         while done < count {
             let want = self.queue.chunk().min(count - done);
             let chunk = self.read(&channel, want, selection, take).await?;
@@ -315,7 +338,11 @@ impl Walk<'_> {
             let before = done;
             done += chunk.len();
             if done / 1000 > before / 1000 {
-                eprintln!("ipnctl: {done} of {count} messages of {} done", self.name);
+                eprintln!(
+                    "ipnctl: {done} of {count} messages of {} done ({})",
+                    self.name,
+                    super::rate(done, started)
+                );
             }
             if chunk.len() < want {
                 break;
@@ -354,7 +381,9 @@ impl Walk<'_> {
     fn listed(&self, delivery: &lapin::message::Delivery, key: &OrderKey) -> Listed {
         match self.queue {
             Queue::Dead(_) => listed_event(&delivery.properties, &delivery.data, key),
-            Queue::Parked | Queue::Quarantine => listed(&delivery.properties, &delivery.data, key),
+            Queue::Parked | Queue::Quarantine | Queue::BridgeDead => {
+                listed(&delivery.properties, &delivery.data, key)
+            }
         }
     }
 
@@ -451,6 +480,7 @@ fn listed_event(properties: &BasicProperties, body: &[u8], key: &OrderKey) -> Li
         reason: header("x-first-death-reason"),
         attempts: deliveries,
         age_seconds: received.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs()),
+        received_at: received.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
         last_error: None,
         sequence: sequence(properties),
     }
@@ -466,9 +496,11 @@ fn listed(properties: &BasicProperties, body: &[u8], key: &OrderKey) -> Listed {
         order_key: key.to_string(),
         txn_type: form.text("txn_type").map(|t| crate::bounded::shown(&t)),
         txn_id: form.text("txn_id").map(|t| crate::bounded::shown(&t)),
-        reason: header(contract::REASON),
+        // Dead-lettered by the broker: its reason (`delivery_limit`) instead of ours.
+        reason: header(contract::REASON).or_else(|| header("x-first-death-reason")),
         attempts,
         age_seconds: received.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs()),
+        received_at: received.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
         last_error: header(contract::LAST_ERROR),
         sequence: None,
     }

@@ -301,7 +301,22 @@ async fn rpc<T, E: Into<Error>>(
     }
 }
 
-/// The host name, for `ipnctl workers`.
+/// The host name from the system (gethostname; `HOSTNAME` is a shell variable, seldom exported),
+/// for `ipnctl workers`; bounded, as anything shown is.
 pub fn host() -> String {
-    std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".to_owned())
+    let name = hostname::get()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned());
+    crate::bounded::shown(&name)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_host_is_the_systems_name_whether_or_not_hostname_is_exported() {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("Linux");
+        assert_eq!(super::host(), kernel.trim());
+    }
 }

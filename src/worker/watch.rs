@@ -158,15 +158,9 @@ async fn look_at_bridge(
     pipeline: &Pipeline,
     limit: Duration,
 ) -> bool {
-    let shards = (0..topology.shards().get()).map(|shard| ("inbound", topology.shard_queue(shard)));
-    let queues: Vec<(&'static str, String)> = shards
-        .chain([
-            ("parked", topology.parked_queue()),
-            ("quarantine", topology.quarantine_queue()),
-            ("dead", topology.dead_queue()),
-        ])
-        .collect();
-    let counted = tokio::time::timeout(limit, count_messages(connection, &queues)).await;
+    let queues = topology.own_queues();
+    let counted =
+        tokio::time::timeout(limit, crate::topology::count_messages(connection, &queues)).await;
     let totals = match counted {
         Ok(Ok(totals)) => totals,
         Ok(Err(error)) => {
@@ -188,36 +182,6 @@ async fn look_at_bridge(
             .set(i64::try_from(messages).unwrap_or(i64::MAX));
     }
     true
-}
-
-/// The messages in `queues`, summed by role, in the roles' order.
-async fn count_messages(
-    connection: &Connection,
-    queues: &[(&'static str, String)],
-) -> Result<Vec<(&'static str, u64)>, lapin::Error> {
-    let channel = connection.create_channel().await?;
-    let passive = lapin::options::QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    let mut totals: Vec<(&'static str, u64)> = Vec::new();
-    for (role, queue) in queues {
-        let declared = channel
-            .queue_declare(
-                queue.as_str().into(),
-                passive,
-                lapin::types::FieldTable::default(),
-            )
-            .await?;
-        let count = u64::from(declared.message_count());
-        match totals.iter_mut().find(|(r, _)| r == role) {
-            Some((_, total)) => *total += count,
-            None => totals.push((role, count)),
-        }
-    }
-    // Only looking; a failing close changes nothing.
-    let _ = channel.close(200, "counted".into()).await;
-    Ok(totals)
 }
 
 /// Stops exporting the watched gauges: another worker watches.

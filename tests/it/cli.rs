@@ -114,12 +114,14 @@ async fn the_ipnctl_binary_lists_and_releases_as_an_operator_expects() {
                 broker.url_via(crate::support::broker::BROKER),
             )
             .env("IPN_DATABASE__URL", db.config().url.to_string())
+            .env("IPN_TOPOLOGY__SHARDS", config.topology.shards.to_string())
             .output()
             .expect("binary runs")
     };
     let listed = ipnctl(&["parked", "list", "--json"]);
     assert!(listed.status.success(), "{listed:?}");
-    assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "[]");
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("JSON");
+    assert_eq!(listed, serde_json::json!({ "version": 1, "items": [] }));
     let table = ipnctl(&["quarantine", "list"]);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.starts_with("KEY"), "{table}");
@@ -134,10 +136,35 @@ async fn the_ipnctl_binary_lists_and_releases_as_an_operator_expects() {
     store.close().await;
     let keys = ipnctl(&["key", "list"]);
     assert!(String::from_utf8_lossy(&keys.stdout).contains("HELD"));
+    // No ingress, no worker: the overview says so, with exit 3.
+    let status = ipnctl(&["status"]);
+    assert_eq!(status.status.code(), Some(3), "{status:?}");
+    let said = String::from_utf8_lossy(&status.stdout);
+    assert!(said.contains("ingress     NO ANSWER"), "{said}");
+    assert!(
+        said.contains("workers     0 live, 0 of 4 shards owned"),
+        "{said}"
+    );
+    let status = ipnctl(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("JSON");
+    assert_eq!(status["version"], 1);
+    assert_eq!(status["items"][0]["shards"], 4);
     let release = ipnctl(&["key", "release", "profile:I-NOTBLOCKED"]);
     assert_eq!(release.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&release.stdout).contains("is not blocked"));
-    let nothing = ipnctl(&["quarantine", "purge", "--key", "txn:NOTQUARANTINED"]);
+    // A purge that may take many needs --yes; --dry-run deletes nothing.
+    let unsure = ipnctl(&["quarantine", "purge", "--all"]);
+    assert_eq!(unsure.status.code(), Some(64), "{unsure:?}");
+    assert!(String::from_utf8_lossy(&unsure.stderr).contains("--yes"));
+    let dry = ipnctl(&["quarantine", "purge", "--all", "--dry-run"]);
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("0 would be purged; nothing was"));
+    let nothing = ipnctl(&[
+        "quarantine",
+        "purge",
+        "--key",
+        "txn:NOTQUARANTINED",
+        "--yes",
+    ]);
     assert_eq!(
         nothing.status.code(),
         Some(2),

@@ -612,3 +612,62 @@ async fn a_chargeback_naming_only_a_subscription_payment_waits_behind_that_subsc
     worker.stop().await;
     ingress.stop().await;
 }
+
+#[tokio::test]
+async fn an_ipn_the_broker_dead_lettered_is_listed_and_replayed_to_its_shard_by_ipnctl_dead() {
+    use futures_util::StreamExt;
+    use ipn_bridge::provider::Provider;
+    use lapin::options::{BasicConsumeOptions, BasicNackOptions};
+    let mut stack = Stack::new().await;
+    stack.config.topology.delivery_limit = NonZeroU16::new(1).expect("non-zero");
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    let body = sample("013_subscr_payment.txt");
+    assert_eq!(post_form(&ingress.url, body.clone()).await.0, 200);
+    // A consumer that dies on it, as a crashing worker would: returned, then returned again
+    // past the limit, the broker dead-letters it to <p>.dead.
+    let topology = stack.topology();
+    let shard = PayPal.order_key(&body).shard(topology.shards());
+    let channel = stack.broker.channel().await;
+    let mut consumer = channel
+        .basic_consume(
+            topology.shard_queue(shard).as_str().into(),
+            "dies-on-it".into(),
+            BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let dead = topology.dead_queue();
+    while stack.broker.count(&channel, &dead).await == 0 {
+        let next = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await;
+        if let Ok(Some(Ok(delivery))) = next {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            delivery.acker.nack(requeue).await.expect("nack");
+        }
+    }
+    channel
+        .basic_cancel(consumer.tag(), Default::default())
+        .await
+        .expect("cancelled");
+    let listed = review::list(&stack.config, &Queue::BridgeDead)
+        .await
+        .expect("listed");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].order_key, key_of(&body));
+    assert_eq!(listed[0].reason.as_deref(), Some("delivery_limit"));
+    assert!(listed[0].received_at.is_some());
+    // The cause fixed (here: a worker that does not die), the operator replays it.
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
+    let pass = review::replay(&stack.config, &Queue::BridgeDead, &Selection::All)
+        .await
+        .expect("replayed");
+    assert_eq!((pass.taken, pass.kept), (1, 0));
+    let events = stack.events(1).await;
+    assert_eq!(raw(&events[0]), body);
+    assert_eq!(stack.broker.count(&channel, &dead).await, 0);
+    worker.stop().await;
+    ingress.stop().await;
+}

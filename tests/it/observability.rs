@@ -218,3 +218,57 @@ fn names_are_found_in_expressions_and_histogram_series_belong_to_their_family() 
     assert!(!exported(exposition, "ipn_z"));
     assert!(!exported(exposition, "ipn_y_bucket"));
 }
+
+#[tokio::test]
+async fn ipnctl_status_says_all_is_well_and_then_what_needs_attention() {
+    let mut stack = Stack::new().await;
+    // One business queue with a consumer of its own, as a service would have.
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    stack.config.ingress.listen = ingress.address;
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
+    // Ready: consuming its shards, with its topology (the business queue too) declared.
+    let ready = async {
+        while worker.readiness().await != 200 {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    tokio::time::timeout(crate::support::PATIENCE, ready)
+        .await
+        .expect("the worker became ready");
+    let channel = stack.broker.channel().await;
+    let _service = channel
+        .basic_consume(
+            "downstream".into(),
+            "service".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("a consumer");
+    let status = ipn_bridge::ctl::status::status(&stack.config)
+        .await
+        .expect("status");
+    assert_eq!(status.ingress_status, Some(200));
+    assert_eq!(
+        (status.workers, status.shards_owned, status.shards),
+        (1, 4, 4)
+    );
+    assert_eq!((status.parked, status.dead, status.blocked_keys), (0, 0, 0));
+    assert!(status.healthy(), "{status:?}");
+    let text = ipn_bridge::ctl::status::status_text(std::slice::from_ref(&status));
+    assert!(
+        text.starts_with("ingress     ready") && text.ends_with("all well"),
+        "{text}"
+    );
+    // The ingress gone: not well, and the lines say where.
+    ingress.stop().await;
+    let status = ipn_bridge::ctl::status::status(&stack.config)
+        .await
+        .expect("status");
+    assert_eq!(status.ingress_status, None);
+    assert!(!status.healthy());
+    let text = ipn_bridge::ctl::status::status_text(&[status]);
+    assert!(text.contains("ingress     NO ANSWER"), "{text}");
+    assert!(text.ends_with("needs attention (exit 3)"), "{text}");
+    worker.stop().await;
+}
