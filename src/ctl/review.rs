@@ -96,6 +96,8 @@ pub struct Listed {
     pub age_seconds: Option<u64>,
     /// When the ingress received it (RFC 3339, UTC).
     pub received_at: Option<String>,
+    /// When it was parked (`x-ipn-parked-at`; parked IPNs only).
+    pub parked_at: Option<String>,
     /// `x-ipn-last-error`.
     pub last_error: Option<String>,
     /// A dead-lettered event's sequence number within its key.
@@ -481,6 +483,7 @@ fn listed_event(properties: &BasicProperties, body: &[u8], key: &OrderKey) -> Li
         attempts: deliveries,
         age_seconds: received.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs()),
         received_at: received.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        parked_at: None,
         last_error: None,
         sequence: sequence(properties),
     }
@@ -501,6 +504,7 @@ fn listed(properties: &BasicProperties, body: &[u8], key: &OrderKey) -> Listed {
         attempts,
         age_seconds: received.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs()),
         received_at: received.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        parked_at: header(contract::PARKED_AT),
         last_error: header(contract::LAST_ERROR),
         sequence: None,
     }

@@ -306,6 +306,13 @@ async fn listing_parked_and_quarantined_ipns_shows_them_in_order_and_leaves_them
     let keys: Vec<&str> = first_listing.iter().map(|m| m.order_key.as_str()).collect();
     assert_eq!(keys, [key_of(&parked_first), key_of(&parked_second)]);
     assert!(first_listing.iter().all(|m| m.attempts == 4));
+    // Absolute times beside the ages: received by the ingress, then parked.
+    for m in &first_listing {
+        let received = m.received_at.as_deref().expect("received_at");
+        let parked = m.parked_at.as_deref().expect("parked_at");
+        let at = |t: &str| humantime::parse_rfc3339_weak(t).expect("RFC 3339");
+        assert!(at(received) <= at(parked), "{received} then {parked}");
+    }
     assert!(
         first_listing
             .iter()
