@@ -24,10 +24,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use futures_util::StreamExt;
 use ipn_bridge::amqp::{Outgoing, Publisher};
-use ipn_bridge::config::{Config, Downstream};
+use ipn_bridge::config::Config;
 use ipn_bridge::fake_paypal::{Answer, FakePaypal};
 use ipn_bridge::provider::PayPal;
 use ipn_bridge::provider::Provider;
@@ -117,29 +117,20 @@ pub fn bench(args: &Args) -> anyhow::Result<Summary> {
 }
 
 async fn bench_in_runtime(args: &Args) -> anyhow::Result<Summary> {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    let mut config = Config::default();
-    config.amqp.url = args.amqp.parse().map_err(anyhow::Error::msg)?;
-    config.topology.prefix = format!("bench-e2e-{id}");
-    config.topology.shards = std::num::NonZeroU16::new(args.shards).context("shards > 0")?;
-    let downstream = format!("{}.downstream", config.topology.prefix);
-    config.downstream = vec![Downstream::new(&downstream, &["#"])];
-    let database = format!("bench_e2e_{id}");
-    let database_url = format!("{}/{database}", args.postgres);
-    config.database.url = database_url.parse().map_err(anyhow::Error::msg)?;
-    let topology = Topology::of(&config);
-    let connection = Connection::connect(&args.amqp, ConnectionProperties::default()).await?;
-    topology
-        .declare(&connection.create_channel().await?)
-        .await?;
+    let setup = support::RunSetup::new("e2e", &args.amqp, &args.postgres, args.shards).await?;
     let names = Names {
-        downstream: &downstream,
-        database_url: &database_url,
+        downstream: &setup.downstream,
+        database_url: &setup.database_url,
     };
-    let result = run(args, &config, &topology, &connection, &names).await;
-    let dead = ipn_bridge::config::dead_letter_queue(&downstream);
-    support::cleanup(&connection, &topology, &[&downstream, &dead]).await?;
-    support::drop_database(&args.postgres, &database).await?;
+    let result = run(
+        args,
+        &setup.config,
+        &setup.topology,
+        &setup.connection,
+        &names,
+    )
+    .await;
+    setup.clean_up(&args.postgres).await?;
     result
 }
 

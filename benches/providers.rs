@@ -24,13 +24,12 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
-use ipn_bridge::config::{Config, Downstream};
+use anyhow::bail;
+use ipn_bridge::config::Config;
 use ipn_bridge::ctl::demo::demo_settings;
 use ipn_bridge::fake_paypal::{Answer, FakePaypal};
-use ipn_bridge::fake_providers::{self, DEMO_SERIAL, DemoKeys};
-use ipn_bridge::topology::Topology;
-use lapin::{Connection, ConnectionProperties};
+use ipn_bridge::fake_providers::{self, DemoKeys};
+use lapin::Connection;
 use tokio::sync::Mutex;
 
 use crate::e2e::body_source;
@@ -84,34 +83,20 @@ pub fn bench(args: &Args) -> anyhow::Result<Summary> {
 }
 
 async fn bench_in_runtime(args: &Args) -> anyhow::Result<Summary> {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    let mut config = Config::default();
-    config.amqp.url = args.amqp.parse().map_err(anyhow::Error::msg)?;
-    config.topology.prefix = format!("bench-providers-{id}");
-    config.topology.shards = std::num::NonZeroU16::new(args.shards).context("shards > 0")?;
-    let downstream = format!("{}.downstream", config.topology.prefix);
-    config.downstream = vec![Downstream::new(&downstream, &["#"])];
-    let database = format!("bench_providers_{id}");
-    let database_url = format!("{}/{database}", args.postgres);
-    let topology = Topology::of(&config);
-    let connection = Connection::connect(&args.amqp, ConnectionProperties::default()).await?;
-    topology
-        .declare(&connection.create_channel().await?)
-        .await?;
-    let keys_dir = std::env::temp_dir().join(format!("bench-providers-{id}"));
+    let setup =
+        support::RunSetup::new("providers", &args.amqp, &args.postgres, args.shards).await?;
+    let keys_dir = std::env::temp_dir().join(format!("bench-providers-{}", setup.id));
     let result = run(
         args,
-        &config,
-        &connection,
-        &database_url,
+        &setup.config,
+        &setup.connection,
+        &setup.database_url,
         &keys_dir,
-        &downstream,
+        &setup.downstream,
     )
     .await;
     let _ = std::fs::remove_dir_all(&keys_dir);
-    let dead = ipn_bridge::config::dead_letter_queue(&downstream);
-    support::cleanup(&connection, &topology, &[&downstream, &dead]).await?;
-    support::drop_database(&args.postgres, &database).await?;
+    setup.clean_up(&args.postgres).await?;
     result
 }
 
@@ -283,33 +268,14 @@ fn alipay(keys: &DemoKeys, seq: u64, orders: u64) -> Post {
 /// WeChat Pay notification number `seq`: a transaction (`transaction_id` `B<seq>`) of order
 /// `seq % keys`, encrypted and signed as WeChat Pay does, for the demo merchant.
 fn wechatpay(keys: &DemoKeys, seq: u64, orders: u64) -> anyhow::Result<Post> {
-    let resource = serde_json::json!({
-        "mchid": "1900000109",
-        "appid": "wxd678efh567hg6787",
-        "out_trade_no": format!("WX-{}", seq % orders),
-        "transaction_id": format!("B{seq}"),
-        "trade_type": "JSAPI",
-        "trade_state": "SUCCESS",
-        "trade_state_desc": "支付成功",
-        "bank_type": "CMC",
-        "success_time": "2026-12-01T10:00:00+08:00",
-        "payer": { "openid": "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" },
-        "amount": { "total": 8800, "payer_total": 8800, "currency": "CNY", "payer_currency": "CNY" }
-    });
-    let id = uuid::Uuid::now_v7().to_string();
-    let body = fake_providers::wechatpay_body(
-        &keys.apiv3_key,
-        &id,
-        "TRANSACTION.SUCCESS",
-        "transaction",
-        &resource,
-    )?;
-    let headers = fake_providers::wechatpay_headers(
-        &keys.wechatpay,
-        DEMO_SERIAL,
-        &body,
-        fake_providers::now(),
+    let resource = fake_providers::wechatpay_transaction(
+        "1900000109",
+        "wxd678efh567hg6787",
+        &format!("WX-{}", seq % orders),
+        &format!("B{seq}"),
     );
+    let (body, headers) =
+        keys.wechatpay_notification("TRANSACTION.SUCCESS", "transaction", &resource)?;
     Ok(Post {
         path: "/wechatpay/notify",
         content_type: "application/json",

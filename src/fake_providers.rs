@@ -149,6 +149,32 @@ pub fn wechatpay_body(
     .into_bytes())
 }
 
+/// A WeChat Pay transaction resource (`TRANSACTION.SUCCESS`) of 88.00 CNY paid by JSAPI, as
+/// the decrypted resource reads.
+pub fn wechatpay_transaction(
+    mch_id: &str,
+    app_id: &str,
+    out_trade_no: &str,
+    transaction_id: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "mchid": mch_id,
+        "appid": app_id,
+        "out_trade_no": out_trade_no,
+        "transaction_id": transaction_id,
+        "trade_type": "JSAPI",
+        "trade_state": "SUCCESS",
+        "trade_state_desc": "支付成功",
+        "bank_type": "CMC",
+        "success_time": "2026-12-01T10:00:00+08:00",
+        "payer": { "openid": "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" },
+        "amount": { "total": 8800, "payer_total": 8800, "currency": "CNY", "payer_currency": "CNY" }
+    })
+}
+
+/// Request headers as WeChat Pay sends them: name, value.
+pub type Headers = Vec<(&'static str, String)>;
+
 /// The headers WeChat Pay sends with `body`, signed at `timestamp` under `serial`.
 pub fn wechatpay_headers(
     key: &SigningKey,
@@ -221,5 +247,20 @@ impl DemoKeys {
             wechatpay,
             apiv3_key,
         })
+    }
+
+    /// A WeChat Pay notification of `resource` as WeChat Pay sends it with these keys: its body
+    /// (encrypted under the APIv3 key, a new id) and its headers (signed now under
+    /// [`DEMO_SERIAL`]).
+    pub fn wechatpay_notification(
+        &self,
+        event_type: &str,
+        original_type: &str,
+        resource: &serde_json::Value,
+    ) -> anyhow::Result<(Vec<u8>, Headers)> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let body = wechatpay_body(&self.apiv3_key, &id, event_type, original_type, resource)?;
+        let headers = wechatpay_headers(&self.wechatpay, DEMO_SERIAL, &body, now());
+        Ok((body, headers))
     }
 }

@@ -483,6 +483,62 @@ pub async fn start_worker(
     ChildProcess::start("ipn-worker", env!("CARGO_BIN_EXE_ipn-worker"), envs, &ready).await
 }
 
+/// What a run of the end-to-end benches makes for itself: a topology prefix
+/// (`bench-<kind>-<id>`) declared on the broker, a downstream queue bound to `#`, and the name
+/// of a database of its own; [`RunSetup::clean_up`] removes them.
+pub struct RunSetup {
+    pub config: Config,
+    pub topology: Topology,
+    pub connection: Connection,
+    pub downstream: String,
+    pub database: String,
+    pub database_url: String,
+    pub id: String,
+}
+
+impl RunSetup {
+    /// Declares a run's topology of `shards` shards on `amqp` and names its database on
+    /// `postgres`.
+    pub async fn new(
+        kind: &str,
+        amqp: &str,
+        postgres: &str,
+        shards: u16,
+    ) -> anyhow::Result<RunSetup> {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let mut config = Config::default();
+        config.amqp.url = amqp.parse().map_err(anyhow::Error::msg)?;
+        config.topology.prefix = format!("bench-{kind}-{id}");
+        config.topology.shards = std::num::NonZeroU16::new(shards).context("shards > 0")?;
+        let downstream = format!("{}.downstream", config.topology.prefix);
+        config.downstream = vec![ipn_bridge::config::Downstream::new(&downstream, &["#"])];
+        let database = format!("bench_{kind}_{id}");
+        let database_url = format!("{postgres}/{database}");
+        config.database.url = database_url.parse().map_err(anyhow::Error::msg)?;
+        let topology = Topology::of(&config);
+        let connection = Connection::connect(amqp, lapin::ConnectionProperties::default()).await?;
+        topology
+            .declare(&connection.create_channel().await?)
+            .await?;
+        Ok(RunSetup {
+            config,
+            topology,
+            connection,
+            downstream,
+            database,
+            database_url,
+            id,
+        })
+    }
+
+    /// Removes the run's queues, exchanges and database from `postgres`.
+    pub async fn clean_up(&self, postgres: &str) -> anyhow::Result<()> {
+        let dead = ipn_bridge::config::dead_letter_queue(&self.downstream);
+        cleanup(&self.connection, &self.topology, &[&self.downstream, &dead]).await?;
+        drop_database(postgres, &self.database).await
+    }
+}
+
 /// Drops the database `name` on `server` (a run's own).
 pub async fn drop_database(server: &str, name: &str) -> anyhow::Result<()> {
     use sqlx::{Connection as _, Executor as _};

@@ -57,20 +57,8 @@ pub async fn send_wechatpay(url: &str, keys: &Path, file: &Path) -> anyhow::Resu
     } else {
         "transaction"
     };
-    let id = uuid::Uuid::now_v7().to_string();
-    let body = fake_providers::wechatpay_body(
-        &keys.apiv3_key,
-        &id,
-        event_type,
-        original_type,
-        &sample["resource"],
-    )?;
-    let headers = fake_providers::wechatpay_headers(
-        &keys.wechatpay,
-        DEMO_SERIAL,
-        &body,
-        fake_providers::now(),
-    );
+    let (body, headers) =
+        keys.wechatpay_notification(event_type, original_type, &sample["resource"])?;
     post(url, "application/json", &headers, body).await
 }
 

@@ -99,19 +99,12 @@ impl FakeWechatPay {
 }
 
 fn transaction(out_trade_no: &str, mch_id: &str) -> serde_json::Value {
-    serde_json::json!({
-        "mchid": mch_id,
-        "appid": APP_ID,
-        "out_trade_no": out_trade_no,
-        "transaction_id": "4200000000202612010000000001",
-        "trade_type": "JSAPI",
-        "trade_state": "SUCCESS",
-        "trade_state_desc": "支付成功",
-        "bank_type": "CMC",
-        "success_time": "2026-12-01T10:00:00+08:00",
-        "payer": { "openid": "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o" },
-        "amount": { "total": 8800, "payer_total": 8800, "currency": "CNY", "payer_currency": "CNY" }
-    })
+    fake_providers::wechatpay_transaction(
+        mch_id,
+        APP_ID,
+        out_trade_no,
+        "4200000000202612010000000001",
+    )
 }
 
 /// A stack with WeChat Pay on at `/wechatpay/notify` with `fake`'s keys, alerts to `webhook`.
