@@ -3,7 +3,6 @@
 //! [`super::review::Queue::Dead`]).
 
 use anyhow::{Context, bail};
-use lapin::Connection;
 
 use super::table;
 use crate::config::{self, Config};
@@ -25,7 +24,7 @@ pub struct Listed {
 
 /// Every configured downstream queue with its depth, consumers and dead-lettered events.
 pub async fn list(config: &Config) -> anyhow::Result<Vec<Listed>> {
-    let connection = connect(config).await?;
+    let connection = super::connect(config).await?;
     let mut listed = Vec::new();
     for downstream in &config.downstream {
         // A queue not declared yet closes the channel it was asked on, not the connection.
@@ -80,7 +79,7 @@ pub fn configured(config: &Config, queue: &str) -> anyhow::Result<()> {
 
 /// Fails with a clear message unless `queue` exists on the broker.
 pub async fn require_queue(config: &Config, queue: &str) -> anyhow::Result<()> {
-    let connection = connect(config).await?;
+    let connection = super::connect(config).await?;
     let channel = connection.create_channel().await;
     let declared = match channel {
         Ok(channel) => {
@@ -97,10 +96,4 @@ pub async fn require_queue(config: &Config, queue: &str) -> anyhow::Result<()> {
     };
     let _ = connection.close(200, "done".into()).await;
     declared.with_context(|| format!("queue {queue} does not exist (declare it first)"))
-}
-
-async fn connect(config: &Config) -> anyhow::Result<Connection> {
-    crate::amqp::connect(&config.amqp, "ipnctl")
-        .await
-        .with_context(|| format!("cannot connect to {}", config.amqp.url))
 }

@@ -19,9 +19,7 @@ pub const PAYPAL_USER_AGENT: &str = "PayPal IPN ( https://www.paypal.com/ipn )";
 /// Declares the whole topology (idempotent) and describes what now exists.
 pub async fn declare_topology(config: &Config) -> anyhow::Result<String> {
     let topology = Topology::of(config);
-    let connection = crate::amqp::connect(&config.amqp, "ipnctl")
-        .await
-        .with_context(|| format!("cannot connect to {}", config.amqp.url))?;
+    let connection = connect(config).await?;
     let channel = connection
         .create_channel()
         .await
@@ -71,29 +69,41 @@ pub async fn send(url: &str, body: Vec<u8>) -> anyhow::Result<(u16, String)> {
     Ok((status, text))
 }
 
-/// `ipnctl health URL`: GETs `url` (a binary's `/healthz` or `/readyz`) within `timeout`; the
-/// line to print, and whether it answered 200. A container healthcheck with nothing but our
-/// image (no curl in it).
-pub async fn health(url: &str, timeout: Duration) -> (String, bool) {
-    let client = match reqwest::Client::builder().timeout(timeout).build() {
-        Ok(client) => client,
-        Err(error) => return (format!("cannot build an HTTP client: {error}"), false),
-    };
+/// GETs `url` within `timeout`: its status and its body's first line (bounded), or why there
+/// was no answer.
+pub async fn probe(url: &str, timeout: Duration) -> Result<(u16, String), String> {
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .map_err(|error| format!("cannot build an HTTP client: {error}"))?;
     match client.get(url).send().await {
         Ok(response) => {
-            let status = response.status();
+            let status = response.status().as_u16();
             let text = response.text().await.unwrap_or_default();
-            let text = crate::bounded::shown(text.trim());
-            (format!("{url}: {} {text}", status.as_u16()), status == 200)
+            Ok((status, crate::bounded::shown(text.trim())))
         }
-        Err(error) => (
-            format!(
-                "{url}: no answer: {}",
-                crate::bounded::error_chain(&error.without_url())
-            ),
-            false,
-        ),
+        Err(error) => Err(format!(
+            "no answer: {}",
+            crate::bounded::error_chain(&error.without_url())
+        )),
     }
+}
+
+/// `ipnctl health URL`: [`probe`]s `url` (a binary's `/healthz` or `/readyz`); the line to print,
+/// and whether it answered 200. A container healthcheck with nothing but our image (no curl in
+/// it).
+pub async fn health(url: &str, timeout: Duration) -> (String, bool) {
+    match probe(url, timeout).await {
+        Ok((status, text)) => (format!("{url}: {status} {text}"), status == 200),
+        Err(why) => (format!("{url}: {why}"), false),
+    }
+}
+
+/// A broker connection for one ipnctl command, its failure naming the broker.
+pub(crate) async fn connect(config: &Config) -> anyhow::Result<lapin::Connection> {
+    crate::amqp::connect(&config.amqp, "ipnctl")
+        .await
+        .with_context(|| format!("cannot connect to {}", config.amqp.url))
 }
 
 /// Runs a fake PayPal postback endpoint on `listen` until SIGINT/SIGTERM.

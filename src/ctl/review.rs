@@ -265,9 +265,7 @@ async fn pass(
 ) -> anyhow::Result<Pass> {
     let topology = Topology::of(config);
     let publisher = publisher(config).await?;
-    let connection = crate::amqp::connect(&config.amqp, "ipnctl")
-        .await
-        .with_context(|| format!("cannot connect to {}", config.amqp.url))?;
+    let connection = super::connect(config).await?;
     let walk = Walk {
         config,
         topology: &topology,

@@ -61,18 +61,10 @@ impl Status {
 /// Reads the overview.
 pub async fn status(config: &Config) -> anyhow::Result<Status> {
     let ingress_url = readyz_url(config);
-    let ingress_status = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build()
-    {
-        Ok(client) => client
-            .get(&ingress_url)
-            .send()
-            .await
-            .ok()
-            .map(|r| r.status().as_u16()),
-        Err(_) => None,
-    };
+    let ingress_status = super::probe(&ingress_url, Duration::from_secs(3))
+        .await
+        .ok()
+        .map(|(status, _)| status);
     let workers = super::workers(config).await?;
     let owned: std::collections::BTreeSet<u16> = workers
         .iter()
@@ -85,9 +77,7 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
     store.close().await;
     let totals = totals.context("cannot read the blocked keys")?;
     let topology = Topology::of(config);
-    let connection = crate::amqp::connect(&config.amqp, "ipnctl")
-        .await
-        .with_context(|| format!("cannot connect to {}", config.amqp.url))?;
+    let connection = super::connect(config).await?;
     let counted = crate::topology::count_messages(&connection, &topology.own_queues()).await;
     let _ = connection.close(200, "done".into()).await;
     let counted = counted.with_context(|| {

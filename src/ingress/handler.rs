@@ -85,8 +85,7 @@ pub(super) async fn handle<S: Sink>(
             "/healthz" => text(StatusCode::OK, "ok"),
             "/readyz" => readiness(&app),
             "/metrics" => {
-                let ready = !app.draining.is_cancelled() && app.publisher.state() == State::Ready;
-                app.metrics.ready.set(i64::from(ready));
+                app.metrics.ready.set(i64::from(unready(&app).is_none()));
                 crate::telemetry::metrics_response(
                     app.metrics.render(),
                     request.headers().get(hyper::header::ACCEPT),
@@ -350,14 +349,23 @@ pub fn inbound_properties(
         .with_headers(headers)
 }
 
-fn readiness<S: Sink>(app: &App<S>) -> Response<Full<Bytes>> {
+/// Why the ingress cannot take a notification now, or `None` when it is ready: what `/readyz`
+/// answers and `ipn_ingress_ready` exports.
+fn unready<S: Sink>(app: &App<S>) -> Option<&'static str> {
     if app.draining.is_cancelled() {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+        return Some("shutting down");
     }
     match app.publisher.state() {
-        State::Ready => text(StatusCode::OK, "ready"),
-        State::Blocked => text(StatusCode::SERVICE_UNAVAILABLE, "broker blocked publishing"),
-        State::Down => text(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable"),
+        State::Ready => None,
+        State::Blocked => Some("broker blocked publishing"),
+        State::Down => Some("broker unavailable"),
+    }
+}
+
+fn readiness<S: Sink>(app: &App<S>) -> Response<Full<Bytes>> {
+    match unready(app) {
+        None => text(StatusCode::OK, "ready"),
+        Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }
 
