@@ -40,7 +40,8 @@ use tokio::sync::{Mutex, Semaphore, mpsc};
 use crate::samples_dir;
 use crate::support::events::{Arrival, Drained, Ledger, consume_downstream, take_events};
 use crate::support::{self, Summary};
-use crate::support::{BodySource, ChildProcess, Length, cores, http_phase};
+use crate::support::{BodySource, ChildProcess, Length, cores, cpu_seconds, http_phase};
+use ipn_bridge::store::Store;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -71,6 +72,10 @@ pub struct Args {
     /// Shard queues.
     #[arg(long, default_value_t = 32)]
     shards: u16,
+    /// Workers draining together, sharing the shards as in production (each registered
+    /// before it starts, so each consumes only its share from the first message).
+    #[arg(long, default_value_t = 1)]
+    workers: u16,
     /// Broker.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp: String,
@@ -167,10 +172,12 @@ async fn run(
     )
     .await?;
     let mut ledger = Ledger::default();
-    let mut worker = start_worker(args, config, names.database_url, &paypal).await?;
-    let rss_rest = worker.rss_kib();
+    let mut workers = start_workers(args, config, names.database_url, &paypal).await?;
+    let rss_rest = total_rss(&workers);
+    let meter = ProcessMeter::start(&workers);
     let drained = take_events(&mut arrivals, &accepted, &mut ledger).await?;
-    let rss_drain = worker.rss_kib();
+    let cpu = meter.per_event(drained.events);
+    let rss_drain = total_rss(&workers);
     let drain_rate = drained.rate();
 
     let live_rate = args.live_rate.unwrap_or(drain_rate / 2.0);
@@ -186,16 +193,19 @@ async fn run(
     )
     .await?;
     let live = take_events(&mut arrivals, &accepted, &mut ledger).await?;
-    worker.stop()?;
+    for worker in &mut workers {
+        worker.stop()?;
+    }
     ingress.stop()?;
     paypal.stop().await;
 
     println!(
-        "\nmachine: {} cores; {} IPNs over {} keys; PayPal answers after {:?}; worker concurrency {}, prefetch {}, {} database connections; {} shards",
+        "\nmachine: {} cores; {} IPNs over {} keys; PayPal answers after {:?}; {} worker(s), each: concurrency {}, prefetch {}, {} database connections; {} shards",
         cores(),
         args.ipns,
         args.keys,
         args.paypal_delay,
+        args.workers,
         args.concurrency,
         args.prefetch,
         args.db_connections,
@@ -225,9 +235,13 @@ async fn run(
         100.0 * drain_rate / relay.rate()
     );
     println!(
-        "worker RSS: {} KiB at rest, {} KiB while draining",
+        "worker RSS (all workers): {} KiB at rest, {} KiB while draining",
         rss_rest.unwrap_or(0),
         rss_drain.unwrap_or(0)
+    );
+    println!(
+        "CPU µs per event while draining: worker(s) {:.0}, PostgreSQL {:.0}, broker {:.0}, bench (fake PayPal, downstream) {:.0}",
+        cpu[0], cpu[1], cpu[2], cpu[3]
     );
     println!(
         "check: {} IPNs answered 200 ({} failed posts), {} events, {} duplicates, {} missing, {} sequence errors",
@@ -245,8 +259,8 @@ async fn run(
     let delay = humantime::format_duration(args.paypal_delay);
     summary.row(
         format!(
-            "worker draining {} IPNs, PayPal {delay}, events/s",
-            args.ipns
+            "{} worker(s) draining {} IPNs over {} keys, PayPal {delay}, events/s",
+            args.workers, args.ipns, args.keys
         ),
         format!("{drain_rate:.0}"),
         format!("relay (consume → republish → ack) {:.0}", relay.rate()),
@@ -260,7 +274,11 @@ async fn run(
         "–".to_owned(),
         None,
     );
-    summary.memory(&format!("ipn-worker (PayPal {delay})"), rss_rest, rss_drain);
+    let who = match args.workers {
+        1 => "ipn-worker".to_owned(),
+        k => format!("{k} ipn-workers together"),
+    };
+    summary.memory(&format!("{who} (PayPal {delay})"), rss_rest, rss_drain);
     Ok(summary)
 }
 
@@ -400,22 +418,77 @@ async fn fill(
     Ok(())
 }
 
-/// The real `ipn-worker` binary for this run's broker, database and fake PayPal, with the run's
-/// concurrency, prefetch and database connections.
-async fn start_worker(
+/// `--workers` real `ipn-worker` binaries for this run's broker, database and fake PayPal, with
+/// the run's concurrency, prefetch and database connections. Each is registered as alive first
+/// (as its own first heartbeat would), so each owns its share of the shards from the start
+/// instead of all of them until the next heartbeat.
+async fn start_workers(
     args: &Args,
     config: &Config,
     database_url: &str,
     paypal: &FakePaypal,
-) -> anyhow::Result<ChildProcess> {
-    let settings = [
-        (
-            "IPN_DATABASE__MAX_CONNECTIONS",
-            args.db_connections.to_string(),
-        ),
-        ("IPN_WORKER__CONCURRENCY", args.concurrency.to_string()),
-        ("IPN_WORKER__PREFETCH", args.prefetch.to_string()),
-    ]
-    .map(|(k, v)| (k.to_owned(), v));
-    support::start_worker(config, database_url, paypal.url().as_ref(), &settings).await
+) -> anyhow::Result<Vec<ChildProcess>> {
+    let ids: Vec<String> = (0..args.workers)
+        .map(|i| format!("bench-worker-{i}"))
+        .collect();
+    let store = Store::connect(&config.database).await?;
+    for id in &ids {
+        store.heartbeat(id, "bench").await?;
+    }
+    store.close().await;
+    let starts = ids.iter().map(|id| {
+        let settings = [
+            (
+                "IPN_DATABASE__MAX_CONNECTIONS",
+                args.db_connections.to_string(),
+            ),
+            ("IPN_WORKER__CONCURRENCY", args.concurrency.to_string()),
+            ("IPN_WORKER__PREFETCH", args.prefetch.to_string()),
+            ("IPN_WORKER__ID", id.clone()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v));
+        async move {
+            support::start_worker(config, database_url, paypal.url().as_ref(), &settings).await
+        }
+    });
+    futures_util::future::try_join_all(starts).await
+}
+
+/// The workers' resident memory together.
+fn total_rss(workers: &[ChildProcess]) -> Option<u64> {
+    workers.iter().map(ChildProcess::rss_kib).sum()
+}
+
+/// CPU time of the workers, PostgreSQL, the broker and this process over one phase.
+struct ProcessMeter {
+    workers: Vec<u32>,
+    start: [f64; 4],
+}
+
+impl ProcessMeter {
+    fn start(workers: &[ChildProcess]) -> ProcessMeter {
+        let workers = workers.iter().map(|w| w.child.id()).collect();
+        let mut meter = ProcessMeter {
+            workers,
+            start: [0.0; 4],
+        };
+        meter.start = meter.now();
+        meter
+    }
+
+    fn now(&self) -> [f64; 4] {
+        let workers = self.workers.iter().map(|pid| cpu_seconds(Some(*pid))).sum();
+        [
+            workers,
+            support::postgres_cpu_seconds(),
+            cpu_seconds(support::broker_pid()),
+            cpu_seconds(Some(std::process::id())),
+        ]
+    }
+
+    /// µs per event of each: workers, PostgreSQL, broker, bench.
+    fn per_event(&self, events: u64) -> [f64; 4] {
+        let end = self.now();
+        std::array::from_fn(|i| (end[i] - self.start[i]) * 1e6 / events.max(1) as f64)
+    }
 }

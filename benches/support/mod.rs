@@ -615,6 +615,29 @@ pub fn broker_pid() -> Option<u32> {
         .max_by(|a, b| cpu_seconds(Some(*a)).total_cmp(&cpu_seconds(Some(*b))))
 }
 
+/// CPU time of every PostgreSQL process on this machine, in seconds: each one's utime + stime,
+/// plus what the ones that exited left in their parent's (the postmaster's) cutime + cstime.
+pub fn postgres_cpu_seconds() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            if comm.trim() != "postgres" {
+                return None;
+            }
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let ticks: f64 = (11..=14)
+                .filter_map(|i| fields.get(i)?.parse::<f64>().ok())
+                .sum();
+            Some(ticks / 100.0)
+        })
+        .sum()
+}
+
 /// utime + stime of a process, in seconds (clock ticks of 1/100 s, Linux's USER_HZ).
 pub fn cpu_seconds(pid: Option<u32>) -> f64 {
     let read = || -> Option<f64> {

@@ -17,6 +17,7 @@
 //! not our code, the judge of races. Migrations in `migrations/` run at connect.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -26,7 +27,10 @@ use uuid::Uuid;
 use crate::config;
 use crate::keys::DedupKeys;
 
+mod batch;
 mod history;
+
+use batch::Batcher;
 
 pub use history::{EventFilter, StoredEvent};
 
@@ -42,6 +46,13 @@ pub enum Error {
     /// A query failed.
     #[error("database query failed")]
     Query(#[from] sqlx::Error),
+    /// A statement run for many IPNs at once failed for a reason that is every one's (the
+    /// connection, not a value; see `store::batch`).
+    #[error("database query failed (run for several IPNs together)")]
+    Batched(#[source] Arc<sqlx::Error>),
+    /// The task that runs a kind of query in batches has stopped (the worker is stopping).
+    #[error("the `{0}` batches are no longer run")]
+    BatchGone(&'static str),
     /// PostgreSQL did not answer in time (`database.connect_timeout` or `query_timeout`).
     #[error("PostgreSQL did not answer `{what}` within {after:?}")]
     Timeout {
@@ -225,11 +236,26 @@ pub struct Held {
     pub contract_headers: Option<String>,
 }
 
+/// What the gate must know about a key before it takes one of its IPNs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyState {
+    /// The key's block, if it is blocked.
+    pub blocked: Option<Blocked>,
+    /// The profile key the transaction asked about was paid under, if the bridge saw it.
+    pub profile: Option<String>,
+}
+
 /// A pool of connections to the worker's database.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
     query_timeout: Duration,
+    /// Claims of IPNs arriving together, as one statement.
+    claims: Arc<Batcher<Claims>>,
+    /// Mark-done updates of IPNs finishing together, as one statement.
+    done: Arc<Batcher<MarkDone>>,
+    /// The gate's look-ups of keys taken together, as one statement.
+    key_states: Arc<Batcher<KeyStates>>,
 }
 
 impl Store {
@@ -276,9 +302,13 @@ impl Store {
                 Error::Query(error) => Error::Connect(error),
                 other => other,
             })?;
+        let limit = config.query_timeout;
         Ok(Store {
+            claims: Arc::new(Batcher::start(pool.clone(), limit)),
+            done: Arc::new(Batcher::start(pool.clone(), limit)),
+            key_states: Arc::new(Batcher::start(pool.clone(), limit)),
             pool,
-            query_timeout: config.query_timeout,
+            query_timeout: limit,
         })
     }
 
@@ -301,48 +331,14 @@ impl Store {
         order_key: &str,
         paid_txn: Option<&str>,
     ) -> Result<Claim, Error> {
-        let row = sqlx::query(
-            "WITH existing AS (
-                 SELECT event_id, sequence, state FROM ipn_event
-                 WHERE body_sha256 = $1 OR semantic_key = $2
-                 ORDER BY created_at LIMIT 1
-             ), next AS (
-                 INSERT INTO ipn_key_sequence (order_key, last_sequence)
-                 SELECT $3, 1 WHERE NOT EXISTS (SELECT 1 FROM existing)
-                 ON CONFLICT (order_key)
-                 DO UPDATE SET last_sequence = ipn_key_sequence.last_sequence + 1
-                 RETURNING last_sequence
-             ), inserted AS (
-                 INSERT INTO ipn_event (event_id, body_sha256, semantic_key, order_key, sequence, state)
-                 SELECT $4, $1, $2, $3, last_sequence, 'pending' FROM next
-                 RETURNING event_id, sequence, state
-             ), paid AS (
-                 INSERT INTO ipn_txn_profile (txn_id, order_key)
-                 SELECT $5, $3 WHERE $5::text IS NOT NULL
-                 ON CONFLICT (txn_id) DO NOTHING
-             )
-             SELECT event_id, sequence, state, false AS new FROM existing
-             UNION ALL
-             SELECT event_id, sequence, state, true AS new FROM inserted",
-        )
-        .bind(&keys.body_sha256)
-        .bind(keys.stored_semantic().map(std::borrow::Cow::into_owned))
-        .bind(order_key)
-        .bind(keys.event_id())
-        .bind(paid_txn)
-        .fetch_one(&self.pool)
-        .within(self.query_timeout, "claim_paid")
-        .await?;
-        let reservation = Reservation {
-            event_id: row.try_get("event_id")?,
-            sequence: row.try_get("sequence")?,
+        let claim = Claiming {
+            body_sha256: keys.body_sha256.clone(),
+            semantic_key: keys.stored_semantic().map(std::borrow::Cow::into_owned),
+            order_key: order_key.to_owned(),
+            event_id: keys.event_id(),
+            paid_txn: paid_txn.map(str::to_owned),
         };
-        let (new, state): (bool, String) = (row.try_get("new")?, row.try_get("state")?);
-        Ok(match (new, state.as_str()) {
-            (true, _) => Claim::New(reservation),
-            (false, "done") => Claim::Done(reservation),
-            (false, _) => Claim::Pending(reservation),
-        })
+        self.claims.call(claim).await
     }
 
     /// Records that the broker confirmed the event, and keeps the event as published for
@@ -350,21 +346,16 @@ impl Store {
     ///
     /// One statement on the IPN's own row, so the history can never disagree with the dedup
     /// record: a crash before it leaves a pending row (republished under the same id), after it
-    /// one done row with its event.
+    /// one done row with its event. IPNs finishing at the same moment share the statement
+    /// (group commit, `store::batch`); each call returns only once its row is committed.
     pub async fn mark_done(&self, event_id: Uuid, event: &Published<'_>) -> Result<(), Error> {
-        sqlx::query(
-            "UPDATE ipn_event SET state = 'done', done_at = now(),
-                 routing_key = $2, txn_id = $3, event_json = $4
-             WHERE event_id = $1 AND state = 'pending'",
-        )
-        .bind(event_id)
-        .bind(event.routing_key)
-        .bind(event.txn_id)
-        .bind(event.json)
-        .execute(&self.pool)
-        .within(self.query_timeout, "mark_done")
-        .await?;
-        Ok(())
+        let done = Done {
+            event_id,
+            routing_key: event.routing_key.to_owned(),
+            txn_id: event.txn_id.map(str::to_owned),
+            json: event.json.to_owned(),
+        };
+        self.done.call(done).await
     }
 
     /// Deletes dedup records of events confirmed longer than `retention` ago; returns how many.
@@ -392,20 +383,19 @@ impl Store {
 
     /// The block on `order_key`, if the key is blocked.
     pub async fn blocked(&self, order_key: &str) -> Result<Option<Blocked>, Error> {
-        let row = sqlx::query(
-            "SELECT blocker_id, state, attempts FROM ipn_blocked_key WHERE order_key = $1",
-        )
-        .bind(order_key)
-        .fetch_optional(&self.pool)
-        .within(self.query_timeout, "blocked")
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let state: String = row.try_get("state")?;
-        Ok(Some(Blocked {
-            blocker_id: row.try_get("blocker_id")?,
-            parked: state == "parked",
-            attempts: row.try_get("attempts")?,
-        }))
+        Ok(self.key_state(order_key, None).await?.blocked)
+    }
+
+    /// In one statement: the block on `order_key`, and (when `paid_txn` is given) the profile
+    /// key that transaction was paid under. Look-ups of many lanes at the same moment share
+    /// the statement (`store::batch`).
+    pub async fn key_state(
+        &self,
+        order_key: &str,
+        paid_txn: Option<&str>,
+    ) -> Result<KeyState, Error> {
+        let asked = (order_key.to_owned(), paid_txn.map(str::to_owned));
+        self.key_states.call(asked).await
     }
 
     /// Blocks `block.order_key` behind `block.blocker_id`, or moves an existing block to it.
@@ -604,18 +594,183 @@ impl Store {
         Ok(())
     }
 
-    /// The profile key `txn_id` was paid under, if the bridge saw that payment.
-    pub async fn profile_of_txn(&self, txn_id: &str) -> Result<Option<String>, Error> {
-        sqlx::query_scalar("SELECT order_key FROM ipn_txn_profile WHERE txn_id = $1")
-            .bind(txn_id)
-            .fetch_optional(&self.pool)
-            .within(self.query_timeout, "profile_of_txn")
-            .await
-    }
-
     /// Closes every connection.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// A claim of one IPN, owned so it can wait for its batch.
+struct Claiming {
+    body_sha256: String,
+    semantic_key: Option<String>,
+    order_key: String,
+    event_id: Uuid,
+    paid_txn: Option<String>,
+}
+
+/// [`Store::claim_paid`] of many IPNs in one statement (data-modifying CTEs over `unnest`).
+///
+/// Row by row it is the single claim: the IPN's existing row (by body hash or semantic key)
+/// when there is one; otherwise the key's next number and a `pending` row. Two requests of one
+/// key cannot share a batch (a key's IPNs go one after another in its lane); if they ever did,
+/// the sequence upsert would refuse the statement (SQLSTATE 21000) and the batch would run one
+/// by one. A race with another worker fails on a unique constraint as before, rolling back the
+/// whole batch (numbers included); the one-by-one rerun then tells each request its own answer.
+struct Claims;
+
+impl batch::Kind for Claims {
+    type Request = Claiming;
+    type Response = Claim;
+    const NAME: &'static str = "claim";
+
+    async fn run(pool: &PgPool, requests: &[Claiming]) -> Result<Vec<Claim>, sqlx::Error> {
+        let rows = sqlx::query(
+            "WITH r AS (
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::text[])
+                     WITH ORDINALITY AS r(body_sha256, semantic_key, order_key, event_id, paid_txn, i)
+             ), existing AS (
+                 SELECT r.i, e.event_id, e.sequence, e.state FROM r CROSS JOIN LATERAL (
+                     SELECT event_id, sequence, state FROM ipn_event
+                     WHERE body_sha256 = r.body_sha256 OR semantic_key = r.semantic_key
+                     ORDER BY created_at LIMIT 1
+                 ) e
+             ), fresh AS (
+                 SELECT r.* FROM r WHERE NOT EXISTS (SELECT 1 FROM existing x WHERE x.i = r.i)
+             ), next AS (
+                 INSERT INTO ipn_key_sequence (order_key, last_sequence)
+                 SELECT order_key, 1 FROM fresh
+                 ON CONFLICT (order_key)
+                 DO UPDATE SET last_sequence = ipn_key_sequence.last_sequence + 1
+                 RETURNING order_key, last_sequence
+             ), inserted AS (
+                 INSERT INTO ipn_event (event_id, body_sha256, semantic_key, order_key, sequence, state)
+                 SELECT f.event_id, f.body_sha256, f.semantic_key, f.order_key, n.last_sequence, 'pending'
+                 FROM fresh f JOIN next n ON n.order_key = f.order_key
+                 RETURNING event_id, sequence, state
+             ), paid AS (
+                 INSERT INTO ipn_txn_profile (txn_id, order_key)
+                 SELECT paid_txn, order_key FROM r WHERE paid_txn IS NOT NULL
+                 ON CONFLICT (txn_id) DO NOTHING
+             )
+             SELECT x.i, x.event_id, x.sequence, x.state, false AS new FROM existing x
+             UNION ALL
+             SELECT f.i, n.event_id, n.sequence, n.state, true AS new
+             FROM inserted n JOIN fresh f ON f.event_id = n.event_id
+             ORDER BY 1",
+        )
+        .bind(requests.iter().map(|c| c.body_sha256.as_str()).collect::<Vec<_>>())
+        .bind(requests.iter().map(|c| c.semantic_key.as_deref()).collect::<Vec<_>>())
+        .bind(requests.iter().map(|c| c.order_key.as_str()).collect::<Vec<_>>())
+        .bind(requests.iter().map(|c| c.event_id).collect::<Vec<_>>())
+        .bind(requests.iter().map(|c| c.paid_txn.as_deref()).collect::<Vec<_>>())
+        .fetch_all(pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let reservation = Reservation {
+                    event_id: row.try_get("event_id")?,
+                    sequence: row.try_get("sequence")?,
+                };
+                let (new, state): (bool, String) = (row.try_get("new")?, row.try_get("state")?);
+                Ok(match (new, state.as_str()) {
+                    (true, _) => Claim::New(reservation),
+                    (false, "done") => Claim::Done(reservation),
+                    (false, _) => Claim::Pending(reservation),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A mark-done of one IPN, owned so it can wait for its batch.
+struct Done {
+    event_id: Uuid,
+    routing_key: String,
+    txn_id: Option<String>,
+    json: String,
+}
+
+/// [`Store::mark_done`] of many IPNs: one `UPDATE … FROM unnest(…)`.
+struct MarkDone;
+
+impl batch::Kind for MarkDone {
+    type Request = Done;
+    type Response = ();
+    const NAME: &'static str = "mark_done";
+
+    async fn run(pool: &PgPool, requests: &[Done]) -> Result<Vec<()>, sqlx::Error> {
+        // Rows in one order whoever updates them, so two batches cannot deadlock.
+        let mut sorted: Vec<&Done> = requests.iter().collect();
+        sorted.sort_by_key(|done| done.event_id);
+        sqlx::query(
+            "UPDATE ipn_event AS e SET state = 'done', done_at = now(),
+                 routing_key = d.routing_key, txn_id = d.txn_id, event_json = d.event_json
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
+                 AS d(event_id, routing_key, txn_id, event_json)
+             WHERE e.event_id = d.event_id AND e.state = 'pending'",
+        )
+        .bind(sorted.iter().map(|d| d.event_id).collect::<Vec<_>>())
+        .bind(
+            sorted
+                .iter()
+                .map(|d| d.routing_key.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            sorted
+                .iter()
+                .map(|d| d.txn_id.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(sorted.iter().map(|d| d.json.as_str()).collect::<Vec<_>>())
+        .execute(pool)
+        .await?;
+        Ok(vec![(); requests.len()])
+    }
+}
+
+/// [`Store::key_state`] of many keys: one `SELECT` over `unnest(…)`, a row per request in
+/// order (each table's key is unique, so the joins add none).
+struct KeyStates;
+
+impl batch::Kind for KeyStates {
+    type Request = (String, Option<String>);
+    type Response = KeyState;
+    const NAME: &'static str = "key_state";
+
+    async fn run(
+        pool: &PgPool,
+        requests: &[(String, Option<String>)],
+    ) -> Result<Vec<KeyState>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT b.blocker_id, b.state, b.attempts, p.order_key AS profile
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS r(order_key, txn_id, i)
+             LEFT JOIN ipn_blocked_key b ON b.order_key = r.order_key
+             LEFT JOIN ipn_txn_profile p ON p.txn_id = r.txn_id
+             ORDER BY r.i",
+        )
+        .bind(requests.iter().map(|r| r.0.as_str()).collect::<Vec<_>>())
+        .bind(requests.iter().map(|r| r.1.as_deref()).collect::<Vec<_>>())
+        .fetch_all(pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let blocker_id: Option<String> = row.try_get("blocker_id")?;
+                let blocked = match blocker_id {
+                    Some(blocker_id) => Some(Blocked {
+                        blocker_id,
+                        parked: row.try_get::<String, _>("state")? == "parked",
+                        attempts: row.try_get("attempts")?,
+                    }),
+                    None => None,
+                };
+                Ok(KeyState {
+                    blocked,
+                    profile: row.try_get("profile")?,
+                })
+            })
+            .collect()
     }
 }
 

@@ -137,8 +137,14 @@ impl Pipeline {
         if let Some(control) = &inbound.control {
             return self.control(control, key).await;
         }
-        match self.store.blocked(key.as_str()).await? {
-            None => match self.profile_for(inbound, key).await? {
+        // One statement (shared with the other lanes' at the same moment): is the key blocked,
+        // and was the transaction a `txn:` key names paid under a profile?
+        let state = self
+            .store
+            .key_state(key.as_str(), paid_txn(inbound, key))
+            .await?;
+        match state.blocked {
+            None => match state.profile {
                 Some(profile) => self.reroute(inbound, key, &profile).await,
                 None => self.attempt(inbound, key).await,
             },
@@ -157,22 +163,6 @@ impl Pipeline {
             }
             Some(blocked) => self.hold(inbound, key, &blocked).await,
         }
-    }
-
-    /// The profile key a `txn:` key's transaction was paid under, when the bridge saw that
-    /// payment (and the message was not re-routed already).
-    async fn profile_for(
-        &self,
-        inbound: &Inbound,
-        key: &OrderKey,
-    ) -> Result<Option<String>, Error> {
-        let Some(txn_id) = key.as_str().strip_prefix(TXN_PREFIX) else {
-            return Ok(None);
-        };
-        if header_text(&inbound.properties, contract::REROUTED_FROM).is_some() {
-            return Ok(None);
-        }
-        Ok(self.store.profile_of_txn(txn_id).await?)
     }
 
     /// The key inside an encrypted notification (WeChat Pay's) when it is not the key the
@@ -424,6 +414,16 @@ impl Pipeline {
         let released = self.release(key).await?;
         info!(ipn.order_key = %key, released, "key released by an operator");
         Ok(Settled::Controlled { released })
+    }
+}
+
+/// The transaction whose profile a `txn:` key's IPN would be re-routed to, when the message was
+/// not re-routed already.
+fn paid_txn<'a>(inbound: &Inbound, key: &'a OrderKey) -> Option<&'a str> {
+    let txn_id = key.as_str().strip_prefix(TXN_PREFIX)?;
+    match header_text(&inbound.properties, contract::REROUTED_FROM) {
+        Some(_) => None,
+        None => Some(txn_id),
     }
 }
 

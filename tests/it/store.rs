@@ -119,6 +119,99 @@ async fn concurrent_claims_number_each_key_without_gaps() {
     store.close().await;
 }
 
+/// Many lanes at once (the worker's case): their claims, look-ups and mark-dones share
+/// statements (group commit), each still gets its own answer, and a value the database refuses
+/// fails only the IPN that carried it, as a permanent error.
+#[tokio::test]
+async fn lanes_claiming_and_finishing_together_each_get_their_own_answer() {
+    let db = TestDb::new();
+    let store = Store::connect(&db.config()).await.expect("store");
+    let block = ipn_bridge::store::Block {
+        order_key: "profile:P7",
+        blocker_id: "blocker",
+        parked: false,
+        shard: 0,
+        attempts: 1,
+        last_error: "PayPal down",
+        txn_type: None,
+        txn_id: None,
+    };
+    store.block(&block).await.expect("block");
+    let claim_of = |i: usize| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            // Key 13 carries a NUL: PostgreSQL refuses it (22021) wherever it is batched.
+            let key = match i {
+                13 => "profile:P\0".to_owned(),
+                i => format!("profile:P{i}"),
+            };
+            let paid = format!("PAID{i}");
+            let claimed = store
+                .claim_paid(&keys(&format!("body {i}"), None), &key, Some(&paid))
+                .await;
+            (i, key, claimed)
+        })
+    };
+    let tasks: Vec<_> = (0..64).map(claim_of).collect();
+    let mut reserved = HashMap::new();
+    for task in tasks {
+        let (i, key, claimed) = task.await.expect("task");
+        match claimed {
+            Err(error) if i == 13 => assert!(error.is_permanent(), "{error:?}"),
+            Ok(Claim::New(reservation)) if i != 13 => {
+                assert_eq!(reservation.sequence, 1, "{key}");
+                reserved.insert(i, reservation);
+            }
+            other => panic!("IPN {i}: {other:?}"),
+        }
+    }
+    assert_eq!(reserved.len(), 63);
+    let states: Vec<_> = (0..64)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let key = format!("profile:P{i}");
+                let txn = format!("PAID{}", (i + 1) % 64);
+                (
+                    i,
+                    store.key_state(&key, Some(&txn)).await.expect("key state"),
+                )
+            })
+        })
+        .collect();
+    for task in states {
+        let (i, state) = task.await.expect("task");
+        assert_eq!(state.blocked.is_some(), i == 7, "key {i}");
+        let paid_under = (i + 1) % 64;
+        let expected = (paid_under != 13).then(|| format!("profile:P{paid_under}"));
+        assert_eq!(state.profile, expected, "key {i}");
+    }
+    let done: Vec<_> = reserved
+        .iter()
+        .map(|(&i, reservation)| {
+            let (store, event_id) = (store.clone(), reservation.event_id);
+            tokio::spawn(async move {
+                let txn = format!("PAID{i}");
+                store
+                    .mark_done(event_id, &published(&txn))
+                    .await
+                    .expect("mark done");
+            })
+        })
+        .collect();
+    for task in done {
+        task.await.expect("task");
+    }
+    for (i, reservation) in &reserved {
+        let again = store
+            .claim(&keys(&format!("body {i}"), None), &format!("profile:P{i}"))
+            .await
+            .expect("claim");
+        assert_eq!(again, Claim::Done(*reservation), "IPN {i}");
+    }
+    store.close().await;
+}
+
 #[tokio::test]
 async fn racing_claims_of_one_ipn_reserve_it_once_and_the_losers_number_is_not_lost() {
     let db = TestDb::new();
@@ -240,7 +333,7 @@ async fn values_postgresql_refuses_are_permanent_errors_and_a_silent_server_is_a
     assert!(!silent.is_permanent());
     assert_eq!(
         silent.to_string(),
-        "PostgreSQL did not answer `blocked` within 500ms"
+        "PostgreSQL did not answer `key_state` within 500ms"
     );
     proxy.restore();
 }

@@ -1,0 +1,181 @@
+//! Group commit: the requests of one kind that many lanes make at the same moment, gathered
+//! into one statement.
+//!
+//! One task per kind takes the first waiting request, then every other one already waiting (up
+//! to [`MAX_BATCH`]), runs them as one statement (one round trip, one commit) and answers each
+//! caller. Nothing waits for a batch to fill: under light load a batch is one request and costs
+//! what a single statement did; under load the requests that queued while the last batch ran
+//! go together. A caller is answered only after its batch committed, so "recorded before acked"
+//! holds exactly as with one statement per IPN.
+//!
+//! When a batch fails on something the database said about a value (a constraint, a refused
+//! byte), its requests are run again one by one, so each caller gets its own answer and a
+//! permanent error names the one IPN that caused it ([`super::Error::is_permanent`]). Any other
+//! failure (timeout, lost connection) is every caller's, as it would have been alone.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Error, timed};
+
+/// Requests run in one statement at most: bounds the statement's size and a batch's latency.
+pub(super) const MAX_BATCH: usize = 256;
+
+/// Requests waiting for their batch at most; a caller beyond it waits for room (bounded memory
+/// whatever the number of lanes).
+const QUEUE: usize = 4 * MAX_BATCH;
+
+/// One kind of request and the statement that runs many of them.
+pub(super) trait Kind: Send + Sync + 'static {
+    /// What one caller asks.
+    type Request: Send + Sync + 'static;
+    /// What one caller gets.
+    type Response: Send + 'static;
+    /// The query's name in timeouts.
+    const NAME: &'static str;
+    /// Runs every request in one statement; the answers in the requests' order.
+    fn run(
+        pool: &PgPool,
+        requests: &[Self::Request],
+    ) -> impl Future<Output = Result<Vec<Self::Response>, sqlx::Error>> + Send;
+}
+
+type Waiting<K> = (
+    <K as Kind>::Request,
+    oneshot::Sender<Result<<K as Kind>::Response, Error>>,
+);
+
+/// The queue of one kind of request, and the task that runs it in batches.
+pub(super) struct Batcher<K: Kind> {
+    queue: mpsc::Sender<Waiting<K>>,
+    limit: Duration,
+}
+
+impl<K: Kind> std::fmt::Debug for Batcher<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher").field("kind", &K::NAME).finish()
+    }
+}
+
+impl<K: Kind> Batcher<K> {
+    /// Starts the task; it ends when the last handle is dropped. Each batch is bounded by
+    /// `limit` (`database.query_timeout`).
+    pub(super) fn start(pool: PgPool, limit: Duration) -> Batcher<K> {
+        let (queue, waiting) = mpsc::channel(QUEUE);
+        tokio::spawn(run_batches::<K>(pool, limit, waiting));
+        Batcher { queue, limit }
+    }
+
+    /// Runs `request` with whatever else is waiting; answers once its batch is done.
+    pub(super) async fn call(&self, request: K::Request) -> Result<K::Response, Error> {
+        let (answer, answered) = oneshot::channel();
+        let limit = self.limit;
+        let timeout = || Error::Timeout {
+            what: K::NAME,
+            after: limit,
+        };
+        // Waiting for room counts against the same limit: a stuck database must not hold a
+        // lane longer than one query would have.
+        let sent = tokio::time::timeout(limit, self.queue.send((request, answer))).await;
+        match sent {
+            Err(_) => return Err(timeout()),
+            Ok(Err(_)) => return Err(Error::BatchGone(K::NAME)),
+            Ok(Ok(())) => {}
+        }
+        match answered.await {
+            Ok(result) => result,
+            Err(_) => Err(Error::BatchGone(K::NAME)),
+        }
+    }
+}
+
+async fn run_batches<K: Kind>(
+    pool: PgPool,
+    limit: Duration,
+    mut waiting: mpsc::Receiver<Waiting<K>>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while waiting.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let (requests, answers): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
+        let results = run_one_batch::<K>(&pool, limit, &requests).await;
+        for (answer, result) in answers.into_iter().zip(results) {
+            // A caller that gave up (stopped worker) no longer listens: nothing to do.
+            let _ = answer.send(result);
+        }
+    }
+}
+
+/// One answer per request: the batch's, or each request's own when the database refused
+/// something in the batch.
+async fn run_one_batch<K: Kind>(
+    pool: &PgPool,
+    limit: Duration,
+    requests: &[K::Request],
+) -> Vec<Result<K::Response, Error>> {
+    let ran = run_timed::<K>(pool, limit, requests).await;
+    if let [_] = requests {
+        return vec![ran.and_then(only::<K>)];
+    }
+    let shared = |error: sqlx::Error| {
+        let error = Arc::new(error);
+        requests
+            .iter()
+            .map(|_| Err(Error::Batched(Arc::clone(&error))))
+            .collect()
+    };
+    match ran {
+        Ok(responses) if responses.len() == requests.len() => {
+            responses.into_iter().map(Ok).collect()
+        }
+        Ok(responses) => shared(sqlx::Error::Protocol(format!(
+            "{} answered {} rows for {} requests",
+            K::NAME,
+            responses.len(),
+            requests.len()
+        ))),
+        Err(Error::Query(error)) if error.as_database_error().is_some() => {
+            let mut results = Vec::with_capacity(requests.len());
+            for request in requests {
+                let alone = run_timed::<K>(pool, limit, std::slice::from_ref(request)).await;
+                results.push(alone.and_then(only::<K>));
+            }
+            results
+        }
+        Err(Error::Timeout { what, after }) => requests
+            .iter()
+            .map(|_| Err(Error::Timeout { what, after }))
+            .collect(),
+        Err(Error::Query(error)) => shared(error),
+        Err(other) => shared(sqlx::Error::Protocol(bounded_text(&other))),
+    }
+}
+
+async fn run_timed<K: Kind>(
+    pool: &PgPool,
+    limit: Duration,
+    requests: &[K::Request],
+) -> Result<Vec<K::Response>, Error> {
+    timed(limit, K::NAME, async {
+        K::run(pool, requests).await.map_err(Error::Query)
+    })
+    .await
+}
+
+/// The one answer of a batch of one.
+fn only<K: Kind>(mut responses: Vec<K::Response>) -> Result<K::Response, Error> {
+    match (responses.pop(), responses.is_empty()) {
+        (Some(response), true) => Ok(response),
+        _ => Err(Error::Batched(Arc::new(sqlx::Error::Protocol(format!(
+            "{} did not answer exactly one row for one request",
+            K::NAME
+        ))))),
+    }
+}
+
+fn bounded_text(error: &Error) -> String {
+    crate::bounded::error_chain(error)
+}
