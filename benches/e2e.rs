@@ -419,9 +419,9 @@ async fn fill(
 }
 
 /// `--workers` real `ipn-worker` binaries for this run's broker, database and fake PayPal, with
-/// the run's concurrency, prefetch and database connections. Each is registered as alive first
-/// (as its own first heartbeat would), so each owns its share of the shards from the start
-/// instead of all of them until the next heartbeat.
+/// the run's concurrency, prefetch and database connections. With more than one, each is
+/// registered as alive first (as its own first heartbeat would), so each owns its share of the
+/// shards from the start instead of all of them until the next heartbeat.
 async fn start_workers(
     args: &Args,
     config: &Config,
@@ -431,11 +431,13 @@ async fn start_workers(
     let ids: Vec<String> = (0..args.workers)
         .map(|i| format!("bench-worker-{i}"))
         .collect();
-    let store = Store::connect(&config.database).await?;
-    for id in &ids {
-        store.heartbeat(id, "bench").await?;
+    if ids.len() > 1 {
+        let store = Store::connect(&config.database).await?;
+        for id in &ids {
+            store.heartbeat(id, "bench").await?;
+        }
+        store.close().await;
     }
-    store.close().await;
     let starts = ids.iter().map(|id| {
         let settings = [
             (
