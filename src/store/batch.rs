@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Error, timed};
 
 /// Requests run in one statement at most: bounds the statement's size and a batch's latency.
-pub(super) const MAX_BATCH: usize = 256;
+const MAX_BATCH: usize = 256;
 
 /// Requests waiting for their batch at most; a caller beyond it waits for room (bounded memory
 /// whatever the number of lanes).
@@ -150,7 +150,8 @@ async fn run_one_batch<K: Kind>(
             .map(|_| Err(Error::Timeout { what, after }))
             .collect(),
         Err(Error::Query(error)) => shared(error),
-        Err(other) => shared(sqlx::Error::Protocol(bounded_text(&other))),
+        // `run_timed` fails with a query error or a timeout only; anything else is shared too.
+        Err(other) => shared(sqlx::Error::Protocol(crate::bounded::error_chain(&other))),
     }
 }
 
@@ -174,8 +175,4 @@ fn only<K: Kind>(mut responses: Vec<K::Response>) -> Result<K::Response, Error> 
             K::NAME
         ))))),
     }
-}
-
-fn bounded_text(error: &Error) -> String {
-    crate::bounded::error_chain(error)
 }
