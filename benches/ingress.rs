@@ -145,9 +145,7 @@ async fn bench_in_runtime(args: &Args) -> anyhow::Result<Summary> {
     let topology = Topology::new(&config.topology);
     let bodies = Arc::new(Bodies::load());
     let connection = Connection::connect(&args.amqp, ConnectionProperties::default()).await?;
-    topology
-        .declare(&connection.create_channel().await?)
-        .await?;
+    topology.declare(&connection).await?;
 
     let result = run(args, &config, &topology, &bodies, &connection).await;
     support::cleanup(&connection, &topology, &[]).await?;
@@ -304,8 +302,8 @@ async fn fresh_queues(connection: &Connection, topology: &Topology) -> anyhow::R
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await?;
     }
-    topology.declare(&channel).await?;
-    channel.close(200, "queues renewed".into()).await?;
+    channel.close(200, "queues deleted".into()).await?;
+    topology.declare(connection).await?;
     Ok(())
 }
 

@@ -119,8 +119,11 @@ async fn main() -> anyhow::Result<()> {
     let mut queue = Downstream::new(&args.queue, &bindings);
     queue.delivery_limit = std::num::NonZeroU16::new(args.delivery_limit)
         .ok_or_else(|| anyhow::anyhow!("--delivery-limit must be above zero"))?;
-    let exchange = format!("{}.events", args.prefix);
-    ipn_bridge::topology::declare_service_queue(&channel, &exchange, &queue).await?;
+    let topology = ipn_bridge::config::Topology {
+        prefix: args.prefix.clone(),
+        ..ipn_bridge::config::Topology::default()
+    };
+    ipn_bridge::topology::declare_service_queue(&connection, &topology, &queue).await?;
     // One consumer, in order: a key's events must be applied one after another.
     channel.basic_qos(32, BasicQosOptions::default()).await?;
     let mut consumer = channel

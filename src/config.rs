@@ -19,6 +19,10 @@ use serde::Deserialize;
 /// Channels one connection may use, under RabbitMQ's default `channel_max` of 2047.
 const MAX_CHANNELS: usize = 2000;
 
+/// Broker nodes `amqp.urls` may list: a cluster has 3, 5 or 7; the bound keeps the node label of
+/// the metrics and the connection walk small.
+const MAX_NODES: usize = 32;
+
 /// Environment variables that name the config file rather than a setting.
 pub const CONFIG_FILE_VAR: &str = "IPN_CONFIG";
 const ENV_PREFIX: &str = "IPN_";
@@ -657,8 +661,14 @@ impl Paypal {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Amqp {
-    /// `amqp://user:pass@host:port/vhost`; the password never prints.
+    /// `amqp://user:pass@host:port/vhost`; the password never prints. The one-node case of
+    /// `urls`; set one or the other.
     pub url: AmqpUrl,
+    /// The nodes of a cluster, one URL each (same vhost): every connection goes to the first
+    /// that answers, in an order shuffled once per process, and to another after a loss
+    /// ([`crate::amqp::connect`]). Empty: `url` alone. From the environment, comma-separated.
+    #[serde(deserialize_with = "amqp_urls")]
+    pub urls: Vec<AmqpUrl>,
     /// Confirm-mode channels the publisher spreads its messages over.
     pub publisher_channels: NonZeroUsize,
     /// Give up on one connection attempt after this long.
@@ -684,6 +694,7 @@ impl Default for Amqp {
         Self {
             url: AmqpUrl::from_str("amqp://guest:guest@127.0.0.1:5672/%2f")
                 .unwrap_or_else(|_| unreachable!("the default URL parses")),
+            urls: Vec::new(),
             publisher_channels: NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
             connect_timeout: Duration::from_secs(5),
             reconnect_min: Duration::from_millis(200),
@@ -693,6 +704,55 @@ impl Default for Amqp {
                 .unwrap_or(std::num::NonZeroU32::MIN),
         }
     }
+}
+
+impl Amqp {
+    /// The broker nodes to connect to: `urls`, or `url` when that is empty.
+    pub fn nodes(&self) -> &[AmqpUrl] {
+        if self.urls.is_empty() {
+            std::slice::from_ref(&self.url)
+        } else {
+            &self.urls
+        }
+    }
+
+    /// The nodes for messages, passwords hidden: `amqp://guest:***@a:5672/%2f, …`.
+    pub fn shown(&self) -> String {
+        let shown: Vec<String> = self.nodes().iter().map(ToString::to_string).collect();
+        shown.join(", ")
+    }
+
+    fn validate(&self, url_set: bool) -> Result<(), Error> {
+        let invalid = |problem: &str| Error::Invalid {
+            key: "amqp.urls".to_owned(),
+            problem: problem.to_owned(),
+        };
+        if url_set && !self.urls.is_empty() {
+            return Err(invalid(
+                "set amqp.url (one node) or amqp.urls (a cluster's nodes), not both",
+            ));
+        }
+        if self.urls.len() > MAX_NODES {
+            return Err(invalid("must list at most 32 nodes"));
+        }
+        let vhost = |url: &AmqpUrl| url.parsed.vhost.clone();
+        if let Some(first) = self.urls.first()
+            && self.urls.iter().any(|url| vhost(url) != vhost(first))
+        {
+            return Err(invalid(
+                "every node must name the same vhost: the topology lives in one vhost of the cluster",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A list of AMQP URLs from TOML (`["amqp://…", "amqp://…"]`) or the environment (`a,b`).
+fn amqp_urls<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<AmqpUrl>, D::Error> {
+    list(deserializer)?
+        .iter()
+        .map(|text| text.parse().map_err(serde::de::Error::custom))
+        .collect()
 }
 
 /// Topology settings: see `topology.rs` for the names derived from them.
@@ -707,6 +767,10 @@ pub struct Topology {
     /// Returns of one message to its shard queue (redeliveries) before the broker dead-letters
     /// it to `<prefix>.dead` (RabbitMQ 3.10 counts returns: `delivery_limit + 1` deliveries).
     pub delivery_limit: NonZeroU16,
+    /// Nodes each quorum queue is replicated on when it is created
+    /// (`x-quorum-initial-group-size`); a cluster with fewer nodes uses all of them. 3 survives
+    /// one node lost; 5 two. Existing queues keep their own.
+    pub quorum_group_size: std::num::NonZeroU8,
 }
 
 impl Default for Topology {
@@ -715,6 +779,7 @@ impl Default for Topology {
             prefix: "ipn".to_owned(),
             shards: NonZeroU16::new(32).unwrap_or(NonZeroU16::MIN),
             delivery_limit: NonZeroU16::new(20).unwrap_or(NonZeroU16::MIN),
+            quorum_group_size: std::num::NonZeroU8::new(3).unwrap_or(std::num::NonZeroU8::MIN),
         }
     }
 }
@@ -880,6 +945,12 @@ impl AmqpUrl {
     pub fn uri(&self) -> AMQPUri {
         self.parsed.clone()
     }
+
+    /// `host:port`: which node this is, for logs and metrics (no credentials, no vhost).
+    pub fn node(&self) -> String {
+        let authority = &self.parsed.authority;
+        format!("{}:{}", authority.host, authority.port)
+    }
 }
 
 impl DatabaseUrl {
@@ -940,6 +1011,10 @@ impl Config {
                 overlay(&mut table, name, path, value)?;
             }
         }
+        let url_set = table
+            .get("amqp")
+            .and_then(toml::Value::as_table)
+            .is_some_and(|amqp| amqp.contains_key("url"));
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| Error::Invalid {
                 key: e.path().to_string(),
@@ -947,6 +1022,7 @@ impl Config {
             })?;
         config.alipay.read_key_files()?;
         config.wechatpay.read_key_files()?;
+        config.amqp.validate(url_set)?;
         config.validate()?;
         Ok(config)
     }
@@ -1389,6 +1465,54 @@ mod tests {
         assert_eq!(config.ingress.path, "/from-env");
         assert_eq!(config.ingress.confirm_timeout, Duration::from_secs(2));
         assert_eq!(config.topology.shards.get(), 8);
+    }
+
+    #[test]
+    fn a_cluster_is_a_list_of_node_urls_from_the_file_or_the_environment() {
+        let one = Config::load(None, &env(&[])).expect("defaults");
+        let nodes: Vec<String> = one.amqp.nodes().iter().map(|u| u.node()).collect();
+        assert_eq!(
+            nodes,
+            ["127.0.0.1:5672"],
+            "amqp.url alone is the one-node case"
+        );
+
+        let urls = "amqp://u:secret@a:5672/v, amqp://u:secret@b:5673/v,amqp://u:secret@c/v";
+        let three = Config::load(None, &env(&[("IPN_AMQP__URLS", urls)])).expect("urls");
+        let nodes: Vec<String> = three.amqp.nodes().iter().map(|u| u.node()).collect();
+        assert_eq!(nodes, ["a:5672", "b:5673", "c:5672"]);
+        assert!(
+            !three.amqp.shown().contains("secret"),
+            "{}",
+            three.amqp.shown()
+        );
+        assert_eq!(three.amqp.shown().matches("***").count(), 3);
+
+        let file = "[amqp]\nurls = [\"amqp://a/v\", \"amqp://b/v\"]\n";
+        let two = Config::load(Some(file), &env(&[])).expect("file");
+        assert_eq!(two.amqp.nodes().len(), 2);
+    }
+
+    #[test]
+    fn a_cluster_list_is_refused_with_a_url_beside_it_or_with_mixed_vhosts() {
+        let both = env(&[
+            ("IPN_AMQP__URL", "amqp://a/%2f"),
+            ("IPN_AMQP__URLS", "amqp://a/%2f,amqp://b/%2f"),
+        ]);
+        let err = Config::load(None, &both).unwrap_err().to_string();
+        assert!(
+            err.contains("amqp.urls") && err.contains("not both"),
+            "{err}"
+        );
+        let mixed = env(&[("IPN_AMQP__URLS", "amqp://a/one,amqp://b/two")]);
+        let err = Config::load(None, &mixed).unwrap_err().to_string();
+        assert!(err.contains("same vhost"), "{err}");
+        let bad = env(&[("IPN_AMQP__URLS", "amqp://a/%2f,http://b")]);
+        let err = Config::load(None, &bad).unwrap_err().to_string();
+        assert!(err.contains("amqp.urls"), "{err}");
+        let many = vec!["amqp://a/%2f"; 33].join(",");
+        let err = Config::load(None, &env(&[("IPN_AMQP__URLS", &many)])).unwrap_err();
+        assert!(err.to_string().contains("at most 32"), "{err}");
     }
 
     #[test]

@@ -24,14 +24,17 @@
 //! At-least-once dead-lettering requires `x-overflow=reject-publish`
 //! (<https://www.rabbitmq.com/docs/quorum-queues#dead-lettering>).
 
-use std::num::NonZeroU16;
+mod declarer;
+
+use std::num::{NonZeroU8, NonZeroU16};
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, Connection, ExchangeKind};
+use lapin::{Connection, ExchangeKind};
 
 use crate::config;
+use declarer::Declarer;
 
 /// The names and shapes of the bridge's exchanges and queues.
 #[derive(Debug, Clone)]
@@ -39,6 +42,7 @@ pub struct Topology {
     prefix: String,
     shards: NonZeroU16,
     delivery_limit: NonZeroU16,
+    group_size: NonZeroU8,
     tiers: Vec<Duration>,
     downstream: Vec<config::Downstream>,
 }
@@ -50,6 +54,7 @@ impl Topology {
             prefix: config.prefix.clone(),
             shards: config.shards,
             delivery_limit: config.delivery_limit,
+            group_size: config.quorum_group_size,
             tiers: config::Retry::default().tiers,
             downstream: Vec::new(),
         }
@@ -188,27 +193,26 @@ impl Topology {
         ]
     }
 
-    /// Declares everything; safe to repeat, and fails (with the broker's reason) if an existing
-    /// queue has different arguments rather than silently using it.
-    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
+    /// Declares everything on a channel of its own; safe to repeat, and fails (with the
+    /// broker's reason) if an existing queue has different arguments rather than silently using
+    /// it. Placement (the quorum group's initial size, the leader locator) is the exception: it
+    /// only applies when a queue is created, so an existing queue keeps its own
+    /// ([`declarer`]).
+    pub async fn declare(&self, connection: &Connection) -> Result<(), lapin::Error> {
+        let mut declarer = Declarer::open(connection).await?;
         for queue in [
             self.dead_queue(),
             self.quarantine_queue(),
             self.parked_queue(),
         ] {
-            channel
-                .queue_declare(queue.into(), durable, quorum_args())
-                .await?;
+            declarer.queue(&queue, self.quorum_args()).await?;
         }
         let durable_exchange = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
         };
-        channel
+        declarer
+            .channel()
             .exchange_declare(
                 self.events_exchange().into(),
                 ExchangeKind::Topic,
@@ -216,9 +220,13 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        self.declare_downstream(channel).await?;
+        for downstream in &self.downstream {
+            self.declare_service_queue(&mut declarer, downstream)
+                .await?;
+        }
         let exchange = self.inbound_exchange();
-        channel
+        declarer
+            .channel()
             .exchange_declare(
                 exchange.clone().into(),
                 ExchangeKind::Direct,
@@ -228,10 +236,9 @@ impl Topology {
             .await?;
         for shard in 0..self.shards.get() {
             let queue = self.shard_queue(shard);
-            channel
-                .queue_declare(queue.clone().into(), durable, self.shard_args())
-                .await?;
-            channel
+            declarer.queue(&queue, self.shard_args()).await?;
+            declarer
+                .channel()
                 .queue_bind(
                     queue.into(),
                     exchange.clone().into(),
@@ -241,22 +248,20 @@ impl Topology {
                 )
                 .await?;
         }
-        self.declare_retry(channel).await
+        self.declare_retry(&mut declarer).await?;
+        declarer.close().await
     }
 
     /// `<p>.retry` and a wait queue per distinct delay, bound by `x-ipn-tier`; after
     /// `<p>.inbound` exists, which the wait queues dead-letter to.
-    async fn declare_retry(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
+    async fn declare_retry(&self, declarer: &mut Declarer<'_>) -> Result<(), lapin::Error> {
         let exchange = self.retry_exchange();
         let durable_exchange = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
         };
-        channel
+        declarer
+            .channel()
             .exchange_declare(
                 exchange.clone().into(),
                 ExchangeKind::Headers,
@@ -266,9 +271,7 @@ impl Topology {
             .await?;
         for delay in self.distinct_tiers() {
             let queue = self.wait_queue(delay);
-            channel
-                .queue_declare(queue.clone().into(), durable, self.wait_args(delay))
-                .await?;
+            declarer.queue(&queue, self.wait_args(delay)).await?;
             // `all-with-x`: a plain `all` ignores binding arguments that start with `x-`, so a
             // binding on `x-ipn-tier` alone would match every message and copy it into every
             // wait queue (seen on 3.10.8). `all-with-x` exists since RabbitMQ 3.10.
@@ -279,7 +282,8 @@ impl Topology {
                 crate::contract::TIER,
                 text(&Self::tier_name(delay)),
             );
-            channel
+            declarer
+                .channel()
                 .queue_bind(
                     queue.into(),
                     exchange.clone().into(),
@@ -293,7 +297,7 @@ impl Topology {
     }
 
     fn wait_args(&self, delay: Duration) -> FieldTable {
-        let mut args = quorum_args();
+        let mut args = self.quorum_args();
         // Validated by config: 1 ms up to u32::MAX ms.
         let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
         insert(&mut args, "x-message-ttl", AMQPValue::LongLongInt(ttl));
@@ -307,15 +311,62 @@ impl Topology {
         args
     }
 
-    async fn declare_downstream(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        for downstream in &self.downstream {
-            declare_service_queue(channel, &self.events_exchange(), downstream).await?;
+    /// A quorum queue, its group of `topology.quorum_group_size` nodes (or all, when fewer) and
+    /// its leader placed on the node with the fewest leaders.
+    fn quorum_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        insert(&mut args, "x-queue-type", text("quorum"));
+        let size = i64::from(self.group_size.get());
+        insert(
+            &mut args,
+            declarer::GROUP_SIZE,
+            AMQPValue::LongLongInt(size),
+        );
+        insert(&mut args, declarer::LEADER_LOCATOR, text("balanced"));
+        args
+    }
+
+    /// Declares a business service's queue as the bridge does (with its `<queue>.dead`) and
+    /// binds it to `<p>.events`: a rejected event, one requeued `delivery_limit` times, or (with
+    /// `message_ttl`) one nobody consumed in time moves to `<queue>.dead`, at least once.
+    async fn declare_service_queue(
+        &self,
+        declarer: &mut Declarer<'_>,
+        downstream: &config::Downstream,
+    ) -> Result<(), lapin::Error> {
+        let queue = downstream.queue.as_str();
+        let dead = config::dead_letter_queue(queue);
+        declarer.queue(&dead, self.quorum_args()).await?;
+        let mut args = self.quorum_args();
+        let limit = i64::from(downstream.delivery_limit.get());
+        insert(&mut args, "x-delivery-limit", AMQPValue::LongLongInt(limit));
+        insert(&mut args, "x-dead-letter-exchange", text(""));
+        insert(&mut args, "x-dead-letter-routing-key", text(&dead));
+        insert(&mut args, "x-dead-letter-strategy", text("at-least-once"));
+        insert(&mut args, "x-overflow", text("reject-publish"));
+        if let Some(ttl) = downstream.message_ttl {
+            // Validated by config: 1 ms up to u32::MAX ms.
+            let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+            insert(&mut args, "x-message-ttl", AMQPValue::LongLongInt(ttl));
+        }
+        declarer.queue(queue, args).await?;
+        for pattern in &downstream.bindings {
+            declarer
+                .channel()
+                .queue_bind(
+                    queue.into(),
+                    self.events_exchange().into(),
+                    pattern.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
         }
         Ok(())
     }
 
     fn shard_args(&self) -> FieldTable {
-        let mut args = quorum_args();
+        let mut args = self.quorum_args();
         insert(
             &mut args,
             "x-single-active-consumer",
@@ -366,64 +417,21 @@ pub async fn count_messages(
     Ok(totals)
 }
 
-/// Declares a business service's queue as the bridge does (with its `<queue>.dead`) and binds
-/// it to `events_exchange` (`<p>.events`, which must exist). A service declaring its own queue
-/// calls this too, so its arguments always equal the bridge's (RabbitMQ refuses a second
+/// Declares a business service's queue exactly as the bridge of `topology` does (with its
+/// `<queue>.dead`, bound to `<p>.events`, which must exist). A service declaring its own queue
+/// calls this, so its arguments always equal the bridge's (RabbitMQ refuses a second
 /// declaration with other arguments).
 pub async fn declare_service_queue(
-    channel: &Channel,
-    events_exchange: &str,
+    connection: &Connection,
+    topology: &config::Topology,
     downstream: &config::Downstream,
 ) -> Result<(), lapin::Error> {
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    let queue = downstream.queue.as_str();
-    let dead = config::dead_letter_queue(queue);
-    channel
-        .queue_declare(dead.as_str().into(), durable, quorum_args())
+    let mut declarer = Declarer::open(connection).await?;
+    let topology = Topology::new(topology);
+    topology
+        .declare_service_queue(&mut declarer, downstream)
         .await?;
-    channel
-        .queue_declare(queue.into(), durable, downstream_args(downstream))
-        .await?;
-    for pattern in &downstream.bindings {
-        channel
-            .queue_bind(
-                queue.into(),
-                events_exchange.into(),
-                pattern.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-    }
-    Ok(())
-}
-
-/// A business service's queue: a rejected event, one requeued `delivery_limit` times, or (with
-/// `message_ttl`) one nobody consumed in time moves to `<queue>.dead`, at least once.
-fn downstream_args(downstream: &config::Downstream) -> FieldTable {
-    let mut args = quorum_args();
-    let limit = i64::from(downstream.delivery_limit.get());
-    insert(&mut args, "x-delivery-limit", AMQPValue::LongLongInt(limit));
-    insert(&mut args, "x-dead-letter-exchange", text(""));
-    let dead = config::dead_letter_queue(&downstream.queue);
-    insert(&mut args, "x-dead-letter-routing-key", text(&dead));
-    insert(&mut args, "x-dead-letter-strategy", text("at-least-once"));
-    insert(&mut args, "x-overflow", text("reject-publish"));
-    if let Some(ttl) = downstream.message_ttl {
-        // Validated by config: 1 ms up to u32::MAX ms.
-        let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        insert(&mut args, "x-message-ttl", AMQPValue::LongLongInt(ttl));
-    }
-    args
-}
-
-fn quorum_args() -> FieldTable {
-    let mut args = FieldTable::default();
-    insert(&mut args, "x-queue-type", text("quorum"));
-    args
+    declarer.close().await
 }
 
 fn insert(args: &mut FieldTable, key: &str, value: AMQPValue) {

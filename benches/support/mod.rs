@@ -517,9 +517,7 @@ impl RunSetup {
         config.database.url = database_url.parse().map_err(anyhow::Error::msg)?;
         let topology = Topology::of(&config);
         let connection = Connection::connect(amqp, lapin::ConnectionProperties::default()).await?;
-        topology
-            .declare(&connection.create_channel().await?)
-            .await?;
+        topology.declare(&connection).await?;
         Ok(RunSetup {
             config,
             topology,

@@ -119,6 +119,7 @@ pub struct Publisher {
 #[derive(Debug)]
 struct Pool {
     connection: Connection,
+    node: super::Node,
     channels: Vec<Channel>,
     next: AtomicUsize,
     failed: CancellationToken,
@@ -165,6 +166,11 @@ impl Publisher {
             Some(pool) if pool.connection.status().blocked() => State::Blocked,
             Some(_) => State::Ready,
         }
+    }
+
+    /// The node (`host:port`) the publisher is connected to now, if any.
+    pub fn node(&self) -> Option<String> {
+        (self.current.borrow().as_ref()).map(|pool| pool.node.name.clone())
     }
 
     /// Waits until the publisher is connected, or `limit` passes. True when connected.
@@ -248,11 +254,9 @@ impl Pool {
         topology: Option<&Topology>,
         name: &str,
     ) -> Result<Pool, super::Error> {
-        let connection = super::connect(config, name).await?;
+        let super::Connected { connection, node } = super::connect(config, name).await?;
         if let Some(topology) = topology {
-            let setup = connection.create_channel().await?;
-            topology.declare(&setup).await?;
-            setup.close(200, "topology declared".into()).await?;
+            topology.declare(&connection).await?;
         }
         let mut channels = Vec::with_capacity(config.publisher_channels.get());
         for _ in 0..config.publisher_channels.get() {
@@ -264,6 +268,7 @@ impl Pool {
         }
         Ok(Pool {
             connection,
+            node,
             channels,
             next: AtomicUsize::new(0),
             failed: CancellationToken::new(),
@@ -349,11 +354,18 @@ impl Keeper {
 
     /// Offers the pool until it fails (false) or the publisher stops (true).
     async fn serve(&self, pool: Arc<Pool>) -> bool {
-        info!(channels = pool.channels.len(), "connected to the broker");
+        info!(
+            channels = pool.channels.len(),
+            node = pool.node.name,
+            "publisher ready"
+        );
         let events = pool.connection.events_listener();
         self.sender.send_replace(Some(Arc::clone(&pool)));
         let stopped = watch_events(events, &pool.failed, &self.stop).await;
         self.sender.send_replace(None);
+        if !stopped {
+            pool.node.lost();
+        }
         pool.close().await;
         stopped
     }

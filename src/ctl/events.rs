@@ -145,7 +145,7 @@ async fn redeliver_with(
 ) -> anyhow::Result<Redelivered> {
     super::downstream::require_queue(config, queue).await?;
     if !publisher.wait_connected(config.amqp.connect_timeout).await {
-        bail!("cannot connect to {}", config.amqp.url);
+        bail!("cannot connect to {}", config.amqp.shown());
     }
     let total = store
         .count_events(filter)

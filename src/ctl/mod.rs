@@ -20,12 +20,8 @@ pub const PAYPAL_USER_AGENT: &str = "PayPal IPN ( https://www.paypal.com/ipn )";
 pub async fn declare_topology(config: &Config) -> anyhow::Result<String> {
     let topology = Topology::of(config);
     let connection = connect(config).await?;
-    let channel = connection
-        .create_channel()
-        .await
-        .context("cannot open a channel")?;
     topology
-        .declare(&channel)
+        .declare(&connection)
         .await
         .context("cannot declare the topology")?;
     // The declaration is done; a failing close changes nothing about it.
@@ -101,9 +97,10 @@ pub async fn health(url: &str, timeout: Duration) -> (String, bool) {
 
 /// A broker connection for one ipnctl command, its failure naming the broker.
 pub(crate) async fn connect(config: &Config) -> anyhow::Result<lapin::Connection> {
-    crate::amqp::connect(&config.amqp, "ipnctl")
+    let connected = crate::amqp::connect(&config.amqp, "ipnctl")
         .await
-        .with_context(|| format!("cannot connect to {}", config.amqp.url))
+        .with_context(|| format!("cannot connect to {}", config.amqp.shown()))?;
+    Ok(connected.connection)
 }
 
 /// Runs a fake PayPal postback endpoint on `listen` until SIGINT/SIGTERM.

@@ -513,7 +513,7 @@ async fn publisher(config: &Config) -> anyhow::Result<Publisher> {
     let publisher = Publisher::start_undeclared(&config.amqp, "ipnctl-publish");
     if !publisher.wait_connected(config.amqp.connect_timeout).await {
         publisher.close().await;
-        bail!("cannot connect to {}", config.amqp.url);
+        bail!("cannot connect to {}", config.amqp.shown());
     }
     Ok(publisher)
 }

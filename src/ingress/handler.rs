@@ -86,6 +86,8 @@ pub(super) async fn handle<S: Sink>(
             "/readyz" => readiness(&app),
             "/metrics" => {
                 app.metrics.ready.set(i64::from(unready(&app).is_none()));
+                let node = app.publisher.node();
+                app.metrics.broker_node.set("publish", node.as_deref());
                 crate::telemetry::metrics_response(
                     app.metrics.render(),
                     request.headers().get(hyper::header::ACCEPT),

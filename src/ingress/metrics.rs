@@ -40,6 +40,8 @@ pub struct Metrics {
     pub alerts: crate::alert::Counters,
     /// 1 while `/readyz` would answer 200 (set at each scrape).
     pub ready: Gauge,
+    /// The broker node publishes go to (set at each scrape).
+    pub broker_node: crate::amqp::NodeGauge,
 }
 
 impl Metrics {
@@ -85,8 +87,11 @@ impl Metrics {
             "Alert messages given up on, by channel",
             alerts.failed.clone(),
         );
+        let broker_node = crate::amqp::NodeGauge::default();
+        broker_node.register(registry);
         crate::telemetry::process::register(&mut root, "ipn-ingress");
         Metrics {
+            broker_node,
             registry: root,
             alerts,
             requests,

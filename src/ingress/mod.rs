@@ -40,6 +40,11 @@ pub trait Sink: Send + Sync + 'static {
 
     /// Whether a publish can succeed now (`/readyz`).
     fn state(&self) -> State;
+
+    /// The broker node (`host:port`) publishes go to now, for the metrics.
+    fn node(&self) -> Option<String> {
+        None
+    }
 }
 
 impl Sink for Publisher {
@@ -53,6 +58,10 @@ impl Sink for Publisher {
 
     fn state(&self) -> State {
         Publisher::state(self)
+    }
+
+    fn node(&self) -> Option<String> {
+        Publisher::node(self)
     }
 }
 

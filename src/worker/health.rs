@@ -78,6 +78,8 @@ fn probe(
         up("publish", pipeline.publisher_state() != State::Down);
         up("consume", consuming.load(Ordering::Relaxed));
         up("database", pipeline.database_up.load(Ordering::Relaxed));
+        let node = pipeline.publisher.node();
+        metrics.broker_node.set("publish", node.as_deref());
         return crate::telemetry::metrics_response(metrics.render(), accept);
     }
     let (status, body) = match path {

@@ -98,6 +98,8 @@ pub struct Metrics {
     pub receive_to_publish_seconds: Histogram,
     /// 1 while a connection is up, by connection (set at each scrape).
     pub connected: Family<ConnectionLabel, Gauge>,
+    /// The broker node of the publish and consume connections.
+    pub broker_node: crate::amqp::NodeGauge,
     /// Alert messages sent and given up on, by channel.
     pub alerts: crate::alert::Counters,
     /// Events waiting in each downstream queue (exported by the watching worker only).
@@ -137,6 +139,7 @@ impl Metrics {
             // 5 ms .. ~80 s
             receive_to_publish_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 15)),
             connected: Family::default(),
+            broker_node: crate::amqp::NodeGauge::default(),
             downstream_depth: Family::default(),
             downstream_consumers: Family::default(),
             downstream_dead: Family::default(),
@@ -259,6 +262,7 @@ impl Metrics {
             "1 while the connection is up: publish and consume (the broker), database",
             metrics.connected.clone(),
         );
+        metrics.broker_node.register(registry);
         registry.register(
             "alerts_sent",
             "Alert messages delivered, by channel",

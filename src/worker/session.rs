@@ -85,11 +85,17 @@ impl Session<'_> {
 
     async fn connect_and_consume(&self, reached_consuming: &mut bool) -> Result<(), Error> {
         let connect = amqp::connect(&self.config.amqp, "ipn-worker-consume");
-        let connection = tokio::select! {
+        let amqp::Connected { connection, node } = tokio::select! {
             () = self.stop.cancelled() => return Ok(()),
-            connection = connect => connection?,
+            connected = connect => connected?,
         };
+        let nodes = &self.pipeline.metrics().broker_node;
+        nodes.set("consume", Some(&node.name));
         let result = self.consume(&connection, reached_consuming).await;
+        nodes.set("consume", None);
+        if result.is_err() {
+            node.lost();
+        }
         // Closing returns whatever is still unacked to the queues, in order. A connection
         // that already broke fails at once; a silent one is given up on.
         let close = connection.close(200, "worker stopping".into());
@@ -108,11 +114,8 @@ impl Session<'_> {
     async fn consume(&self, connection: &Connection, reached: &mut bool) -> Result<(), Error> {
         let limit = self.config.amqp.connect_timeout;
         let declare = async {
-            let channel = rpc("open a channel", limit, connection.create_channel()).await?;
-            let declared = self.topology.declare(&channel);
-            rpc("declare the topology", limit * DECLARE_RPCS, declared).await?;
-            let close = channel.close(200, "topology declared".into());
-            rpc("close the declaring channel", limit, close).await
+            let declared = self.topology.declare(connection);
+            rpc("declare the topology", limit * DECLARE_RPCS, declared).await
         };
         tokio::select! {
             () = self.stop.cancelled() => return Ok(()),

@@ -55,7 +55,7 @@ pub(super) async fn watch_queues(
         if !connection.as_ref().is_some_and(|c| c.status().connected()) {
             let connect = crate::amqp::connect(&config.amqp, "ipn-worker-watch");
             connection = match tokio::time::timeout(limit, connect).await {
-                Ok(Ok(connection)) => Some(connection),
+                Ok(Ok(connected)) => Some(connected.connection),
                 Ok(Err(error)) => {
                     let error = bounded::error_chain(&error);
                     warn!(

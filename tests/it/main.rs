@@ -6,6 +6,7 @@ mod abuse;
 mod alerting;
 mod alipay;
 mod cli;
+mod cluster;
 mod compose;
 mod deploy;
 mod downstream;

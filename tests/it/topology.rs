@@ -6,10 +6,11 @@ use futures_util::StreamExt;
 use ipn_bridge::ctl;
 use ipn_bridge::topology::Topology;
 use lapin::BasicProperties;
+use lapin::options::QueueDeclareOptions;
 use lapin::options::{
     BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 
 use crate::support::{PATIENCE, TestBroker};
 
@@ -214,4 +215,82 @@ async fn a_message_sent_to_a_tier_waits_in_that_tier_only_and_returns_to_its_own
             assert_eq!(broker.count(&channel, &queue).await, 0, "{queue}");
         }
     }
+}
+
+/// Declares `queue` with `args` as a bridge from before the placement arguments did.
+async fn declare_as_before(broker: &TestBroker, queue: &str, args: &[(&str, AMQPValue)]) {
+    let mut table = FieldTable::default();
+    table.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    for (key, value) in args {
+        table.insert((*key).into(), value.clone());
+    }
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let channel = broker.channel().await;
+    channel
+        .queue_declare(queue.into(), durable, table)
+        .await
+        .expect("declared as before");
+}
+
+fn shard_args_before(limit: i64) -> Vec<(&'static str, AMQPValue)> {
+    let text = |v: &str| AMQPValue::LongString(v.into());
+    vec![
+        ("x-single-active-consumer", AMQPValue::Boolean(true)),
+        ("x-delivery-limit", AMQPValue::LongLongInt(limit)),
+        ("x-dead-letter-exchange", text("")),
+        ("x-dead-letter-routing-key", text("ipn.dead")),
+        ("x-dead-letter-strategy", text("at-least-once")),
+        ("x-overflow", text("reject-publish")),
+    ]
+}
+
+#[tokio::test]
+async fn new_queues_are_placed_and_queues_from_before_placement_keep_theirs_but_not_other_differences()
+ {
+    let broker = TestBroker::new().await;
+    let config = broker.config();
+    declare_as_before(&broker, "ipn.dead", &[]).await;
+    declare_as_before(&broker, "ipn.inbound.0", &shard_args_before(20)).await;
+    ctl::declare_topology(&config)
+        .await
+        .expect("a topology from before placement is upgraded in place");
+    ctl::declare_topology(&config).await.expect("and again");
+    for queue in ["ipn.dead", "ipn.inbound.0"] {
+        let arguments = &broker.queue_info(queue).await["arguments"];
+        assert!(
+            arguments.get("x-quorum-initial-group-size").is_none(),
+            "{queue}: {arguments}"
+        );
+        assert!(
+            arguments.get("x-queue-leader-locator").is_none(),
+            "{queue}: {arguments}"
+        );
+    }
+    for queue in ["ipn.parked", "ipn.inbound.1", "ipn.wait.10s"] {
+        let info = broker.queue_info(queue).await;
+        let arguments = &info["arguments"];
+        assert_eq!(
+            arguments["x-quorum-initial-group-size"], 3,
+            "{queue}: {arguments}"
+        );
+        assert_eq!(arguments["x-queue-leader-locator"], "balanced", "{queue}");
+        // One node: a group of 3 asked is the 1 there is.
+        assert_eq!(
+            info["members"].as_array().map(Vec::len),
+            Some(1),
+            "{queue}: {info}"
+        );
+    }
+
+    let other = TestBroker::new().await;
+    declare_as_before(&other, "ipn.inbound.1", &shard_args_before(5)).await;
+    let refused = ctl::declare_topology(&other.config()).await.unwrap_err();
+    let shown = format!("{refused:#}");
+    assert!(shown.contains("x-delivery-limit"), "{shown}");
 }
