@@ -258,6 +258,22 @@ pub struct Store {
     key_states: Arc<Batcher<KeyStates>>,
 }
 
+/// Refuses a connection to a server that does not take writes (a standby the database address
+/// still points at after a failover, or `default_transaction_read_only`): libpq's
+/// `target_session_attrs=read-write`, which sqlx lacks. The pool then connects again.
+async fn refuse_read_only(connection: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    let read_only: String = sqlx::query_scalar("SHOW transaction_read_only")
+        .fetch_one(&mut *connection)
+        .await?;
+    if read_only == "on" {
+        tracing::warn!("database server is read-only (a standby?); connecting again");
+        return Err(sqlx::Error::Configuration(
+            "the server is read-only (a standby?): the worker needs the primary".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Store {
     /// Connects (creating the database if it does not exist yet) and applies the migrations.
     ///
@@ -291,9 +307,21 @@ impl Store {
             )
             .await?;
         }
+        // One connection first, so a server that refuses us (read-only above all) says why at
+        // start-up; the pool's own attempts only say that it timed out.
+        let probe = async {
+            let mut connection = options.connect().await?;
+            refuse_read_only(&mut connection).await?;
+            connection.close().await
+        };
+        // A probe that times out is left to the pool's own bounded connect below.
+        if let Ok(Err(error)) = tokio::time::timeout(config.connect_timeout, probe).await {
+            return Err(Error::Connect(error));
+        }
         let connect = PgPoolOptions::new()
             .max_connections(config.max_connections.get())
             .acquire_timeout(config.acquire_timeout)
+            .after_connect(|connection, _| Box::pin(refuse_read_only(connection)))
             .connect_with(options);
         let pool = connect
             .within(config.connect_timeout, "connect")

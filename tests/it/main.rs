@@ -7,6 +7,7 @@ mod alerting;
 mod alipay;
 mod cli;
 mod cluster;
+mod cluster_faults;
 mod compose;
 mod deploy;
 mod downstream;

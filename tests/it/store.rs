@@ -29,6 +29,55 @@ async fn connecting_creates_the_database_and_migrating_again_is_harmless() {
     second.close().await;
 }
 
+/// Sets `default_transaction_read_only` of the test's database, as a standby would be.
+async fn read_only(db: &TestDb, on: bool) {
+    use sqlx::{ConnectOptions, Connection};
+    let options: sqlx::postgres::PgConnectOptions = db.config().url.options().database("postgres");
+    let mut admin = options.connect().await.expect("admin connection");
+    let name = db
+        .config()
+        .url
+        .options()
+        .get_database()
+        .expect("name")
+        .to_owned();
+    let value = if on { "on" } else { "off" };
+    let statement =
+        format!("ALTER DATABASE \"{name}\" SET default_transaction_read_only = {value}");
+    sqlx::query(sqlx::AssertSqlSafe(statement))
+        .execute(&mut admin)
+        .await
+        .expect("alter database");
+    admin.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn a_read_only_server_is_refused_as_a_standby_and_the_primary_taken_once_it_answers() {
+    let db = TestDb::new();
+    Store::connect(&db.config())
+        .await
+        .expect("created")
+        .close()
+        .await;
+    read_only(&db, true).await;
+    let Err(refused) = Store::connect(&db.config()).await else {
+        panic!("a read-only server is refused");
+    };
+    let shown = ipn_bridge::bounded::error_chain(&refused);
+    assert!(shown.contains("read-only (a standby?)"), "{shown}");
+    // The address now leads to a server that takes writes (the promoted primary).
+    read_only(&db, false).await;
+    let store = Store::connect(&db.config())
+        .await
+        .expect("the primary is taken");
+    let claimed = store
+        .claim(&keys("primary", None), "key:p")
+        .await
+        .expect("writes");
+    assert!(matches!(claimed, Claim::New(_)), "{claimed:?}");
+    store.close().await;
+}
+
 #[tokio::test]
 async fn a_claim_reserves_once_and_a_redelivery_gets_the_same_id_and_number() {
     let db = TestDb::new();
