@@ -93,6 +93,23 @@ fn ipn(n: usize, keys: usize) -> Vec<u8> {
     )
 }
 
+/// Posts IPNs `numbers` one after another as PayPal does, resending each that got 503 until it
+/// gets 200; returns how many got 200.
+async fn post_resending(url: &str, numbers: std::ops::Range<usize>, keys: usize) -> u32 {
+    let mut accepted = 0;
+    for n in numbers {
+        loop {
+            match post_form(url, ipn(n, keys)).await.0 {
+                200 => break,
+                503 => tokio::time::sleep(Duration::from_millis(20)).await,
+                other => panic!("IPN {n}: {other}"),
+            }
+        }
+        accepted += 1;
+    }
+    accepted
+}
+
 #[tokio::test]
 async fn the_ingress_and_the_worker_move_to_another_node_when_theirs_is_lost() {
     let mut stack = Stack::new().await;
@@ -129,17 +146,7 @@ async fn the_ingress_and_the_worker_move_to_another_node_when_theirs_is_lost() {
     // other node; PayPal would resend each 503.
     let lost = node_address(&publishing).expect("one of ours");
     nodes[lost].cut();
-    let mut n = 20;
-    while n < 40 {
-        match post(n).await.0 {
-            200 => {
-                accepted += 1;
-                n += 1;
-            }
-            503 => tokio::time::sleep(Duration::from_millis(20)).await,
-            other => panic!("IPN {n}: {other}"),
-        }
-    }
+    accepted += post_resending(&ingress.url, 20..40, keys).await;
     let now = moved_off(&ingress_metrics, "ipn_ingress", "publish", &publishing).await;
     assert_eq!(node_address(&now), Some(1 - lost));
     if consuming == publishing {
@@ -148,16 +155,7 @@ async fn the_ingress_and_the_worker_move_to_another_node_when_theirs_is_lost() {
     nodes[lost].restore();
     // The other node goes away too; the first is back.
     nodes[1 - lost].cut();
-    while n < 60 {
-        match post(n).await.0 {
-            200 => {
-                accepted += 1;
-                n += 1;
-            }
-            503 => tokio::time::sleep(Duration::from_millis(20)).await,
-            other => panic!("IPN {n}: {other}"),
-        }
-    }
+    accepted += post_resending(&ingress.url, 40..60, keys).await;
     moved_off(&ingress_metrics, "ipn_ingress", "publish", &now).await;
     moved_off(
         &worker_metrics,
