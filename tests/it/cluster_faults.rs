@@ -160,6 +160,48 @@ async fn poster(
     }
 }
 
+/// What the database holds for `order_key` from sequence `from` on (the test's database is
+/// dropped when the test ends, so a failure shows it here).
+async fn key_rows(config: &Config, order_key: &str, from: usize) -> Vec<String> {
+    use sqlx::{ConnectOptions, Row};
+    let Ok(mut connection) = config.database.url.options().connect().await else {
+        return vec!["(database unreachable)".to_owned()];
+    };
+    let rows = sqlx::query(
+        "SELECT sequence, state, txn_id, event_id::text AS id, body_sha256,
+                created_at::text AS created, done_at::text AS done
+         FROM ipn_event WHERE order_key = $1 AND sequence > $2 ORDER BY sequence LIMIT 8",
+    )
+    .bind(order_key)
+    .bind(i64::try_from(from).unwrap_or(0))
+    .fetch_all(&mut connection)
+    .await;
+    let mut shown: Vec<String> = match rows {
+        Ok(rows) => (rows.iter())
+            .map(|row| {
+                format!(
+                    "seq {:?} {:?} txn {:?} id {:?} body {:?} created {:?} done {:?}",
+                    row.try_get::<i64, _>("sequence").ok(),
+                    row.try_get::<String, _>("state").ok(),
+                    row.try_get::<Option<String>, _>("txn_id").ok().flatten(),
+                    row.try_get::<String, _>("id").ok(),
+                    row.try_get::<String, _>("body_sha256").ok(),
+                    row.try_get::<String, _>("created").ok(),
+                    row.try_get::<Option<String>, _>("done").ok().flatten(),
+                )
+            })
+            .collect(),
+        Err(error) => vec![format!("(query failed: {error})")],
+    };
+    let counter = sqlx::query("SELECT last_sequence FROM ipn_key_sequence WHERE order_key = $1")
+        .bind(order_key)
+        .fetch_optional(&mut connection)
+        .await
+        .map(|row| row.and_then(|row| row.try_get::<i64, _>("last_sequence").ok()));
+    shown.push(format!("ipn_key_sequence.last_sequence: {counter:?}"));
+    shown
+}
+
 #[tokio::test]
 #[ignore = "needs the three-node cluster of scripts/cluster-test"]
 async fn a_node_lost_under_load_twice_loses_duplicates_and_reorders_nothing() {
@@ -304,8 +346,11 @@ async fn a_node_lost_under_load_twice_loses_duplicates_and_reorders_nothing() {
         if sequences != expected {
             let first = sequences.iter().zip(&expected).position(|(a, b)| a != b);
             let from = first.unwrap_or(0).saturating_sub(3);
+            let order_key = &first_seen[&format!("T{key}x{}", numbers[0])].0;
+            let rows = key_rows(&config, order_key, from).await;
             panic!(
-                "key {key}: sequences of IPNs {from}.. in posting order: {:?} (expected {:?})",
+                "key {key}: sequences of IPNs {from}.. in posting order: {:?} (expected {:?}); \
+                 the database's rows of {order_key} from sequence {from}: {rows:#?}",
                 &sequences[from..(from + 8).min(sequences.len())],
                 &expected[from..(from + 8).min(expected.len())],
             );
