@@ -51,10 +51,18 @@ pub(super) struct Session<'a> {
     pub(super) stop: &'a CancellationToken,
 }
 
-/// The shards a session consumes: a stop token and a task each.
+/// The shards a session consumes: a stop token, a task and a kept consumer each.
+#[derive(Default)]
 struct Owned {
     tokens: HashMap<u16, CancellationToken>,
     tasks: JoinSet<(u16, Option<Error>)>,
+    /// A clone of each shard's consumer, dropped only once the shard's channel closed (handed
+    /// over) or the session's connection did. Dropping the last clone of an active consumer
+    /// sends `basic.cancel`, and single active consumer then activates the next worker's
+    /// consumer at once while this one still holds its unacked deliveries: those would reach
+    /// the next worker after later IPNs of their keys (out of order, numbered after them).
+    /// Closing the channel or connection instead returns them first, in order.
+    consumers: HashMap<u16, Consumer>,
 }
 
 impl Session<'_> {
@@ -91,7 +99,10 @@ impl Session<'_> {
         };
         let nodes = &self.pipeline.metrics().broker_node;
         nodes.set("consume", Some(&node.name));
-        let result = self.consume(&connection, reached_consuming).await;
+        let mut owned = Owned::default();
+        let result = self
+            .consume(&connection, &mut owned, reached_consuming)
+            .await;
         nodes.set("consume", None);
         if result.is_err() {
             node.lost();
@@ -100,6 +111,8 @@ impl Session<'_> {
         // that already broke fails at once; a silent one is given up on.
         let close = connection.close(200, "worker stopping".into());
         let _ = tokio::time::timeout(self.config.amqp.connect_timeout, close).await;
+        // Only now may the consumers go (see [`Owned::consumers`]).
+        drop(owned);
         if result.is_ok() {
             // A clean stop: the others take the shards over now, not after `worker.takeover`.
             let _ = self.store.leave(&self.id).await;
@@ -111,7 +124,12 @@ impl Session<'_> {
     /// subscribe to the shards it owns among the live workers, handing over (drain, then close
     /// the shard's channel) those it no longer owns; until `stop` (drain within the grace
     /// period, `Ok`) or until a consumer or an operation fails (`Err`).
-    async fn consume(&self, connection: &Connection, reached: &mut bool) -> Result<(), Error> {
+    async fn consume(
+        &self,
+        connection: &Connection,
+        owned: &mut Owned,
+        reached: &mut bool,
+    ) -> Result<(), Error> {
         let limit = self.config.amqp.connect_timeout;
         let declare = async {
             let declared = self.topology.declare(connection);
@@ -122,17 +140,13 @@ impl Session<'_> {
             declared = declare => declared?,
         }
         let session_stop = self.stop.child_token();
-        let mut owned = Owned {
-            tokens: HashMap::new(),
-            tasks: JoinSet::new(),
-        };
         let mut tick = tokio::time::interval(self.config.worker.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let lost = loop {
             tokio::select! {
                 () = self.stop.cancelled() => break None,
                 _ = tick.tick() => {
-                    let step = self.rebalance(connection, &mut owned, &session_stop);
+                    let step = self.rebalance(connection, owned, &session_stop);
                     let stepped = tokio::select! {
                         () = self.stop.cancelled() => break None,
                         stepped = step => stepped,
@@ -146,7 +160,10 @@ impl Session<'_> {
                     }
                 }
                 Some(ended) = owned.tasks.join_next() => match ended {
-                    Ok((shard, None)) => info!(shard, "shard handed over"),
+                    Ok((shard, None)) => {
+                        owned.consumers.remove(&shard);
+                        info!(shard, "shard handed over");
+                    }
                     Ok((_, Some(error))) => break Some(error),
                     Err(_) => break Some(Error::ConsumerLost(u16::MAX)),
                 },
@@ -248,15 +265,18 @@ impl Session<'_> {
                 token.clone(),
             );
             let close_limit = self.config.amqp.connect_timeout;
+            owned.consumers.insert(shard, consumer.clone());
             owned.tasks.spawn(async move {
                 let ended = lanes.run(consumer).await;
-                if ended.is_none() {
-                    // Drained: closing the channel returns the deliveries never started, in
-                    // order, and lets the next consumer of the shard become active.
-                    let close = channel.close(200, "shard handed over".into());
-                    let _ = tokio::time::timeout(close_limit, close).await;
+                if ended.is_some() {
+                    return (shard, ended);
                 }
-                (shard, ended)
+                // Drained: closing the channel returns the deliveries never started, in order,
+                // and lets the next consumer of the shard become active. A channel that does not
+                // close ends the session: the connection's close returns them instead.
+                let close = channel.close(200, "shard handed over".into());
+                let closed = rpc("close a handed-over shard's channel", close_limit, close).await;
+                (shard, closed.err())
             });
             owned.tokens.insert(shard, token);
         }

@@ -202,6 +202,36 @@ async fn key_rows(config: &Config, order_key: &str, from: usize) -> Vec<String> 
     shown
 }
 
+/// The lines of the workers' logs about `txns` (and every line of an IPN span naming one of
+/// their message ids), with their sessions' and shards' lines, each prefixed by its worker.
+fn worker_lines(logs: &[(&str, PathBuf)], txns: &[String]) -> String {
+    let mut shown = Vec::new();
+    for (id, log) in logs {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let named =
+            |line: &str| (txns.iter()).any(|txn| line.contains(&format!("txn_id=\"{txn}\"")));
+        let message_ids: HashSet<&str> = (text.lines())
+            .filter(|line| named(line))
+            .filter_map(|line| line.split("message_id=\"").nth(1))
+            .filter_map(|rest| rest.split('"').next())
+            .collect();
+        for line in text.lines() {
+            let about = named(line) || message_ids.iter().any(|id| line.contains(id));
+            let session = line.contains("worker::session");
+            if about || session {
+                shown.push(format!("{id} {line}"));
+            }
+        }
+    }
+    shown.sort_by(|a, b| a.split(' ').nth(1).cmp(&b.split(' ').nth(1)));
+    let skipped = shown.len().saturating_sub(400);
+    let mut text = shown.split_off(skipped).join("\n");
+    if skipped > 0 {
+        text = format!("({skipped} earlier lines left out)\n{text}");
+    }
+    text
+}
+
 #[tokio::test]
 #[ignore = "needs the three-node cluster of scripts/cluster-test"]
 async fn a_node_lost_under_load_twice_loses_duplicates_and_reorders_nothing() {
@@ -228,10 +258,13 @@ async fn a_node_lost_under_load_twice_loses_duplicates_and_reorders_nothing() {
     let ingress = spawn_ingress(config.clone()).await;
     ingress.wait_ready().await;
     let mut workers = Vec::new();
+    let mut logs = Vec::new();
     for id in ["cluster-w1", "cluster-w2"] {
         let mut own = config.clone();
         own.worker.id = Some(id.to_owned());
-        workers.push(RunningWorker::spawn(own).await);
+        let log = std::env::temp_dir().join(format!("ipn-{prefix}-{id}.log"));
+        workers.push(RunningWorker::spawn_logged(own, log.clone()).await);
+        logs.push((id, log));
     }
     let ledger = Arc::new(Ledger::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -348,9 +381,20 @@ async fn a_node_lost_under_load_twice_loses_duplicates_and_reorders_nothing() {
             let from = first.unwrap_or(0).saturating_sub(3);
             let order_key = &first_seen[&format!("T{key}x{}", numbers[0])].0;
             let rows = key_rows(&config, order_key, from).await;
+            // The workers' lines about the IPNs around the gap and the one numbered in it.
+            let gap = first.unwrap_or(0);
+            let skipped = expected.get(gap).copied().unwrap_or(0);
+            let mut txns: Vec<String> = (from..(gap + 3).min(numbers.len()))
+                .map(|i| format!("T{key}x{}", numbers[i]))
+                .collect();
+            if let Some(i) = sequences.iter().position(|s| *s == skipped) {
+                txns.push(format!("T{key}x{}", numbers[i]));
+            }
+            let lines = worker_lines(&logs, &txns);
             panic!(
                 "key {key}: sequences of IPNs {from}.. in posting order: {:?} (expected {:?}); \
-                 the database's rows of {order_key} from sequence {from}: {rows:#?}",
+                 the database's rows of {order_key} from sequence {from}: {rows:#?}; \
+                 the workers' lines about {txns:?} and their sessions:\n{lines}",
                 &sequences[from..(from + 8).min(sequences.len())],
                 &expected[from..(from + 8).min(expected.len())],
             );
@@ -378,6 +422,9 @@ async fn a_node_lost_under_load_twice_loses_duplicates_and_reorders_nothing() {
     let _ = connected.connection.close(200, "checked".into()).await;
     for worker in workers {
         worker.stop().await;
+    }
+    for (_, log) in &logs {
+        let _ = std::fs::remove_file(log);
     }
     ingress.stop().await;
     let cleanup = ipn_bridge::amqp::connect(&config.amqp, "it-cluster-cleanup").await;

@@ -45,6 +45,45 @@ impl RunningWorker {
         reqwest::get(url).await.map_or(0, |r| r.status().as_u16())
     }
 
+    /// A worker on a thread and runtime of its own, its `ipn_bridge` lines at info and above
+    /// written to `log` (a test with several in-process workers can then tell whose line is
+    /// whose). [`RunningWorker::kill`] does not end it; `stop` does.
+    pub(crate) async fn spawn_logged(config: Config, log: std::path::PathBuf) -> RunningWorker {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let (shutdown, signal) = oneshot::channel::<()>();
+        let (ended, result) = oneshot::channel();
+        std::thread::spawn(move || {
+            let file = std::fs::File::create(&log).expect("worker log");
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_env_filter(tracing_subscriber::EnvFilter::new("ipn_bridge=info"))
+                .with_writer(std::sync::Mutex::new(file))
+                .finish();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let outcome = tracing::subscriber::with_default(subscriber, || {
+                runtime.block_on(async {
+                    let listener = TcpListener::from_std(listener).expect("listener");
+                    ipn_bridge::worker::run(config, listener, async {
+                        let _ = signal.await;
+                    })
+                    .await
+                })
+            });
+            let _ = ended.send(outcome);
+        });
+        let task = tokio::spawn(async move { result.await.expect("worker thread ended") });
+        RunningWorker {
+            address,
+            shutdown,
+            task,
+        }
+    }
+
     /// One metric's value from `/metrics` (the first line starting with `name`).
     pub(crate) async fn metric(&self, name: &str) -> Option<f64> {
         crate::support::metric(&format!("http://{}/metrics", self.address), name).await

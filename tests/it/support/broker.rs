@@ -7,7 +7,9 @@ use futures_util::StreamExt;
 use ipn_bridge::config::Config;
 use ipn_bridge::topology::Topology;
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 
@@ -192,21 +194,29 @@ impl TestBroker {
     }
 
     /// Takes every message from `queue`, in order. (Quorum queues with single active consumer
-    /// refuse basic.get, so this consumes as many messages as the queue reports.)
+    /// refuse basic.get, so this consumes as many messages as the queue reports, with that many
+    /// as the prefetch: a message arriving meanwhile stays in the queue for the next call, where
+    /// an auto-ack consumer would take it and lose it with the consumer.)
     pub async fn drain(&self, channel: &Channel, queue: &str) -> Vec<Delivery> {
         let count = self.count(channel, queue).await;
         if count == 0 {
             return Vec::new();
         }
-        let options = BasicConsumeOptions {
-            no_ack: true,
-            ..BasicConsumeOptions::default()
-        };
+        let prefetch = u16::try_from(count).expect("a drain of at most 65535 messages");
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .expect("basic.qos");
         let mut consumer = channel
-            .basic_consume(queue.into(), "".into(), options, FieldTable::default())
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .expect("basic.consume");
-        let mut messages = Vec::new();
+        let mut messages: Vec<Delivery> = Vec::new();
         while messages.len() < count as usize {
             let next = tokio::time::timeout(PATIENCE, consumer.next()).await;
             let delivery = next
@@ -220,6 +230,12 @@ impl TestBroker {
             .basic_cancel(tag, BasicCancelOptions::default())
             .await
             .expect("basic.cancel");
+        if let Some(last) = messages.last() {
+            last.acker
+                .ack(BasicAckOptions { multiple: true })
+                .await
+                .expect("basic.ack");
+        }
         messages
     }
 
