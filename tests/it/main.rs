@@ -17,6 +17,7 @@ mod hostile;
 mod ingress;
 mod logs;
 mod observability;
+mod pg_failover;
 mod pipeline_e2e;
 mod scaling;
 mod store;

@@ -74,6 +74,9 @@ impl RunningWorker {
                     .await
                 })
             });
+            if let Err(error) = &outcome {
+                eprintln!("worker ended: {}", ipn_bridge::bounded::error_chain(error));
+            }
             let _ = ended.send(outcome);
         });
         let task = tokio::spawn(async move { result.await.expect("worker thread ended") });

@@ -4,6 +4,7 @@ pub mod alerts;
 pub mod broker;
 pub mod db;
 pub mod ingress;
+pub mod load;
 pub mod proxy;
 pub mod services;
 pub mod worker_process;

@@ -23,6 +23,7 @@ enum Mode {
 pub struct Proxy {
     address: String,
     mode: watch::Sender<Mode>,
+    target: watch::Sender<String>,
     task: JoinHandle<()>,
 }
 
@@ -33,16 +34,24 @@ impl Proxy {
     }
 
     /// Starts forwarding 127.0.0.1:<port> to `target` (host:port).
-    pub async fn to(target: &'static str) -> Proxy {
+    pub async fn to(target: &str) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let address = listener.local_addr().expect("local addr").to_string();
         let (mode, _) = watch::channel(Mode::Open);
-        let task = tokio::spawn(accept(listener, target, mode.clone()));
+        let (target, _) = watch::channel(target.to_owned());
+        let task = tokio::spawn(accept(listener, target.subscribe(), mode.clone()));
         Proxy {
             address,
             mode,
+            target,
             task,
         }
+    }
+
+    /// Sends new connections to `target` from now on (a stable address moved to another
+    /// server, as a virtual IP or a DNS name is after a failover); open ones stay where they are.
+    pub fn retarget(&self, target: &str) {
+        self.target.send_replace(target.to_owned());
     }
 
     /// host:port to connect to instead of the broker.
@@ -73,12 +82,13 @@ impl Drop for Proxy {
     }
 }
 
-async fn accept(listener: TcpListener, target: &'static str, mode: watch::Sender<Mode>) {
+async fn accept(listener: TcpListener, target: watch::Receiver<String>, mode: watch::Sender<Mode>) {
     while let Ok((client, _)) = listener.accept().await {
         if *mode.borrow() == Mode::Cut {
             continue; // dropping `client` closes it
         }
-        let Ok(broker) = TcpStream::connect(target).await else {
+        let target = target.borrow().clone();
+        let Ok(broker) = TcpStream::connect(target.as_str()).await else {
             continue;
         };
         let (client_read, client_write) = client.into_split();
