@@ -20,7 +20,7 @@ use lapin::options::BasicAckOptions;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, warn};
+use tracing::{Instrument, debug, warn};
 
 use super::Error;
 use super::pipeline::{self, Inbound, Pipeline};
@@ -105,6 +105,17 @@ impl Lanes {
 
     fn admit(&mut self, delivery: Delivery, running: &mut JoinSet<String>) {
         let key = lane_of(&delivery);
+        // Which consumer got which delivery, when: what an order question needs answered.
+        debug!(
+            shard = self.shard,
+            message_id = (delivery.properties.message_id().as_ref())
+                .map(|id| bounded::shown(id.as_str()))
+                .unwrap_or_default(),
+            delivery_tag = delivery.delivery_tag,
+            redelivered = delivery.redelivered,
+            ipn.order_key = %key,
+            "delivery admitted"
+        );
         if self.busy.contains(&key) {
             self.waiting.entry(key).or_default().push_back(delivery);
         } else {

@@ -21,7 +21,7 @@ use lapin::{Channel, Connection, Consumer};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Error;
 use super::lanes::Lanes;
@@ -257,6 +257,7 @@ impl Session<'_> {
             }
             let token = session_stop.child_token();
             let (channel, consumer) = self.subscribe(connection, shard).await?;
+            debug!(shard, consumer = %consumer.tag(), "shard subscribed");
             let lanes = Lanes::new(
                 shard,
                 Arc::clone(self.pipeline),

@@ -46,7 +46,7 @@ impl RunningWorker {
     }
 
     /// A worker on a thread and runtime of its own, its `ipn_bridge` lines at info and above
-    /// written to `log` (a test with several in-process workers can then tell whose line is
+    /// (with each delivery admitted and each shard subscribed, at debug) written to `log` (a test with several in-process workers can then tell whose line is
     /// whose). [`RunningWorker::kill`] does not end it; `stop` does.
     pub(crate) async fn spawn_logged(config: Config, log: std::path::PathBuf) -> RunningWorker {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -58,7 +58,9 @@ impl RunningWorker {
             let file = std::fs::File::create(&log).expect("worker log");
             let subscriber = tracing_subscriber::fmt()
                 .with_ansi(false)
-                .with_env_filter(tracing_subscriber::EnvFilter::new("ipn_bridge=info"))
+                .with_env_filter(tracing_subscriber::EnvFilter::new(
+                    "ipn_bridge=info,ipn_bridge::worker::lanes=debug,ipn_bridge::worker::session=debug",
+                ))
                 .with_writer(std::sync::Mutex::new(file))
                 .finish();
             let runtime = tokio::runtime::Builder::new_current_thread()
