@@ -10,15 +10,12 @@
 //! short phases; `IPN_TEST_CLUSTER_PHASE=30 scripts/cluster-test` is the full run.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ipn_bridge::config::{Config, Downstream};
 
-use crate::pipeline_e2e::RunningWorker;
 use crate::support::ingress::spawn_ingress;
-use crate::support::load::{self, Posters};
+use crate::support::load::{self, Posters, Workers};
 use crate::support::services::Services;
 
 /// Subscriptions posted to at once, each by its own PayPal-like poster.
@@ -27,30 +24,18 @@ const KEYS: usize = 24;
 /// The cluster `scripts/cluster-test` started.
 struct Cluster {
     urls: String,
-    script: PathBuf,
 }
 
 impl Cluster {
     fn from_env() -> Cluster {
         let urls = std::env::var("IPN_TEST_CLUSTER_URLS")
             .expect("IPN_TEST_CLUSTER_URLS: run this test through scripts/cluster-test");
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster");
-        Cluster { urls, script }
+        Cluster { urls }
     }
 
     /// Runs `scripts/cluster ARGS` (it finds the cluster by the inherited IPN_CLUSTER_* vars).
     async fn run(&self, args: &[&str]) -> String {
-        let output = tokio::process::Command::new(&self.script)
-            .args(args)
-            .output()
-            .await
-            .expect("scripts/cluster runs");
-        assert!(
-            output.status.success(),
-            "scripts/cluster {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        load::script("cluster", args).await
     }
 
     /// Node number (1..3) leading each of `prefix`'s shard queues, counted per node.
@@ -91,12 +76,7 @@ fn node_number(node: &str) -> u32 {
 #[ignore = "needs the three-node cluster of scripts/cluster-test"]
 async fn a_node_lost_under_load_twice_loses_duplicates_and_reorders_nothing() {
     let cluster = Cluster::from_env();
-    let phase = Duration::from_secs(
-        std::env::var("IPN_TEST_CLUSTER_PHASE")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(5),
-    );
+    let phase = load::phase("IPN_TEST_CLUSTER_PHASE");
     let services = Services::start().await;
     let prefix = format!("itc{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
     let mut config: Config = services.config.clone();
@@ -112,15 +92,7 @@ async fn a_node_lost_under_load_twice_loses_duplicates_and_reorders_nothing() {
 
     let ingress = spawn_ingress(config.clone()).await;
     ingress.wait_ready().await;
-    let mut workers = Vec::new();
-    let mut logs = Vec::new();
-    for id in ["cluster-w1", "cluster-w2"] {
-        let mut own = config.clone();
-        own.worker.id = Some(id.to_owned());
-        let log = std::env::temp_dir().join(format!("ipn-{prefix}-{id}.log"));
-        workers.push(RunningWorker::spawn_logged(own, log.clone()).await);
-        logs.push((id, log));
-    }
+    let workers = Workers::spawn(&config, &["cluster-w1", "cluster-w2"]).await;
     let posters = Posters::start(&ingress.url, &prefix, KEYS);
 
     tokio::time::sleep(phase).await;
@@ -153,19 +125,8 @@ async fn a_node_lost_under_load_twice_loses_duplicates_and_reorders_nothing() {
         before.get(&first).copied().unwrap_or(0),
         ledger.longest_without_200(),
     );
-    load::assert_exactly_once_in_order(&accepted, &events, &config, &logs).await;
-    assert_eq!(
-        load::dead_letters(&config).await,
-        0,
-        "nothing dead-lettered"
-    );
-    assert_eq!(ledger.other.load(Ordering::Relaxed), 0, "only 200 and 503");
-    for worker in workers {
-        worker.stop().await;
-    }
-    for (_, log) in &logs {
-        let _ = std::fs::remove_file(log);
-    }
+    load::assert_nothing_lost(&ledger, &events, &config, &workers.logs).await;
+    workers.stop().await;
     ingress.stop().await;
     let cleanup = ipn_bridge::amqp::connect(&config.amqp, "it-cluster-cleanup").await;
     if let Ok(cleanup) = cleanup {

@@ -11,25 +11,22 @@
 //! starts them, runs it with `IPN_TEST_PG_PRIMARY` and `IPN_TEST_PG_STANDBY` set and stops
 //! them. `IPN_TEST_PG_PHASE` (seconds, default 5) sets each phase.
 
-use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ipn_bridge::config::Downstream;
 
 use crate::pipeline_e2e::RunningWorker;
 use crate::support::ingress::spawn_ingress;
-use crate::support::load::{self, Posters};
+use crate::support::load::{self, Posters, Workers};
 use crate::support::{PATIENCE, Proxy, Services, post_form};
 
 /// Subscriptions posted to at once, each by its own PayPal-like poster.
 const KEYS: usize = 16;
 
-/// The primary and standby `scripts/pg-failover-test` started.
+/// The primary and standby `scripts/pg-failover-test` started (host:port each).
 struct Pair {
     primary: String,
     standby: String,
-    script: PathBuf,
 }
 
 impl Pair {
@@ -42,22 +39,12 @@ impl Pair {
         Pair {
             primary: var("IPN_TEST_PG_PRIMARY"),
             standby: var("IPN_TEST_PG_STANDBY"),
-            script: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/pg-failover"),
         }
     }
 
     /// Runs `scripts/pg-failover ACTION` (it finds the pair by the inherited IPN_PG_* vars).
     async fn run(&self, action: &str) {
-        let output = tokio::process::Command::new(&self.script)
-            .arg(action)
-            .output()
-            .await
-            .expect("scripts/pg-failover runs");
-        assert!(
-            output.status.success(),
-            "scripts/pg-failover {action}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        load::script("pg-failover", &[action]).await;
     }
 }
 
@@ -65,12 +52,7 @@ impl Pair {
 #[ignore = "needs the primary and standby of scripts/pg-failover-test"]
 async fn the_database_failing_over_under_load_loses_duplicates_and_reorders_nothing() {
     let pair = Pair::from_env();
-    let phase = Duration::from_secs(
-        std::env::var("IPN_TEST_PG_PHASE")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(5),
-    );
+    let phase = load::phase("IPN_TEST_PG_PHASE");
     let services = Services::start().await;
     let address = Proxy::to(&pair.primary).await;
     let mut config = services.config.clone();
@@ -86,19 +68,10 @@ async fn the_database_failing_over_under_load_loses_duplicates_and_reorders_noth
 
     let ingress = spawn_ingress(config.clone()).await;
     ingress.wait_ready().await;
-    let mut workers = Vec::new();
-    let mut logs = Vec::new();
-    for id in ["failover-w1", "failover-w2"] {
-        let mut own = config.clone();
-        own.worker.id = Some(id.to_owned());
-        let unique = uuid::Uuid::now_v7().simple();
-        let log = std::env::temp_dir().join(format!("ipn-it-{unique}-{id}.log"));
-        workers.push(RunningWorker::spawn_logged(own, log.clone()).await);
-        logs.push((id, log));
-    }
+    let workers = Workers::spawn(&config, &["failover-w1", "failover-w2"]).await;
     // A worker that cannot reach the database at start-up exits (its supervisor restarts it):
     // the load starts once both are consuming.
-    for worker in &workers {
+    for worker in &workers.running {
         let ready = async {
             while worker.readiness().await != 200 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -135,35 +108,24 @@ async fn the_database_failing_over_under_load_loses_duplicates_and_reorders_noth
         events.deliveries - total,
         ledger.longest_without_200(),
     );
-    load::assert_exactly_once_in_order(&accepted, &events, &config, &logs).await;
-    assert_eq!(
-        load::dead_letters(&config).await,
-        0,
-        "nothing dead-lettered"
-    );
-    assert_eq!(ledger.other.load(Ordering::Relaxed), 0, "only 200 and 503");
+    load::assert_nothing_lost(&ledger, &events, &config, &workers.logs).await;
 
     // The dedup records survived: a resend of the first IPN (accepted before the crash) is
     // dropped as a duplicate by whichever worker owns its shard.
-    let before = duplicates(&workers).await;
+    let before = duplicates(&workers.running).await;
     assert_eq!(
         post_form(&ingress.url, load::ipn(&prefix, 0, 0)).await.0,
         200
     );
     let dropped = async {
-        while duplicates(&workers).await <= before {
+        while duplicates(&workers.running).await <= before {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
     tokio::time::timeout(PATIENCE, dropped)
         .await
         .expect("the resend is a duplicate after the failover");
-    for worker in workers {
-        worker.stop().await;
-    }
-    for (_, log) in &logs {
-        let _ = std::fs::remove_file(log);
-    }
+    workers.stop().await;
     ingress.stop().await;
 }
 

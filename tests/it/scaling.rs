@@ -12,6 +12,7 @@ use ipn_bridge::worker::ownership;
 
 use crate::pipeline_e2e::{RunningWorker, Stack};
 use crate::support::db::POSTGRES;
+use crate::support::ingress::RunningIngress;
 use crate::support::{PATIENCE, Proxy, post_form, ready_ingress, sample, with_fields};
 
 const SHARDS: u16 = 16;
@@ -194,17 +195,35 @@ async fn workers_share_the_shards_and_one_killed_under_load_loses_and_reorders_n
     ingress.stop().await;
 }
 
-/// A shard handed over while its worker holds a backlog of it: the new owner's consumer must
-/// not start before the old one gave back its unacked deliveries, or it would take later IPNs
-/// of a key first and number them before the earlier ones (the sequence gap the cluster test
-/// saw). A small prefetch and a slow PayPal keep the backlog beyond what the old owner holds.
-#[tokio::test]
-async fn a_shard_handed_over_with_a_backlog_keeps_each_keys_order() {
+/// A stack of 4 shards, quick heartbeats, a prefetch of 4 and PayPal answering after `verify`,
+/// with `total` IPNs of `keys` subscriptions queued before any worker runs; and its ingress.
+async fn backlog(verify: Duration, total: usize, keys: usize) -> (Stack, RunningIngress) {
     let mut stack = Stack::new().await;
     stack.config.topology.shards = NonZeroU16::new(4).expect("non-zero");
     stack.config.worker.heartbeat = Duration::from_millis(100);
     stack.config.worker.takeover = Duration::from_millis(600);
     stack.config.worker.prefetch = NonZeroU16::new(4).expect("non-zero");
+    stack.paypal.set_default(Answer::Slow(verify));
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    for n in 0..total {
+        assert_eq!(
+            post_form(&ingress.url, ipn(n, keys)).await.0,
+            200,
+            "IPN {n}"
+        );
+    }
+    (stack, ingress)
+}
+
+/// A shard handed over while its worker holds a backlog of it: the new owner's consumer must
+/// not start before the old one gave back its unacked deliveries, or it would take later IPNs
+/// of a key first and number them before the earlier ones. A small prefetch and a slow PayPal
+/// keep the backlog beyond what the old owner holds. On a multi-threaded runtime, as the
+/// binaries run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_handed_over_with_a_backlog_keeps_each_keys_order() {
+    let (total, keys) = (240, 12);
+    let (stack, ingress) = backlog(Duration::from_millis(150), total, keys).await;
     // A second worker's id that rendezvous hashing gives some of the 4 shards (fixed by the
     // hash, so the same id every run).
     let second = (0..)
@@ -214,19 +233,6 @@ async fn a_shard_handed_over_with_a_backlog_keeps_each_keys_order() {
             (1..=3).contains(&ownership::owned_by(id, &ids, 4).len())
         })
         .expect("an id");
-    stack
-        .paypal
-        .set_default(Answer::Slow(Duration::from_millis(150)));
-    let (_, ingress) = ready_ingress(stack.config.clone()).await;
-    // The whole backlog is queued before any worker runs.
-    let (total, keys) = (240, 12);
-    for n in 0..total {
-        assert_eq!(
-            post_form(&ingress.url, ipn(n, keys)).await.0,
-            200,
-            "IPN {n}"
-        );
-    }
     let a = RunningWorker::spawn(worker_config(&stack, "handover-a")).await;
     let started = async {
         while a
@@ -265,25 +271,10 @@ async fn a_shard_handed_over_with_a_backlog_keeps_each_keys_order() {
 /// heartbeats when its database went away, so the other took it for gone): the IPNs it held
 /// unacked go to the other worker before any later IPN of their keys, whatever the order in
 /// which its consumers, channels and connection go.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stopped_mid_ipn_while_another_waits_for_its_shards_keeps_each_keys_order() {
-    let mut stack = Stack::new().await;
-    stack.config.topology.shards = NonZeroU16::new(4).expect("non-zero");
-    stack.config.worker.heartbeat = Duration::from_millis(100);
-    stack.config.worker.takeover = Duration::from_millis(600);
-    stack.config.worker.prefetch = NonZeroU16::new(4).expect("non-zero");
-    stack
-        .paypal
-        .set_default(Answer::Slow(Duration::from_secs(5)));
-    let (_, ingress) = ready_ingress(stack.config.clone()).await;
     let (total, keys) = (120, 12);
-    for n in 0..total {
-        assert_eq!(
-            post_form(&ingress.url, ipn(n, keys)).await.0,
-            200,
-            "IPN {n}"
-        );
-    }
+    let (stack, ingress) = backlog(Duration::from_secs(5), total, keys).await;
     let database = Proxy::to(POSTGRES).await;
     let mut first = worker_config(&stack, "stopping-a");
     let url = stack.config.database.url.to_string();

@@ -16,6 +16,69 @@ use lapin::types::FieldTable;
 use tokio::task::JoinHandle;
 
 use super::{post_form, sample, with_fields};
+use crate::pipeline_e2e::RunningWorker;
+
+/// Each phase of a fault test: `var` seconds, 5 by default (the CI size).
+pub fn phase(var: &str) -> Duration {
+    let seconds = std::env::var(var).ok().and_then(|s| s.parse().ok());
+    Duration::from_secs(seconds.unwrap_or(5))
+}
+
+/// Runs `scripts/<script> ARGS` (it finds its servers by the inherited environment); panics
+/// with its stderr when it fails; its stdout.
+pub async fn script(script: &str, args: &[&str]) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(script);
+    let output = tokio::process::Command::new(path)
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|error| panic!("scripts/{script} runs: {error}"));
+    assert!(
+        output.status.success(),
+        "scripts/{script} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Workers in-process, each on a thread of its own logging to its own file
+/// ([`RunningWorker::spawn_logged`]), so a failure can show whose line is whose.
+pub struct Workers {
+    pub running: Vec<RunningWorker>,
+    /// Worker id and log file of each.
+    pub logs: Vec<(&'static str, PathBuf)>,
+}
+
+impl Workers {
+    /// One worker per id, on `config`.
+    pub async fn spawn(config: &Config, ids: &[&'static str]) -> Workers {
+        let mut workers = Workers {
+            running: Vec::new(),
+            logs: Vec::new(),
+        };
+        for id in ids {
+            let mut own = config.clone();
+            own.worker.id = Some((*id).to_owned());
+            let unique = uuid::Uuid::now_v7().simple();
+            let log = std::env::temp_dir().join(format!("ipn-it-{unique}-{id}.log"));
+            (workers.running).push(RunningWorker::spawn_logged(own, log.clone()).await);
+            workers.logs.push((id, log));
+        }
+        workers
+    }
+
+    /// Stops them and removes their logs (kept when the test failed before this).
+    pub async fn stop(self) {
+        for worker in self.running {
+            worker.stop().await;
+        }
+        for (_, log) in &self.logs {
+            let _ = std::fs::remove_file(log);
+        }
+    }
+}
 
 /// What the posters saw.
 #[derive(Default)]
@@ -205,15 +268,19 @@ pub async fn collect_events(config: &Config, queue: &str, total: usize) -> Event
     events
 }
 
-/// Every accepted IPN has one event id, each key's sequences are 1..n in posting order. On a
-/// gap, panics with the database's rows of the key around it and the workers' lines (`logs`:
-/// worker id and log file) about the IPNs involved.
-pub async fn assert_exactly_once_in_order(
-    accepted: &HashMap<usize, Vec<usize>>,
+/// The end of a fault test: the posters got only 200 and 503, nothing is in `<p>.dead`, and
+/// every accepted IPN has one event id, each key's sequences 1..n in posting order. On a gap,
+/// panics with the database's rows of the key around it and the workers' lines (`logs`: worker
+/// id and log file) about the IPNs involved.
+pub async fn assert_nothing_lost(
+    ledger: &Ledger,
     events: &Events,
     config: &Config,
     logs: &[(&str, PathBuf)],
 ) {
+    assert_eq!(ledger.other.load(Ordering::Relaxed), 0, "only 200 and 503");
+    assert_eq!(dead_letters(config).await, 0, "nothing dead-lettered");
+    let accepted = &ledger.accepted();
     assert!(
         events.ids.values().all(|ids| ids.len() == 1),
         "one event id per IPN"
@@ -254,7 +321,7 @@ pub async fn assert_exactly_once_in_order(
 }
 
 /// Messages in `<p>.dead` (the shard queues' dead letters).
-pub async fn dead_letters(config: &Config) -> u32 {
+async fn dead_letters(config: &Config) -> u32 {
     let connected = ipn_bridge::amqp::connect(&config.amqp, "it-load-dead")
         .await
         .expect("a node answers");
