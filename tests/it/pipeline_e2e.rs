@@ -16,6 +16,11 @@ use crate::support::{
     PATIENCE, Services, TestBroker, TestDb, post_form, ready_ingress, sample, samples,
 };
 
+/// What the fault tests' worker logs keep: info and up, with each delivery admitted and each
+/// shard subscribed.
+pub(crate) const LOGGED: &str =
+    "ipn_bridge=info,ipn_bridge::worker::lanes=debug,ipn_bridge::worker::session=debug";
+
 /// A worker running in-process exactly as the binary runs it.
 pub(crate) struct RunningWorker {
     /// Where `/healthz`, `/readyz` and `/metrics` answer.
@@ -58,9 +63,7 @@ impl RunningWorker {
             let file = std::fs::File::create(&log).expect("worker log");
             let subscriber = tracing_subscriber::fmt()
                 .with_ansi(false)
-                .with_env_filter(tracing_subscriber::EnvFilter::new(
-                    "ipn_bridge=info,ipn_bridge::worker::lanes=debug,ipn_bridge::worker::session=debug",
-                ))
+                .with_env_filter(tracing_subscriber::EnvFilter::new(LOGGED))
                 .with_writer(std::sync::Mutex::new(file))
                 .finish();
             let runtime = tokio::runtime::Builder::new_current_thread()

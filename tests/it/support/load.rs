@@ -49,18 +49,36 @@ pub struct Workers {
     pub running: Vec<RunningWorker>,
     /// Worker id and log file of each.
     pub logs: Vec<(&'static str, PathBuf)>,
+    /// With `IPN_TEST_ONE_THREAD=1`: the test thread's log of all of them.
+    _one_log: Option<tracing::subscriber::DefaultGuard>,
 }
 
 impl Workers {
     /// One worker per id, on `config`. With `IPN_TEST_ONE_THREAD=1` they run on the test's own
-    /// thread instead, unlogged, as the fault tests ran before 2026-12-03 13:00 (the timing under
-    /// which the cluster test's sequence gap was seen; docs/reliability.md).
+    /// thread instead, as the fault tests ran before 2026-12-03 13:00 (the timing under which
+    /// the cluster test's sequence gap shows; docs/reliability.md), logging together to one file
+    /// (their lines cannot be told apart then).
     pub async fn spawn(config: &Config, ids: &[&'static str]) -> Workers {
         let one_thread = std::env::var("IPN_TEST_ONE_THREAD").is_ok_and(|v| v == "1");
         let mut workers = Workers {
             running: Vec::new(),
             logs: Vec::new(),
+            _one_log: None,
         };
+        if one_thread {
+            let unique = uuid::Uuid::now_v7().simple();
+            let log = std::env::temp_dir().join(format!("ipn-it-{unique}-workers.log"));
+            let file = std::fs::File::create(&log).expect("workers' log");
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_env_filter(tracing_subscriber::EnvFilter::new(
+                    crate::pipeline_e2e::LOGGED,
+                ))
+                .with_writer(std::sync::Mutex::new(file))
+                .finish();
+            workers._one_log = Some(tracing::subscriber::set_default(subscriber));
+            workers.logs.push(("workers", log));
+        }
         for id in ids {
             let mut own = config.clone();
             own.worker.id = Some((*id).to_owned());
