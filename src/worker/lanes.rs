@@ -79,7 +79,12 @@ impl Lanes {
     pub(super) async fn run(mut self, mut consumer: Consumer) -> Option<Error> {
         let mut running: JoinSet<String> = JoinSet::new();
         let ended = loop {
+            // Biased, the stop first: once stopped, no delivery may start. A stop leaves each
+            // lane's waiting deliveries unstarted (unacked, redelivered in order later); a later
+            // delivery of the same key started after that would overtake them and take the
+            // key's next number before them (the cluster test's sequence gap).
             tokio::select! {
+                biased;
                 () = self.stop.cancelled() => break None,
                 Some(done) = running.join_next() => {
                     if let Ok(key) = done {
@@ -104,6 +109,10 @@ impl Lanes {
     }
 
     fn admit(&mut self, delivery: Delivery, running: &mut JoinSet<String>) {
+        if self.stop.is_cancelled() {
+            // Stopped: it stays unacked and comes back after the ones its lane left waiting.
+            return;
+        }
         let key = lane_of(&delivery);
         // Which consumer got which delivery, when: what an order question needs answered.
         debug!(
