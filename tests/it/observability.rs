@@ -227,14 +227,7 @@ async fn ipnctl_status_says_all_is_well_and_then_what_needs_attention() {
     stack.config.ingress.listen = ingress.address;
     let worker = RunningWorker::spawn(stack.config.clone()).await;
     // Ready: consuming its shards, with its topology (the business queue too) declared.
-    let ready = async {
-        while worker.readiness().await != 200 {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    };
-    tokio::time::timeout(crate::support::PATIENCE, ready)
-        .await
-        .expect("the worker became ready");
+    worker.wait_ready(crate::support::PATIENCE).await;
     let channel = stack.broker.channel().await;
     let _service = channel
         .basic_consume(

@@ -72,14 +72,7 @@ async fn the_database_failing_over_under_load_loses_duplicates_and_reorders_noth
     // A worker that cannot reach the database at start-up exits (its supervisor restarts it):
     // the load starts once both are consuming.
     for worker in &workers.running {
-        let ready = async {
-            while worker.readiness().await != 200 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
-        tokio::time::timeout(2 * PATIENCE, ready)
-            .await
-            .expect("the workers are ready");
+        worker.wait_ready(2 * PATIENCE).await;
     }
     let posters = Posters::start(&ingress.url, &prefix, KEYS);
 

@@ -51,8 +51,9 @@ impl RunningWorker {
     }
 
     /// A worker on a thread and runtime of its own, its `ipn_bridge` lines at info and above
-    /// (with each delivery admitted and each shard subscribed, at debug) written to `log` (a test with several in-process workers can then tell whose line is
-    /// whose). [`RunningWorker::kill`] does not end it; `stop` does.
+    /// (with each delivery admitted and each shard subscribed, at debug) written to `log` (a
+    /// test with several in-process workers can then tell whose line is whose).
+    /// [`RunningWorker::kill`] does not end it; `stop` does.
     pub(crate) async fn spawn_logged(config: Config, log: std::path::PathBuf) -> RunningWorker {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let address = listener.local_addr().expect("address");
@@ -90,6 +91,19 @@ impl RunningWorker {
             shutdown,
             task,
         }
+    }
+
+    /// Waits until `/readyz` answers 200 (consuming its shards, its topology declared); panics
+    /// after `limit`.
+    pub(crate) async fn wait_ready(&self, limit: std::time::Duration) {
+        let ready = async {
+            while self.readiness().await != 200 {
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+        };
+        tokio::time::timeout(limit, ready)
+            .await
+            .expect("the worker became ready in time");
     }
 
     /// One metric's value from `/metrics` (the first line starting with `name`).

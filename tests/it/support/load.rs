@@ -245,12 +245,7 @@ pub struct Events {
 /// Consumes `queue` (acking) until it has given events of `total` distinct txns; panics after
 /// two minutes saying how many came.
 pub async fn collect_events(config: &Config, queue: &str, total: usize) -> Events {
-    let connected = ipn_bridge::amqp::connect(&config.amqp, "it-load-check")
-        .await
-        .expect("a node answers");
-    let channel = (connected.connection.create_channel())
-        .await
-        .expect("channel");
+    let (connection, channel) = open(config, "it-load-check").await;
     let mut consumer = channel
         .basic_consume(
             queue.into(),
@@ -283,7 +278,7 @@ pub async fn collect_events(config: &Config, queue: &str, total: usize) -> Event
         }
     };
     let collected = tokio::time::timeout(Duration::from_secs(120), collect).await;
-    let _ = connected.connection.close(200, "checked".into()).await;
+    let _ = connection.close(200, "checked".into()).await;
     if collected.is_err() {
         panic!(
             "{} of {total} accepted IPNs became events",
@@ -345,14 +340,20 @@ pub async fn assert_nothing_lost(
     }
 }
 
-/// Messages in `<p>.dead` (the shard queues' dead letters).
-async fn dead_letters(config: &Config) -> u32 {
-    let connected = ipn_bridge::amqp::connect(&config.amqp, "it-load-dead")
+/// A connection to whichever of `config`'s nodes answers, named `name`, and a channel on it.
+async fn open(config: &Config, name: &str) -> (lapin::Connection, lapin::Channel) {
+    let connected = ipn_bridge::amqp::connect(&config.amqp, name)
         .await
         .expect("a node answers");
     let channel = (connected.connection.create_channel())
         .await
         .expect("channel");
+    (connected.connection, channel)
+}
+
+/// Messages in `<p>.dead` (the shard queues' dead letters).
+async fn dead_letters(config: &Config) -> u32 {
+    let (connection, channel) = open(config, "it-load-dead").await;
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
@@ -362,7 +363,7 @@ async fn dead_letters(config: &Config) -> u32 {
         .queue_declare(dead.as_str().into(), passive, FieldTable::default())
         .await
         .expect("dead-letter queue");
-    let _ = connected.connection.close(200, "checked".into()).await;
+    let _ = connection.close(200, "checked".into()).await;
     declared.message_count()
 }
 
