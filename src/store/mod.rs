@@ -274,6 +274,28 @@ async fn refuse_read_only(connection: &mut sqlx::PgConnection) -> Result<(), sql
     Ok(())
 }
 
+/// Readies each pooled connection: refuses a standby ([`refuse_read_only`]) and plans every
+/// statement for the tables as they are now (`plan_cache_mode = force_custom_plan`).
+///
+/// The worker's statements are prepared once per connection and run millions of times. By
+/// default PostgreSQL switches a prepared statement to a generic plan after five executions
+/// and keeps it until the table's statistics change. A worker that starts on empty or new
+/// tables (a first install, a new database) caches plans made for tables of no rows, which
+/// read the whole table through a hash join instead of one index look-up per IPN; they stay
+/// until autovacuum's first ANALYZE, which a backlog's drain does not wait for. Measured with the
+/// e2e bench at 10 keys: 3 680 sequential scans of `ipn_event` and 3 867 of `ipn_txn_profile`
+/// in 12 s of drain, PostgreSQL 1 422 µs of CPU per event, 645 events/s; with custom plans
+/// 194 and 190 (all in the first moments, when the tables were small), 641 µs, 933 events/s
+/// (docs/PERFORMANCE.md). Planning each batch costs less than that at every key count measured.
+/// A `SET`, not a startup option, so a pooler that refuses startup options (PgBouncer) passes it.
+async fn prepare_session(connection: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    refuse_read_only(connection).await?;
+    sqlx::query("SET plan_cache_mode = force_custom_plan")
+        .execute(&mut *connection)
+        .await?;
+    Ok(())
+}
+
 impl Store {
     /// Connects (creating the database if it does not exist yet) and applies the migrations.
     ///
@@ -321,7 +343,7 @@ impl Store {
         let connect = PgPoolOptions::new()
             .max_connections(config.max_connections.get())
             .acquire_timeout(config.acquire_timeout)
-            .after_connect(|connection, _| Box::pin(refuse_read_only(connection)))
+            .after_connect(|connection, _| Box::pin(prepare_session(connection)))
             .connect_with(options);
         let pool = connect
             .within(config.connect_timeout, "connect")
@@ -620,6 +642,16 @@ impl Store {
             .within(self.query_timeout, "leave")
             .await?;
         Ok(())
+    }
+
+    /// A server setting as the store's connections see it (`current_setting(name)`), for
+    /// diagnostics: e.g. that the settings each connection makes at connect are in force.
+    pub async fn setting(&self, name: &str) -> Result<String, Error> {
+        sqlx::query_scalar("SELECT current_setting($1)")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .within(self.query_timeout, "setting")
+            .await
     }
 
     /// Closes every connection.

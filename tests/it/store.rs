@@ -31,6 +31,12 @@ async fn connecting_creates_the_database_and_migrating_again_is_harmless() {
 
 /// Sets `default_transaction_read_only` of the test's database, as a standby would be.
 async fn read_only(db: &TestDb, on: bool) {
+    let value = if on { "on" } else { "off" };
+    set_database_default(db, &format!("default_transaction_read_only = {value}")).await;
+}
+
+/// `ALTER DATABASE <the test's database> SET <setting>`: a default its new sessions start with.
+async fn set_database_default(db: &TestDb, setting: &str) {
     use sqlx::{ConnectOptions, Connection};
     let options: sqlx::postgres::PgConnectOptions = db.config().url.options().database("postgres");
     let mut admin = options.connect().await.expect("admin connection");
@@ -41,9 +47,7 @@ async fn read_only(db: &TestDb, on: bool) {
         .get_database()
         .expect("name")
         .to_owned();
-    let value = if on { "on" } else { "off" };
-    let statement =
-        format!("ALTER DATABASE \"{name}\" SET default_transaction_read_only = {value}");
+    let statement = format!("ALTER DATABASE \"{name}\" SET {setting}");
     sqlx::query(sqlx::AssertSqlSafe(statement))
         .execute(&mut admin)
         .await
@@ -75,6 +79,27 @@ async fn a_read_only_server_is_refused_as_a_standby_and_the_primary_taken_once_i
         .await
         .expect("writes");
     assert!(matches!(claimed, Claim::New(_)), "{claimed:?}");
+    store.close().await;
+}
+
+/// Prepared statements cached with generic plans made while the tables were empty scanned the
+/// whole of `ipn_event` per batch for the rest of a drain (docs/PERFORMANCE.md): every
+/// connection of the store plans each execution for the tables as they are, whatever the
+/// server's or the database's default.
+#[tokio::test]
+async fn every_connection_plans_each_statement_for_the_tables_as_they_are() {
+    let db = TestDb::new();
+    let store = Store::connect(&db.config()).await.expect("connects");
+    store.close().await;
+    // A database whose default says otherwise is overridden per connection.
+    set_database_default(&db, "plan_cache_mode = force_generic_plan").await;
+    let store = Store::connect(&db.config()).await.expect("connects again");
+    // Several at once, so more than one pooled connection answers.
+    let settings =
+        futures_util::future::join_all((0..4).map(|_| store.setting("plan_cache_mode"))).await;
+    for setting in settings {
+        assert_eq!(setting.expect("setting"), "force_custom_plan");
+    }
     store.close().await;
 }
 
