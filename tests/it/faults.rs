@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::num::NonZeroU16;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,8 @@ use tokio_util::sync::CancellationToken;
 use crate::support::broker::BROKER;
 use crate::support::db::POSTGRES;
 use crate::support::{
-    PATIENCE, Proxy, TestBroker, TestDb, WorkerProcess, sample, spawn_ingress, with_fields,
+    PATIENCE, Proxy, TestBroker, TestDb, WorkerProcess, log_tail, sample, spawn_ingress,
+    with_fields,
 };
 
 const SHARDS: u16 = 8;
@@ -42,6 +44,10 @@ const SUBSCRIPTIONS: usize = 24;
 const PER_SUBSCRIPTION: usize = 15;
 /// Pause between two IPNs of one subscription: the load spans all the faults.
 const PACE: Duration = Duration::from_millis(1500);
+/// How long the load generator waits for an answer, as PayPal does (about 20 s, 30 s on
+/// retries): the ingress answers 503 within its confirm timeout, so a request that outlasts this
+/// is a fault of the ingress, counted (and resent) rather than waited for without end.
+const ANSWER: Duration = Duration::from_secs(30);
 
 /// The sample shapes a subscription's IPNs cycle through.
 const SHAPES: [&str; 4] = [
@@ -78,6 +84,7 @@ struct Ledger {
     ok: usize,
     unavailable: usize,
     connection_errors: usize,
+    no_answer: usize,
     resends: usize,
     events: usize,
     event_copies: usize,
@@ -93,7 +100,7 @@ struct Ledger {
 
 impl fmt::Display for Ledger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let rows: [(&str, String); 18] = [
+        let rows: [(&str, String); 19] = [
             (
                 "posted (distinct IPNs)",
                 (self.genuine + self.forged).to_string(),
@@ -106,6 +113,10 @@ impl fmt::Display for Ledger {
             (
                 "  connection errors (resent)",
                 self.connection_errors.to_string(),
+            ),
+            (
+                "  no answer in 30 s (must be 0)",
+                self.no_answer.to_string(),
             ),
             ("  resends after a 200", self.resends.to_string()),
             ("events (distinct ids)", self.events.to_string()),
@@ -143,11 +154,40 @@ struct Rig {
     /// Direct config (no proxy), as the operator's ipnctl has it.
     config: Config,
     ledger: Mutex<Ledger>,
+    /// What the faults are doing now, for the report of a run that does not finish.
+    doing: Mutex<&'static str>,
 }
 
 impl Rig {
     fn count(&self, update: impl FnOnce(&mut Ledger)) {
         update(&mut self.ledger.lock().expect("ledger"));
+    }
+
+    fn doing(&self, what: &'static str) {
+        *self.doing.lock().expect("doing") = what;
+    }
+
+    /// `phase` bounded by `limit`: a phase that does not end fails the test with what the faults
+    /// were doing, the ledger so far and the end of each worker's log, instead of hanging it.
+    async fn within<T>(
+        &self,
+        phase: &str,
+        limit: Duration,
+        logs: &[PathBuf],
+        run: impl Future<Output = T>,
+    ) -> T {
+        match tokio::time::timeout(limit, run).await {
+            Ok(done) => done,
+            Err(_) => {
+                let doing = *self.doing.lock().expect("doing");
+                let ledger = self.ledger.lock().expect("ledger");
+                let logs: Vec<String> = logs.iter().map(|log| log_tail(log, 40)).collect();
+                panic!(
+                    "{phase} did not end in {limit:?} (faults: {doing})\n{ledger}\nworker logs:\n{}",
+                    logs.join("\n---\n")
+                )
+            }
+        }
     }
 
     /// The workers' environment: through both proxies, short timeouts and tiers, so that
@@ -202,6 +242,7 @@ impl Rig {
                 }
                 Ok(503) => self.count(|l| l.unavailable += 1),
                 Ok(other) => panic!("the ingress answered {other} to a valid IPN"),
+                Err(error) if error.is_timeout() => self.count(|l| l.no_answer += 1),
                 Err(_) => self.count(|l| l.connection_errors += 1),
             }
             tokio::time::sleep(wait).await;
@@ -217,7 +258,10 @@ impl Rig {
         key: usize,
         per_key: usize,
     ) -> (Vec<String>, Vec<String>) {
-        let client = reqwest::Client::new();
+        let client = reqwest::Client::builder()
+            .timeout(ANSWER)
+            .build()
+            .expect("HTTP client");
         let (mut genuine, mut forged) = (Vec::new(), Vec::new());
         // Subscriptions start spread over the first pace.
         tokio::time::sleep(PACE * key as u32 / SUBSCRIPTIONS as u32).await;
@@ -269,12 +313,14 @@ impl Rig {
         while turn < 5 || !load.is_cancelled() {
             let name = match turn % 5 {
                 0 => {
+                    self.doing("broker connections cut");
                     self.amqp_proxy.cut();
                     tokio::time::sleep(Duration::from_millis(600)).await;
                     self.amqp_proxy.restore();
                     "broker connections cut"
                 }
                 1 => {
+                    self.doing("paypal flapping");
                     for (answer, time) in [
                         (Answer::Slow(Duration::from_millis(700)), 1000),
                         (Answer::ServerError, 2500),
@@ -288,6 +334,7 @@ impl Rig {
                     "paypal flapping"
                 }
                 2 => {
+                    self.doing("worker SIGKILLed and restarted");
                     let worker = &mut workers[(turn / 5) % workers.len()];
                     self.count_duplicates(worker).await;
                     worker.kill().await;
@@ -296,22 +343,28 @@ impl Rig {
                     "worker SIGKILLed and restarted"
                 }
                 3 => {
+                    self.doing("postgres connections cut");
                     self.pg_proxy.cut();
                     tokio::time::sleep(Duration::from_millis(800)).await;
                     self.pg_proxy.restore();
                     "postgres connections cut"
                 }
                 _ => {
+                    self.doing("broker restarted");
                     self.broker.restart_node(Duration::from_millis(500)).await;
                     "broker restarted"
                 }
             };
             self.count(|l| *l.faults.entry(name).or_default() += 1);
+            self.doing("calm");
             tokio::time::sleep(calm).await;
             // The operator, alerted, replays what PayPal's outage parked, so its keys flow again.
+            self.doing("replaying the parked IPNs");
             self.replay_parked().await;
+            self.doing("calm");
             turn += 1;
         }
+        self.doing("none (the load ended)");
     }
 }
 
@@ -424,6 +477,7 @@ async fn under_load_and_faults_nothing_is_lost_reordered_or_forged() {
         paypal,
         config,
         ledger: Mutex::new(Ledger::default()),
+        doing: Mutex::new("none yet"),
     };
     let topology = Topology::of(&rig.config);
     // As the operator does before the first start (the workers' config file binds the same).
@@ -458,8 +512,16 @@ async fn under_load_and_faults_nothing_is_lost_reordered_or_forged() {
         load_done.cancel();
         posted
     };
+    let logs: Vec<PathBuf> = workers.iter().map(WorkerProcess::log_path).collect();
+    // Every phase is bounded: CI once waited 90 minutes on this test without a word.
+    let limit = PATIENCE * 30 * scale() as u32;
     let started = Instant::now();
-    let (posted, ()) = tokio::join!(load, rig.inject_faults(&mut workers, &load_done));
+    let faults = rig.inject_faults(&mut workers, &load_done);
+    let (posted, ()) = rig
+        .within("the load under faults", limit, &logs, async {
+            tokio::join!(load, faults)
+        })
+        .await;
     let load_time = started.elapsed();
 
     // The operator replays what was parked (PayPal is healthy again) until everything settled.
@@ -488,12 +550,15 @@ async fn under_load_and_faults_nothing_is_lost_reordered_or_forged() {
     // Late copies (an event republished after a lost confirm) arrive within the retry bounds.
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop_collecting.cancel();
-    collector.await.expect("collector did not panic");
+    rig.within("the collector's stop", PATIENCE, &logs, collector)
+        .await
+        .expect("collector did not panic");
 
     // The checker.
     for worker in &workers {
         rig.count_duplicates(worker).await;
     }
+    rig.doing("none (checking)");
     let seen = std::mem::take(&mut *seen.lock().expect("seen"));
     let mut ledger = std::mem::take(&mut *rig.ledger.lock().expect("ledger"));
     let mut events: HashMap<String, serde_json::Value> = HashMap::new();
@@ -561,6 +626,7 @@ async fn under_load_and_faults_nothing_is_lost_reordered_or_forged() {
     assert_eq!(ledger.reordered, 0, "reordered; worker logs: {logs:?}");
     assert_eq!(ledger.forged_events, 0, "forged IPNs published");
     assert_eq!(ledger.genuine_quarantined, 0, "genuine IPNs quarantined");
+    assert_eq!(ledger.no_answer, 0, "requests the ingress left unanswered");
     assert_eq!(ledger.events, ledger.genuine, "one event per genuine IPN");
     assert!(
         ledger.faults.len() == 5,

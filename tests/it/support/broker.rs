@@ -49,7 +49,7 @@ impl TestBroker {
 
     async fn create(turn: Turn) -> TestBroker {
         let vhost = format!("it-{}", uuid::Uuid::now_v7().simple());
-        let client = reqwest::Client::new();
+        let client = super::http();
         let put = |path: String, body: &'static str| {
             client
                 .put(format!("{MANAGEMENT}{path}"))
@@ -95,7 +95,7 @@ impl TestBroker {
         stopped.0 = false;
         rabbitmqctl_async(&["await_startup"]).await;
         let management = async {
-            while !reqwest::Client::new()
+            while !super::http()
                 .get(format!("{MANAGEMENT}/overview"))
                 .basic_auth("guest", Some("guest"))
                 .send()
@@ -114,7 +114,7 @@ impl TestBroker {
     pub async fn set_queue_policy(&self, name: &str, pattern: &str, definition: serde_json::Value) {
         let url = format!("{MANAGEMENT}/policies/{}/{name}", self.vhost);
         let body = serde_json::json!({ "pattern": pattern, "definition": definition, "apply-to": "queues" });
-        let response = reqwest::Client::new()
+        let response = super::http()
             .put(url)
             .basic_auth("guest", Some("guest"))
             .header("content-type", "application/json")
@@ -147,7 +147,7 @@ impl TestBroker {
     }
 
     async fn management_get(&self, path: &str) -> serde_json::Value {
-        let response = reqwest::Client::new()
+        let response = super::http()
             .get(format!("{MANAGEMENT}/{path}"))
             .basic_auth("guest", Some("guest"))
             .send()
@@ -317,7 +317,7 @@ impl Drop for TestBroker {
                 .enable_all()
                 .build()?;
             runtime.block_on(async {
-                reqwest::Client::new()
+                super::http()
                     .delete(url)
                     .basic_auth("guest", Some("guest"))
                     .send()
@@ -367,11 +367,16 @@ impl Drop for StartOnDrop {
     }
 }
 
+/// Runs `rabbitmqctl args`, killed if it has not finished in two minutes (a broker that never
+/// comes back fails the test instead of hanging it).
 async fn rabbitmqctl_async(args: &[&str]) {
-    let output = tokio::process::Command::new("rabbitmqctl")
+    let run = tokio::process::Command::new("rabbitmqctl")
         .args(args)
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(PATIENCE * 12, run)
         .await
+        .unwrap_or_else(|_| panic!("rabbitmqctl {args:?} did not finish in {:?}", PATIENCE * 12))
         .expect("rabbitmqctl runs");
     assert!(output.status.success(), "rabbitmqctl {args:?}: {output:?}");
 }

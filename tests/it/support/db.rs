@@ -46,7 +46,7 @@ impl Drop for TestDb {
                 .enable_all()
                 .build()
                 .map_err(sqlx::Error::Io)?;
-            runtime.block_on(async {
+            let drop = async {
                 let options: sqlx::postgres::PgConnectOptions =
                     format!("{SERVER}/postgres").parse()?;
                 let mut connection = options.connect().await?;
@@ -55,11 +55,23 @@ impl Drop for TestDb {
                     .execute(&mut connection)
                     .await?;
                 connection.close().await
+            };
+            // Bounded, like every wait here: a server that stopped answering leaves the
+            // database behind (reported below) rather than hanging the test run.
+            runtime.block_on(async {
+                tokio::time::timeout(super::PATIENCE * 3, drop)
+                    .await
+                    .map_err(|_| {
+                        let timed_out = std::io::ErrorKind::TimedOut;
+                        sqlx::Error::Io(std::io::Error::new(timed_out, "no answer in time"))
+                    })?
             })
         })
         .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop test database {}", self.name);
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => eprintln!("could not drop test database {}: {error}", self.name),
+            Err(_) => eprintln!("could not drop test database {}: panicked", self.name),
         }
     }
 }

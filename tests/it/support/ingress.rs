@@ -56,7 +56,7 @@ impl RunningIngress {
 
     /// Polls `/readyz` until it answers 200; panics after [`PATIENCE`].
     pub async fn wait_ready(&self) {
-        let client = reqwest::Client::new();
+        let client = super::http();
         let url = self.path("/readyz");
         let ready = async {
             loop {
@@ -97,7 +97,7 @@ impl RunningIngress {
 
 /// POSTs `body` as a form, the way PayPal does; returns status and text.
 pub async fn post_form(url: &str, body: Vec<u8>) -> (u16, String) {
-    let response = reqwest::Client::new()
+    let response = super::http()
         .post(url)
         .header("content-type", "application/x-www-form-urlencoded")
         .body(body)
@@ -139,7 +139,10 @@ pub async fn ingress_binary_logging(
         .expect("ipn-ingress starts");
     let ready = async {
         loop {
-            let readiness = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await;
+            let readiness = super::http()
+                .get(format!("http://127.0.0.1:{port}/readyz"))
+                .send()
+                .await;
             if readiness.is_ok_and(|r| r.status() == 200) {
                 return;
             }

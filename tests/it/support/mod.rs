@@ -15,7 +15,7 @@ pub use db::TestDb;
 pub use ingress::{post_form, ready_ingress, spawn_ingress};
 pub use proxy::Proxy;
 pub use services::Services;
-pub use worker_process::WorkerProcess;
+pub use worker_process::{WorkerProcess, log_tail};
 
 #[path = "../../samples.rs"]
 mod samples_dir;
@@ -27,10 +27,19 @@ use std::time::Duration;
 /// The generous bound every wait in these tests uses.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
+/// An HTTP client whose every request gives up after [`PATIENCE`]: a server that accepts and
+/// never answers fails the wait that asked instead of hanging the test (and CI) for good.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(PATIENCE)
+        .build()
+        .expect("HTTP client")
+}
+
 /// One metric's value from the Prometheus text at `url` (the first line starting with `name`);
 /// `None` when the server does not answer or has no such line.
 pub async fn metric(url: &str, name: &str) -> Option<f64> {
-    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+    let text = http().get(url).send().await.ok()?.text().await.ok()?;
     let line = text.lines().find(|line| line.starts_with(name))?;
     line.rsplit(' ').next()?.parse().ok()
 }

@@ -1,7 +1,7 @@
 //! The real `ipn-worker` binary as a child process, so a test can SIGKILL it mid-work and start
 //! it again with the same id and settings.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -79,18 +79,21 @@ impl WorkerProcess {
         self.child = Some(child);
         let url = format!("http://127.0.0.1:{}/healthz", self.port);
         let deadline = tokio::time::Instant::now() + PATIENCE * 3;
-        while !reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) {
+        while !super::http()
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
             let exited = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || tokio::time::Instant::now() > deadline {
-                let log = std::fs::read_to_string(&self.log_file).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(20).collect();
                 panic!(
                     "{} did not answer /healthz (exit status {exited:?}); its log ends:\n{}",
                     self.id,
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    log_tail(&self.log_file, 20)
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -140,6 +143,11 @@ impl WorkerProcess {
         std::fs::read_to_string(&self.log_file).unwrap_or_default()
     }
 
+    /// Where it logs (the same file across restarts).
+    pub fn log_path(&self) -> PathBuf {
+        self.log_file.clone()
+    }
+
     /// Leaves the log file in place (its path is returned) for a failing test to point at.
     pub fn keep_log(&mut self) -> PathBuf {
         self.keep_log = true;
@@ -154,4 +162,11 @@ impl Drop for WorkerProcess {
             let _ = std::fs::remove_file(&self.log_file);
         }
     }
+}
+
+/// The last `lines` lines of the log file at `path` (empty if it cannot be read).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
