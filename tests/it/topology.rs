@@ -288,7 +288,7 @@ async fn new_queues_are_placed_and_queues_from_before_placement_keep_theirs_but_
         );
     }
 
-    let other = TestBroker::new().await;
+    let other = broker.another().await;
     declare_as_before(&other, "ipn.inbound.1", &shard_args_before(5)).await;
     let refused = ctl::declare_topology(&other.config()).await.unwrap_err();
     let shown = format!("{refused:#}");

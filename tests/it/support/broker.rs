@@ -27,6 +27,8 @@ static BROKER_WIDE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(())
 enum Turn {
     Shared(tokio::sync::RwLockReadGuard<'static, ()>),
     Exclusive(tokio::sync::RwLockWriteGuard<'static, ()>),
+    /// Under the turn of another `TestBroker` of the same test ([`TestBroker::another`]).
+    Along,
 }
 
 /// A vhost of our own on the local RabbitMQ.
@@ -45,6 +47,13 @@ impl TestBroker {
     /// for tests that change broker-wide state.
     pub async fn exclusive() -> TestBroker {
         Self::create(Turn::Exclusive(BROKER_WIDE.write().await)).await
+    }
+
+    /// A second vhost for a test that needs two, under this one's turn. Taking a second turn
+    /// instead could wait forever: the lock queues it behind a test waiting for an exclusive
+    /// turn, which waits for this test's first turn to end.
+    pub async fn another(&self) -> TestBroker {
+        Self::create(Turn::Along).await
     }
 
     async fn create(turn: Turn) -> TestBroker {
