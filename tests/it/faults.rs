@@ -35,8 +35,8 @@ use tokio_util::sync::CancellationToken;
 use crate::support::broker::BROKER;
 use crate::support::db::POSTGRES;
 use crate::support::{
-    PATIENCE, Proxy, TestBroker, TestDb, WorkerProcess, log_tail, sample, spawn_ingress,
-    with_fields,
+    PATIENCE, Proxy, TestBroker, TestDb, WorkerProcess, http_within, log_tail, sample,
+    spawn_ingress, with_fields,
 };
 
 const SHARDS: u16 = 8;
@@ -48,6 +48,16 @@ const PACE: Duration = Duration::from_millis(1500);
 /// retries): the ingress answers 503 within its confirm timeout, so a request that outlasts this
 /// is a fault of the ingress, counted (and resent) rather than waited for without end.
 const ANSWER: Duration = Duration::from_secs(30);
+
+/// The faults [`Rig::inject_faults`] takes turns with, in order: the ledger's and the progress
+/// report's names for them.
+const FAULTS: [&str; 5] = [
+    "broker connections cut",
+    "paypal flapping",
+    "worker SIGKILLed and restarted",
+    "postgres connections cut",
+    "broker restarted",
+];
 
 /// The sample shapes a subscription's IPNs cycle through.
 const SHAPES: [&str; 4] = [
@@ -258,10 +268,7 @@ impl Rig {
         key: usize,
         per_key: usize,
     ) -> (Vec<String>, Vec<String>) {
-        let client = reqwest::Client::builder()
-            .timeout(ANSWER)
-            .build()
-            .expect("HTTP client");
+        let client = http_within(ANSWER);
         let (mut genuine, mut forged) = (Vec::new(), Vec::new());
         // Subscriptions start spread over the first pace.
         tokio::time::sleep(PACE * key as u32 / SUBSCRIPTIONS as u32).await;
@@ -310,17 +317,16 @@ impl Rig {
     async fn inject_faults(&self, workers: &mut [WorkerProcess], load: &CancellationToken) {
         let calm = Duration::from_secs(1);
         let mut turn = 0usize;
-        while turn < 5 || !load.is_cancelled() {
-            let name = match turn % 5 {
+        while turn < FAULTS.len() || !load.is_cancelled() {
+            let name = FAULTS[turn % FAULTS.len()];
+            self.doing(name);
+            match turn % FAULTS.len() {
                 0 => {
-                    self.doing("broker connections cut");
                     self.amqp_proxy.cut();
                     tokio::time::sleep(Duration::from_millis(600)).await;
                     self.amqp_proxy.restore();
-                    "broker connections cut"
                 }
                 1 => {
-                    self.doing("paypal flapping");
                     for (answer, time) in [
                         (Answer::Slow(Duration::from_millis(700)), 1000),
                         (Answer::ServerError, 2500),
@@ -331,30 +337,21 @@ impl Rig {
                         tokio::time::sleep(Duration::from_millis(time)).await;
                     }
                     self.paypal.set_default(Answer::Verified);
-                    "paypal flapping"
                 }
                 2 => {
-                    self.doing("worker SIGKILLed and restarted");
-                    let worker = &mut workers[(turn / 5) % workers.len()];
+                    let worker = &mut workers[(turn / FAULTS.len()) % workers.len()];
                     self.count_duplicates(worker).await;
                     worker.kill().await;
                     tokio::time::sleep(Duration::from_millis(1500)).await;
                     worker.restart().await;
-                    "worker SIGKILLed and restarted"
                 }
                 3 => {
-                    self.doing("postgres connections cut");
                     self.pg_proxy.cut();
                     tokio::time::sleep(Duration::from_millis(800)).await;
                     self.pg_proxy.restore();
-                    "postgres connections cut"
                 }
-                _ => {
-                    self.doing("broker restarted");
-                    self.broker.restart_node(Duration::from_millis(500)).await;
-                    "broker restarted"
-                }
-            };
+                _ => self.broker.restart_node(Duration::from_millis(500)).await,
+            }
             self.count(|l| *l.faults.entry(name).or_default() += 1);
             self.doing("calm");
             tokio::time::sleep(calm).await;

@@ -30,8 +30,13 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 /// An HTTP client whose every request gives up after [`PATIENCE`]: a server that accepts and
 /// never answers fails the wait that asked instead of hanging the test (and CI) for good.
 pub fn http() -> reqwest::Client {
+    http_within(PATIENCE)
+}
+
+/// [`http`] with a bound of the caller's (a load generator that waits as long as PayPal does).
+pub fn http_within(limit: Duration) -> reqwest::Client {
     reqwest::Client::builder()
-        .timeout(PATIENCE)
+        .timeout(limit)
         .build()
         .expect("HTTP client")
 }
