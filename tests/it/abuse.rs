@@ -174,7 +174,7 @@ async fn hostile_http_leaves_the_ingress_up_bounded_and_answering_valid_ipns() {
         after < before + 64 * 1024,
         "resident memory grew from {before} KiB to {after} KiB"
     );
-    let health = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+    let health = crate::support::http_get(format!("http://127.0.0.1:{port}/healthz"))
         .await
         .expect("up");
     assert_eq!(health.status(), 200);

@@ -17,7 +17,12 @@ pub(crate) async fn connected_node(
     prefix: &str,
     connection: &str,
 ) -> Option<String> {
-    let text = reqwest::get(metrics).await.ok()?.text().await.ok()?;
+    let text = crate::support::http_get(metrics)
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
     let start = format!("{prefix}_broker_node{{connection=\"{connection}\",node=\"");
     text.lines()
         .filter(|line| line.ends_with(" 1"))
@@ -180,7 +185,9 @@ async fn the_ingress_and_the_worker_move_to_another_node_when_theirs_is_lost() {
         }
     };
     if tokio::time::timeout(PATIENCE, all_there).await.is_err() {
-        let metrics = reqwest::get(&worker_metrics).await.expect("metrics");
+        let metrics = crate::support::http_get(&worker_metrics)
+            .await
+            .expect("metrics");
         let metrics = metrics.text().await.expect("metrics text");
         let counters: Vec<&str> = (metrics.lines())
             .filter(|l| !l.starts_with('#') && !l.contains("_bucket"))

@@ -295,7 +295,8 @@ fn free_port() -> u16 {
 async fn wait_ready(port: u16) {
     let ready = async {
         loop {
-            let readiness = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await;
+            let readiness =
+                crate::support::http_get(format!("http://127.0.0.1:{port}/readyz")).await;
             if readiness.is_ok_and(|r| r.status() == 200) {
                 return;
             }
@@ -328,7 +329,10 @@ async fn a_black_holed_broker_makes_the_ingress_unready_within_the_heartbeat_win
     }
     let readyz = ingress.path("/readyz");
     let unready = async {
-        while reqwest::get(&readyz).await.is_ok_and(|r| r.status() == 200) {
+        while crate::support::http_get(&readyz)
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };

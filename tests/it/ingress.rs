@@ -102,7 +102,7 @@ async fn every_sample_arrives_in_its_shard_queue_byte_for_byte_with_its_headers(
             .await,
         Some(0.0)
     );
-    let plain = reqwest::get(ingress.path("/metrics"))
+    let plain = crate::support::http_get(ingress.path("/metrics"))
         .await
         .expect("metrics");
     assert_eq!(
@@ -114,7 +114,7 @@ async fn every_sample_arrives_in_its_shard_queue_byte_for_byte_with_its_headers(
         text.contains("# TYPE ipn_ingress_requests_total counter\n") && !text.contains("# EOF"),
         "{text}"
     );
-    let open = reqwest::Client::new()
+    let open = crate::support::http()
         .get(ingress.path("/metrics"))
         .header("accept", "application/openmetrics-text; version=1.0.0")
         .send()
@@ -147,7 +147,7 @@ async fn ingress_answers_503_within_the_confirm_timeout_while_the_broker_is_cut_
         "{:?}",
         started.elapsed()
     );
-    let readiness = reqwest::get(ingress.path("/readyz"))
+    let readiness = crate::support::http_get(ingress.path("/readyz"))
         .await
         .expect("readyz answers");
     assert_eq!(readiness.status(), 503);
@@ -175,7 +175,7 @@ async fn ingress_answers_503_at_once_when_no_broker_listens() {
     let ingress = spawn_ingress(broker.config_via(&closed)).await;
     let (status, reason) = post_form(&ingress.url, sample("001_web_accept.txt")).await;
     assert_eq!((status, reason.trim()), (503, "broker unavailable"));
-    let readiness = reqwest::get(ingress.path("/readyz"))
+    let readiness = crate::support::http_get(ingress.path("/readyz"))
         .await
         .expect("readyz answers");
     assert_eq!(readiness.status(), 503);
@@ -183,7 +183,7 @@ async fn ingress_answers_503_at_once_when_no_broker_listens() {
         readiness.text().await.expect("text").trim(),
         "broker unavailable"
     );
-    let health = reqwest::get(ingress.path("/healthz"))
+    let health = crate::support::http_get(ingress.path("/healthz"))
         .await
         .expect("healthz answers");
     assert_eq!(health.status(), 200, "alive even without a broker");
@@ -288,7 +288,7 @@ async fn bad_input_gets_its_status_and_publishes_nothing() {
     config.ingress.body_read_timeout = Duration::from_millis(500);
     config.ingress.header_read_timeout = Duration::from_millis(500);
     let (topology, ingress) = ready_ingress(config).await;
-    let client = reqwest::Client::new();
+    let client = crate::support::http();
     let form = "application/x-www-form-urlencoded";
     let body = sample("001_web_accept.txt");
 
@@ -460,7 +460,7 @@ async fn health_and_metrics_describe_the_server() {
     );
     assert_eq!(post_form(&ingress.url, Vec::new()).await.0, 400);
 
-    let health = reqwest::get(ingress.path("/healthz"))
+    let health = crate::support::http_get(ingress.path("/healthz"))
         .await
         .expect("healthz");
     assert_eq!(health.status(), 200);
@@ -506,7 +506,7 @@ async fn ingress_answers_503_at_once_while_a_resource_alarm_blocks_publishing() 
     assert_eq!(status, 503);
     let blocked = async {
         loop {
-            let readiness = reqwest::get(ingress.path("/readyz"))
+            let readiness = crate::support::http_get(ingress.path("/readyz"))
                 .await
                 .expect("readyz answers");
             if readiness.text().await.expect("text").trim() == "broker blocked publishing" {

@@ -81,7 +81,7 @@ fn exported(exposition: &str, name: &str) -> bool {
 }
 
 async fn metrics_text(url: &str) -> String {
-    let response = reqwest::get(url).await.expect("metrics answer");
+    let response = crate::support::http_get(url).await.expect("metrics answer");
     assert_eq!(
         response.headers()["content-type"],
         "text/plain; version=0.0.4; charset=utf-8"

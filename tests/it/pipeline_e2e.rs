@@ -47,7 +47,9 @@ impl RunningWorker {
     /// The status `/readyz` answers now (0 when it does not answer).
     pub(crate) async fn readiness(&self) -> u16 {
         let url = format!("http://{}/readyz", self.address);
-        reqwest::get(url).await.map_or(0, |r| r.status().as_u16())
+        crate::support::http_get(url)
+            .await
+            .map_or(0, |r| r.status().as_u16())
     }
 
     /// A worker on a thread and runtime of its own, its `ipn_bridge` lines at info and above
@@ -279,7 +281,7 @@ async fn every_live_sample_posted_to_the_ingress_reaches_the_downstream_queue_on
         .await;
     // At least one postback per IPN and the resend; a transient failure would add retries.
     assert!(verified >= Some(live.len() as f64 + 1.0), "{verified:?}");
-    let ready = reqwest::get(format!("http://{}/readyz", worker.address))
+    let ready = crate::support::http_get(format!("http://{}/readyz", worker.address))
         .await
         .expect("readyz");
     assert_eq!(ready.status(), 200);
@@ -435,7 +437,7 @@ async fn the_worker_reconnects_after_losing_the_broker_and_goes_on() {
     let ready_is = |expected: u16| {
         let readyz = readyz.clone();
         async move {
-            while reqwest::get(&readyz)
+            while crate::support::http_get(&readyz)
                 .await
                 .map(|r| r.status().as_u16())
                 .ok()

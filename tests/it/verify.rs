@@ -93,7 +93,7 @@ async fn invalid_is_a_verdict_and_failures_are_transient_errors() {
 async fn the_fake_answers_invalid_to_a_postback_that_breaks_the_protocol() {
     let paypal = fake(Answer::Verified).await;
     let body = sample("001_web_accept.txt");
-    let client = reqwest::Client::new();
+    let client = crate::support::http();
     // No `cmd=_notify-validate&` prefix, and no User-Agent.
     let answer = client
         .post(paypal.url())

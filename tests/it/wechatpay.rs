@@ -137,7 +137,7 @@ async fn post(
     ingress: &crate::support::ingress::RunningIngress,
     posted: &Posted,
 ) -> (u16, String, String) {
-    let mut request = reqwest::Client::new()
+    let mut request = crate::support::http()
         .post(ingress.path("/wechatpay/notify"))
         .header("content-type", "application/json")
         .body(posted.body.clone());

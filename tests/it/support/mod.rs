@@ -41,6 +41,12 @@ pub fn http_within(limit: Duration) -> reqwest::Client {
         .expect("HTTP client")
 }
 
+/// `reqwest::get` with [`http`]'s bound: a GET that fails after `PATIENCE` instead of waiting
+/// on a server that accepted the connection and never answers.
+pub async fn http_get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Response> {
+    http().get(url).send().await
+}
+
 /// One metric's value from the Prometheus text at `url` (the first line starting with `name`);
 /// `None` when the server does not answer or has no such line.
 pub async fn metric(url: &str, name: &str) -> Option<f64> {
