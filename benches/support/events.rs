@@ -1,6 +1,7 @@
 //! The events a run's downstream queue receives, read back and checked: each IPN answered 200
 //! yields exactly one event, and each key's sequence numbers run 1..n.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
@@ -22,6 +23,8 @@ pub struct Arrival {
     /// The `bench_seq` of the IPN (its `txn_id` is `B<seq>`, whatever the provider).
     pub seq: u64,
     pub received_at: Option<SystemTime>,
+    /// The event's size: body bytes (JSON) and content-header frame bytes (its properties).
+    pub bytes: (usize, usize),
 }
 
 /// What the downstream consumer saw across phases.
@@ -38,11 +41,19 @@ pub struct Drained {
     pub events: u64,
     pub elapsed: Duration,
     pub latency: Histogram<u64>,
+    /// Body and content-header bytes of all its events.
+    pub bytes: (usize, usize),
 }
 
 impl Drained {
     pub fn rate(&self) -> f64 {
         self.events.saturating_sub(1) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Mean body and content-header bytes per event.
+    pub fn mean_bytes(&self) -> (usize, usize) {
+        let n = usize::try_from(self.events.max(1)).unwrap_or(usize::MAX);
+        (self.bytes.0 / n, self.bytes.1 / n)
     }
 
     pub fn ms(&self, quantile: f64) -> f64 {
@@ -59,6 +70,7 @@ pub async fn take_events(
 ) -> anyhow::Result<Drained> {
     let mut latency = histogram();
     let (mut first, mut last, mut events) = (None, None, 0);
+    let mut bytes = (0, 0);
     while !accepted.lock().await.is_empty() {
         let arrival = tokio::time::timeout(Duration::from_secs(60), arrivals.recv())
             .await
@@ -81,6 +93,7 @@ pub async fn take_events(
         first.get_or_insert(arrival.at);
         last = Some(arrival.at);
         events += 1;
+        bytes = (bytes.0 + arrival.bytes.0, bytes.1 + arrival.bytes.1);
         ledger.events += 1;
     }
     let elapsed = match (first, last) {
@@ -91,6 +104,7 @@ pub async fn take_events(
         events,
         elapsed,
         latency,
+        bytes,
     })
 }
 
@@ -112,7 +126,8 @@ pub async fn consume_downstream(
         while let Some(Ok(delivery)) = consumer.next().await {
             let at = SystemTime::now();
             match parse_event(&delivery.data, at) {
-                Some(arrival) => {
+                Some(mut arrival) => {
+                    arrival.bytes.1 = ipn_bridge::amqp::header_frame_size(&delivery.properties);
                     if sender.send(arrival).is_err() {
                         return;
                     }
@@ -124,17 +139,30 @@ pub async fn consume_downstream(
     Ok(receiver)
 }
 
+/// The fields of an event the bench reads. Typed, so the downstream consumer skips the rest of
+/// a ~3 KB event (its `fields` and `raw_body_base64`) without building a tree of it: the bench
+/// shares the two cores with what it measures.
+#[derive(serde::Deserialize)]
+struct EventFields<'a> {
+    #[serde(borrow)]
+    txn_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    order_key: Cow<'a, str>,
+    sequence: i64,
+    #[serde(borrow, default)]
+    received_at: Option<Cow<'a, str>>,
+}
+
 pub fn parse_event(json: &[u8], at: SystemTime) -> Option<Arrival> {
-    let event: serde_json::Value = serde_json::from_slice(json).ok()?;
-    let txn_id = event.get("txn_id")?.as_str()?;
+    let event: EventFields = serde_json::from_slice(json).ok()?;
     Some(Arrival {
         at,
-        order_key: event.get("order_key")?.as_str()?.to_owned(),
-        sequence: event.get("sequence")?.as_i64()?,
-        seq: txn_id.strip_prefix('B')?.parse().ok()?,
+        order_key: event.order_key.into_owned(),
+        sequence: event.sequence,
+        seq: event.txn_id?.strip_prefix('B')?.parse().ok()?,
         received_at: event
-            .get("received_at")
-            .and_then(serde_json::Value::as_str)
-            .and_then(|text| humantime::parse_rfc3339(text).ok()),
+            .received_at
+            .and_then(|text| humantime::parse_rfc3339(&text).ok()),
+        bytes: (json.len(), 0),
     })
 }

@@ -411,6 +411,13 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// This process's variables named `<prefix><VAR>`, as `(<VAR>, value)`: settings for one child.
+fn passed_on(prefix: &str) -> Vec<(String, String)> {
+    std::env::vars()
+        .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_owned(), v)))
+        .collect()
+}
+
 /// The real `ipn-ingress` binary for `config`'s broker and topology, with `settings` (more
 /// `IPN_*` variables); returns it and its IPN URL. `BENCH_INGRESS_<VAR>` variables are passed on
 /// as `<VAR>` (e.g. `BENCH_INGRESS_IPN_AMQP__PUBLISHER_CHANNELS`).
@@ -439,11 +446,7 @@ pub async fn start_ingress(
         ("RUST_LOG".to_owned(), "warn".to_owned()),
     ];
     envs.extend(settings.iter().cloned());
-    envs.extend(
-        std::env::vars()
-            .filter(|(k, _)| k.starts_with("BENCH_INGRESS_"))
-            .map(|(k, v)| (k.trim_start_matches("BENCH_INGRESS_").to_owned(), v)),
-    );
+    envs.extend(passed_on("BENCH_INGRESS_"));
     let ready = format!("http://127.0.0.1:{port}/readyz");
     let process = ChildProcess::start(
         "ipn-ingress",
@@ -457,7 +460,8 @@ pub async fn start_ingress(
 
 /// The real `ipn-worker` binary for `config`'s broker and topology, the database at
 /// `database_url` and the (fake) PayPal at `paypal_url`, with `settings` (more `IPN_*`
-/// variables).
+/// variables). `BENCH_WORKER_<VAR>` variables are passed on as `<VAR>` (e.g.
+/// `BENCH_WORKER_TOKIO_WORKER_THREADS=1`), as [`start_ingress`] does with `BENCH_INGRESS_`.
 pub async fn start_worker(
     config: &Config,
     database_url: &str,
@@ -478,6 +482,7 @@ pub async fn start_worker(
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .chain(settings.iter().cloned())
+        .chain(passed_on("BENCH_WORKER_"))
         .collect();
     let ready = format!("http://127.0.0.1:{port}/readyz");
     ChildProcess::start("ipn-worker", env!("CARGO_BIN_EXE_ipn-worker"), envs, &ready).await
