@@ -6,7 +6,7 @@
 //! - [`lanes`]: one shard's deliveries in lanes per order key; in-place retries; acks.
 //! - [`pipeline`]: the steps of one IPN (verify, policy, claim, publish, confirm, mark done).
 //! - [`gate`]: order while a key waits: delay tiers, parking, blocked keys and held IPNs.
-//! - [`ownership`]: which worker processes which shard (rendezvous hashing over live workers).
+//! - [`ownership`]: which worker processes which shard (rendezvous hashing over live workers, each share at most ⌈S/K⌉).
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics` on `worker.listen`.
 //! - [`housekeeping`]: purging old dedup records, refreshing the blocked-key gauges.
 //! - [`watch`]: the business services' queues: depth, consumers, dead-lettered; alerts.

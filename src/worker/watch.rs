@@ -90,7 +90,7 @@ pub(super) async fn watching(store: &Store, config: &Config, id: &str) -> bool {
     match store.live_workers(config.worker.takeover).await {
         Ok(live) => {
             let ids: Vec<String> = live.into_iter().map(|w| w.worker_id).collect();
-            ownership::owner(WATCHING_SHARD, &ids) == Some(id)
+            ownership::owner(WATCHING_SHARD, &ids, config.topology.shards.get()) == Some(id)
         }
         Err(error) => {
             let error = bounded::error_chain(&error);
