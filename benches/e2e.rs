@@ -7,7 +7,9 @@
 //! ```
 //! 1. relay: `--ipns` inbound messages are put in the shard queues, then a plain relay (one
 //!    consumer per shard, no verification, no database) republishes each to `<p>.events` with a
-//!    confirm and acks it: the ceiling of consume → republish → ack on this broker;
+//!    confirm and acks it: the ceiling of consume → republish → ack on this broker; twice, with
+//!    a minimal event (the issue-18 ceiling) and with one of the worker's event size and
+//!    properties ([`Relayed`]);
 //! 2. drain: as many IPNs are posted through the real `ipn-ingress` with the worker stopped, then
 //!    the real `ipn-worker` (child process) starts and empties the queues, verifying each with the
 //!    in-process fake PayPal (answering after `--paypal-delay`): events/s;
@@ -38,7 +40,9 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, Semaphore, mpsc};
 
 use crate::samples_dir;
-use crate::support::events::{Arrival, Drained, Ledger, consume_downstream, take_events};
+use crate::support::events::{
+    Arrival, Drained, Ledger, RELAY_KEY_PREFIX, consume_downstream, take_events,
+};
 use crate::support::{self, Summary};
 use crate::support::{BodySource, ChildProcess, Length, cores, cpu_seconds, http_phase};
 use ipn_bridge::store::Store;
@@ -283,13 +287,14 @@ async fn run(
         relay_cpu[2], relay_cpu[3], sized_cpu[2], sized_cpu[3]
     );
     println!(
-        "check: {} IPNs answered 200 ({} failed posts), {} events, {} duplicates, {} missing, {} sequence errors",
+        "check: {} IPNs answered 200 ({} failed posts), {} events, {} duplicates, {} missing, {} sequence errors ({} late relay events skipped)",
         posted.ok + posted_live.ok,
         posted.failed + posted_live.failed,
         ledger.events,
         ledger.duplicates,
         accepted.lock().await.len(),
-        ledger.sequence_errors
+        ledger.sequence_errors,
+        ledger.strays
     );
     if ledger.duplicates > 0 || ledger.sequence_errors > 0 || !accepted.lock().await.is_empty() {
         bail!("the events do not match the IPNs answered 200");
@@ -370,9 +375,21 @@ async fn relay_phase(
         ));
     }
     let accepted = Mutex::new((0..args.ipns).collect::<HashSet<u64>>());
-    let mut ledger = Ledger::default();
+    let mut ledger = Ledger {
+        relayed: true,
+        ..Ledger::default()
+    };
     let drained = take_events(arrivals, &accepted, &mut ledger).await?;
     let cpu = meter.per_event(drained.events);
+    // Every message was relayed once; let the relays in flight ack before the connection closes
+    // (an unacked one goes back to its queue, and the next phase would relay it again).
+    let permits = u32::try_from(args.concurrency).unwrap_or(u32::MAX);
+    if tokio::time::timeout(Duration::from_secs(30), limit.acquire_many(permits))
+        .await
+        .is_err()
+    {
+        bail!("the relay's publishes did not finish in 30 s");
+    }
     consume.close(200, "relay done".into()).await?;
     publisher.close().await;
     Ok((drained, cpu))
@@ -474,7 +491,7 @@ impl Relayed {
             .as_deref()
             .and_then(|t| t.strip_prefix('B')?.parse::<u64>().ok())
             .unwrap_or(0);
-        let order_key = format!("relay:{seq}");
+        let order_key = format!("{RELAY_KEY_PREFIX}{seq}");
         let minimal = serde_json::json!({
             "txn_id": txn_id,
             "order_key": order_key,

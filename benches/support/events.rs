@@ -27,9 +27,18 @@ pub struct Arrival {
     pub bytes: (usize, usize),
 }
 
+/// The relay phases' order keys start with this (`relay:<bench_seq>`); the worker's never do.
+pub const RELAY_KEY_PREFIX: &str = "relay:";
+
 /// What the downstream consumer saw across phases.
 #[derive(Default)]
 pub struct Ledger {
+    /// A relay phase's ledger: it counts only the relay's events (order keys starting with
+    /// [`RELAY_KEY_PREFIX`]); any other ledger counts only the others. The relay's events for
+    /// the same `bench_seq` must never stand in for the worker's.
+    pub relayed: bool,
+    /// Events of the other kind that arrived while this ledger's phase ran (skipped).
+    pub strays: u64,
     pub events: u64,
     pub duplicates: u64,
     pub sequence_errors: u64,
@@ -76,6 +85,10 @@ pub async fn take_events(
             .await
             .context("no event for 60 s")?
             .context("downstream consumer ended")?;
+        if arrival.order_key.starts_with(RELAY_KEY_PREFIX) != ledger.relayed {
+            ledger.strays += 1;
+            continue;
+        }
         if !accepted.lock().await.remove(&arrival.seq) {
             ledger.duplicates += 1;
             continue;
