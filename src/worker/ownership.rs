@@ -132,6 +132,14 @@ mod tests {
         assert_eq!(shares(&two, 32), vec![16, 16]);
     }
 
+    /// Shards that changed owner between `was` and `is` without `mover` on either side.
+    fn moved_between_others(was: &[Option<&str>], is: &[Option<&str>], mover: &str) -> usize {
+        was.iter()
+            .zip(is)
+            .filter(|(was, is)| was != is && **was != Some(mover) && **is != Some(mover))
+            .count()
+    }
+
     #[test]
     fn a_worker_joining_or_leaving_moves_few_shards_besides_its_own() {
         const SHARDS: u16 = 32;
@@ -140,26 +148,15 @@ mod tests {
             let was = assignment(&before, SHARDS);
             let mut joined = before.clone();
             joined.push("worker-new".to_owned());
-            let after = assignment(&joined, SHARDS);
-            let moved_between_others = was
-                .iter()
-                .zip(&after)
-                .filter(|(was, is)| was != is && **is != Some("worker-new"))
-                .count();
+            let moved = moved_between_others(&was, &assignment(&joined, SHARDS), "worker-new");
             assert!(
-                moved_between_others * (k + 1) * 2 <= usize::from(SHARDS),
-                "{k} workers, one joining: {moved_between_others} shards moved between the others"
+                moved * (k + 1) * 2 <= usize::from(SHARDS),
+                "{k} workers, one joining: {moved} shards moved between the others"
             );
-            let left: Vec<String> = before[1..].to_vec();
-            let after = assignment(&left, SHARDS);
-            let moved_between_others = was
-                .iter()
-                .zip(&after)
-                .filter(|(was, is)| was != is && **was != Some("worker-0"))
-                .count();
+            let moved = moved_between_others(&was, &assignment(&before[1..], SHARDS), "worker-0");
             assert!(
-                moved_between_others * k * 2 <= usize::from(SHARDS),
-                "{k} workers, one leaving: {moved_between_others} shards moved between the others"
+                moved * k * 2 <= usize::from(SHARDS),
+                "{k} workers, one leaving: {moved} shards moved between the others"
             );
         }
     }
