@@ -44,7 +44,7 @@ use crate::support::events::{
     Arrival, Drained, Ledger, RELAY_KEY_PREFIX, consume_downstream, take_events,
 };
 use crate::support::{self, Summary};
-use crate::support::{BodySource, ChildProcess, Length, cores, cpu_seconds, http_phase};
+use crate::support::{BodySource, ChildProcess, CpuMeter, Length, Party, cores, http_phase};
 use ipn_bridge::store::Store;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -195,7 +195,7 @@ async fn run(
     let mut ledger = Ledger::default();
     let mut workers = start_workers(args, config, names.database_url, &paypal).await?;
     let rss_rest = total_rss(&workers);
-    let meter = ProcessMeter::start(&workers);
+    let meter = process_meter(&workers);
     let drained = take_events(&mut arrivals, &accepted, &mut ledger).await?;
     let cpu = meter.per_event(drained.events);
     let rss_drain = total_rss(&workers);
@@ -348,7 +348,7 @@ async fn relay_phase(
         bail!("the relay's publisher did not connect");
     }
     fill(args, topology, bodies, &publisher).await?;
-    let meter = ProcessMeter::start(&[]);
+    let meter = process_meter(&[]);
     let consume = Connection::connect(&args.amqp, ConnectionProperties::default()).await?;
     let publisher = Arc::new(publisher);
     let limit = Arc::new(Semaphore::new(args.concurrency));
@@ -599,36 +599,12 @@ fn total_rss(workers: &[ChildProcess]) -> Option<u64> {
 }
 
 /// CPU time of the workers (none for the relay), PostgreSQL, the broker and this process over
-/// one phase.
-struct ProcessMeter {
-    workers: Vec<u32>,
-    start: [f64; 4],
-}
-
-impl ProcessMeter {
-    fn start(workers: &[ChildProcess]) -> ProcessMeter {
-        let workers = workers.iter().map(|w| w.child.id()).collect();
-        let mut meter = ProcessMeter {
-            workers,
-            start: [0.0; 4],
-        };
-        meter.start = meter.now();
-        meter
-    }
-
-    fn now(&self) -> [f64; 4] {
-        let workers = self.workers.iter().map(|pid| cpu_seconds(Some(*pid))).sum();
-        [
-            workers,
-            support::postgres_cpu_seconds(),
-            cpu_seconds(support::broker_pid()),
-            cpu_seconds(Some(std::process::id())),
-        ]
-    }
-
-    /// µs per event of each: workers, PostgreSQL, broker, bench.
-    fn per_event(&self, events: u64) -> [f64; 4] {
-        let end = self.now();
-        std::array::from_fn(|i| (end[i] - self.start[i]) * 1e6 / events.max(1) as f64)
-    }
+/// one phase; [`CpuMeter::per_event`] gives them in that order.
+fn process_meter(workers: &[ChildProcess]) -> CpuMeter<4> {
+    CpuMeter::of([
+        Party::Processes(workers.iter().map(|w| w.child.id()).collect()),
+        Party::Postgres,
+        Party::process(support::broker_pid()),
+        Party::process(Some(std::process::id())),
+    ])
 }

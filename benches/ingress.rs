@@ -215,7 +215,7 @@ async fn run(
                         Length::Time(duration),
                     )
                     .await?;
-                    phase.cpu = meter.per_message(phase.ok);
+                    phase.cpu = meter.per_event(phase.ok);
                     rss_load = rss_load.max(ingress.rss_kib());
                     missing += missing_from_queues(connection, topology, &accepted).await?;
                     full = Some(phase);
@@ -254,7 +254,7 @@ async fn run(
         Length::Time(paced_duration),
     )
     .await?;
-    full.cpu = meter.per_message(full.ok);
+    full.cpu = meter.per_event(full.ok);
     ingress.stop()?;
     missing += missing_from_queues(connection, topology, &accepted).await?;
     let paced = Round { raw, full };
@@ -464,7 +464,7 @@ async fn raw_publisher(
     if let Some(pacer) = pacer {
         pacer.abort();
     }
-    phase.cpu = meter.per_message(phase.ok);
+    phase.cpu = meter.per_event(phase.ok);
     Ok(phase)
 }
 

@@ -154,7 +154,7 @@ async fn run(
             Length::Count(args.ipns),
         )
         .await?;
-        posted.cpu = meter.per_message(posted.ok);
+        posted.cpu = meter.per_event(posted.ok);
         rss_load = rss_load.max(ingress.rss_kib());
         if posted.failed > 0 {
             bail!("{provider}: {} posts were not answered 200", posted.failed);
@@ -168,7 +168,7 @@ async fn run(
         .await?;
         let meter = CpuMeter::start(Some(worker.child.id()));
         let drained = take_events(&mut arrivals, &accepted, &mut ledger).await?;
-        let cpu = meter.per_message(drained.events);
+        let cpu = meter.per_event(drained.events);
         worker.stop()?;
         measured.push(Measured {
             provider,

@@ -583,24 +583,56 @@ pub fn broker_wal_size() -> String {
     )
 }
 
-/// CPU time used by the broker, the ingress and this process over one phase.
-pub struct CpuMeter {
-    pids: [Option<u32>; 3],
-    start: [f64; 3],
+/// Whose CPU time a [`CpuMeter`] reads.
+#[derive(Debug, Clone)]
+pub enum Party {
+    /// These processes together (none: 0 s).
+    Processes(Vec<u32>),
+    /// Every PostgreSQL process on this machine ([`postgres_cpu_seconds`]).
+    Postgres,
 }
 
-impl CpuMeter {
-    pub fn start(ingress: Option<u32>) -> CpuMeter {
-        let pids = [broker_pid(), ingress, Some(std::process::id())];
-        CpuMeter {
-            pids,
-            start: pids.map(cpu_seconds),
-        }
+impl Party {
+    /// One process, or none when it is not known.
+    pub fn process(pid: Option<u32>) -> Party {
+        Party::Processes(pid.into_iter().collect())
     }
 
-    pub fn per_message(&self, messages: u64) -> [f64; 3] {
-        let end = self.pids.map(cpu_seconds);
-        std::array::from_fn(|i| (end[i] - self.start[i]) * 1e6 / messages.max(1) as f64)
+    fn seconds(&self) -> f64 {
+        match self {
+            Party::Processes(pids) => pids.iter().map(|pid| cpu_seconds(Some(*pid))).sum(),
+            Party::Postgres => postgres_cpu_seconds(),
+        }
+    }
+}
+
+/// CPU time used by each of `N` parties over one phase.
+pub struct CpuMeter<const N: usize> {
+    parties: [Party; N],
+    start: [f64; N],
+}
+
+impl<const N: usize> CpuMeter<N> {
+    pub fn of(parties: [Party; N]) -> CpuMeter<N> {
+        let start = parties.each_ref().map(Party::seconds);
+        CpuMeter { parties, start }
+    }
+
+    /// µs of CPU per event (or message) of each party since the start.
+    pub fn per_event(&self, events: u64) -> [f64; N] {
+        let end = self.parties.each_ref().map(Party::seconds);
+        std::array::from_fn(|i| (end[i] - self.start[i]) * 1e6 / events.max(1) as f64)
+    }
+}
+
+impl CpuMeter<3> {
+    /// The broker, `process` (the ingress, or a worker) and this process.
+    pub fn start(process: Option<u32>) -> CpuMeter<3> {
+        CpuMeter::of([
+            Party::process(broker_pid()),
+            Party::process(process),
+            Party::process(Some(std::process::id())),
+        ])
     }
 }
 
