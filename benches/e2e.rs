@@ -24,6 +24,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -352,6 +353,7 @@ async fn relay_phase(
     let consume = Connection::connect(&args.amqp, ConnectionProperties::default()).await?;
     let publisher = Arc::new(publisher);
     let limit = Arc::new(Semaphore::new(args.concurrency));
+    let unacked = Arc::new(AtomicU64::new(0));
     for shard in 0..topology.shards().get() {
         let channel = consume.create_channel().await?;
         channel
@@ -370,6 +372,7 @@ async fn relay_phase(
             consumer,
             Arc::clone(&publisher),
             Arc::clone(&limit),
+            Arc::clone(&unacked),
             exchange,
             relayed.clone(),
         ));
@@ -390,16 +393,26 @@ async fn relay_phase(
     {
         bail!("the relay's publishes did not finish in 30 s");
     }
+    // A delivery not acked goes back to its queue at the close and the next phase relays it
+    // again (its event may have reached downstream all the same): a late relay event.
+    let unacked = unacked.load(Ordering::Relaxed);
+    if unacked > 0 {
+        eprintln!(
+            "relay: {unacked} deliveries not acked (publish not confirmed, or the ack failed)"
+        );
+    }
     consume.close(200, "relay done".into()).await?;
     publisher.close().await;
     Ok((drained, cpu))
 }
 
-/// Republishes every delivery with a confirm, then acks it; up to `limit` at once.
+/// Republishes every delivery with a confirm, then acks it; up to `limit` at once. A delivery
+/// whose publish was not confirmed (left unacked) or whose ack failed is counted in `unacked`.
 async fn relay(
     mut consumer: lapin::Consumer,
     publisher: Arc<Publisher>,
     limit: Arc<Semaphore>,
+    unacked: Arc<AtomicU64>,
     exchange: String,
     relayed: Relayed,
 ) {
@@ -408,7 +421,7 @@ async fn relay(
             return;
         };
         let (publisher, exchange) = (Arc::clone(&publisher), exchange.clone());
-        let relayed = relayed.clone();
+        let (relayed, unacked) = (relayed.clone(), Arc::clone(&unacked));
         tokio::spawn(async move {
             let (event, properties) = relayed.event(&delivery.data);
             let message = Outgoing {
@@ -417,12 +430,12 @@ async fn relay(
                 body: &event,
                 properties,
             };
-            if publisher
-                .publish(message, Duration::from_secs(30))
-                .await
-                .is_ok()
-            {
-                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            let acked = match publisher.publish(message, Duration::from_secs(30)).await {
+                Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await.is_ok(),
+                Err(_) => false,
+            };
+            if !acked {
+                unacked.fetch_add(1, Ordering::Relaxed);
             }
             drop(permit);
         });
