@@ -329,6 +329,12 @@ impl Providers {
         }
     }
 
+    /// True when `key` is an intake key whose notifications this worker re-routes to the key
+    /// inside them ([`Providers::own_key`]): WeChat Pay's, when it is enabled.
+    pub fn is_intake(&self, key: &str) -> bool {
+        self.wechatpay.is_some() && key == wechatpay::intake_key().as_str()
+    }
+
     /// The provider's transaction id as far as the body shows it, for log lines and alerts.
     pub fn txn_id(provider: &str, body: &[u8]) -> Option<String> {
         Providers::identify(provider, body).1

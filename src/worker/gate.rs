@@ -167,7 +167,7 @@ impl Pipeline {
 
     /// The key inside an encrypted notification (WeChat Pay's) when it is not the key the
     /// message came with, and it was not re-routed already.
-    fn own_key(&self, inbound: &Inbound) -> Option<OrderKey> {
+    pub(super) fn own_key(&self, inbound: &Inbound) -> Option<OrderKey> {
         if header_text(&inbound.properties, contract::REROUTED_FROM).is_some() {
             return None;
         }
@@ -178,7 +178,7 @@ impl Pipeline {
     /// Publishes a copy of the IPN to the shard of the key it belongs to, under that key
     /// (`x-ipn-rerouted-from` keeping the old one), and waits for the confirm; the caller then
     /// acks this copy.
-    async fn reroute(
+    pub(super) async fn reroute(
         &self,
         inbound: &Inbound,
         key: &OrderKey,
@@ -192,6 +192,7 @@ impl Pipeline {
         let routing_key = Topology::shard_routing_key(shard);
         self.copy(inbound, &exchange, &routing_key, headers).await?;
         self.metrics.rerouted.inc();
+        self.crash_point(Step::Rerouted)?;
         info!(ipn.order_key = %key, to = profile, "re-routed to the key it belongs to");
         Ok(Settled::Rerouted {
             to: profile.to_owned(),

@@ -7,6 +7,10 @@
 //! backoff, unacked, so the key's later IPNs cannot overtake it; after `worker.retry_in_place`
 //! tries it goes through the delay tiers instead (its key blocked behind it), so no message can
 //! hold the shard's prefetch window forever.
+//!
+//! The intake lane (WeChat Pay's notifications, all under one intake key) takes every delivery
+//! waiting in it at once and re-routes them together ([`super::intake`]); what that leaves goes
+//! back to the front of the lane, in order, and is settled one at a time first.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -23,10 +27,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
 use super::Error;
+use super::intake;
 use super::pipeline::{self, Inbound, Pipeline};
 use crate::backoff::Backoff;
 use crate::bounded;
 use crate::config;
+
+/// What a lane's work returns when it ends: its key, and the deliveries it left unsettled
+/// (unacked), in order, to go first when the lane goes on.
+type Done = (String, Vec<Delivery>);
 
 /// How a lane retries an IPN in place.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +53,8 @@ pub(super) struct Lanes {
     pipeline: Arc<Pipeline>,
     limit: Arc<Semaphore>,
     retries: Retries,
+    /// The most deliveries of the intake lane taken together.
+    intake_batch: usize,
     stop: CancellationToken,
     waiting: HashMap<String, VecDeque<Delivery>>,
     busy: HashSet<String>,
@@ -68,6 +79,7 @@ impl Lanes {
                 in_place: worker.retry_in_place.get(),
                 ack_timeout: config.amqp.connect_timeout,
             },
+            intake_batch: intake::MAX_BATCH.min(worker.concurrency.get()),
             stop,
             waiting: HashMap::new(),
             busy: HashSet::new(),
@@ -77,7 +89,7 @@ impl Lanes {
     /// Feeds deliveries into lanes until stopped; then lets the running IPNs finish. Returns
     /// `None` when stopped, or what ended the consumer.
     pub(super) async fn run(mut self, mut consumer: Consumer) -> Option<Error> {
-        let mut running: JoinSet<String> = JoinSet::new();
+        let mut running: JoinSet<Done> = JoinSet::new();
         let ended = loop {
             // Biased, the stop first: once stopped, no delivery may start. A stop leaves each
             // lane's waiting deliveries unstarted (unacked, redelivered in order later); a later
@@ -87,8 +99,8 @@ impl Lanes {
                 biased;
                 () = self.stop.cancelled() => break None,
                 Some(done) = running.join_next() => {
-                    if let Ok(key) = done {
-                        self.next_in_lane(key, &mut running);
+                    if let Ok((key, left)) = done {
+                        self.next_in_lane(key, left, &mut running);
                     }
                 }
                 delivery = consumer.next() => match delivery {
@@ -108,7 +120,7 @@ impl Lanes {
         ended
     }
 
-    fn admit(&mut self, delivery: Delivery, running: &mut JoinSet<String>) {
+    fn admit(&mut self, delivery: Delivery, running: &mut JoinSet<Done>) {
         if self.stop.is_cancelled() {
             // Stopped: it stays unacked and comes back after the ones its lane left waiting.
             return;
@@ -133,24 +145,81 @@ impl Lanes {
         }
     }
 
-    fn next_in_lane(&mut self, key: String, running: &mut JoinSet<String>) {
-        let next = self.waiting.get_mut(&key).and_then(VecDeque::pop_front);
+    /// Starts the lane's next work once its last finished: the deliveries that work `left`
+    /// unsettled first, one at a time; else the intake lane's waiting deliveries together; else
+    /// the next one.
+    fn next_in_lane(&mut self, key: String, left: Vec<Delivery>, running: &mut JoinSet<Done>) {
+        let one_at_a_time = !left.is_empty();
+        if one_at_a_time {
+            let waiting = self.waiting.entry(key.clone()).or_default();
+            for delivery in left.into_iter().rev() {
+                waiting.push_front(delivery);
+            }
+        }
+        let together = !one_at_a_time && self.pipeline.is_intake(&key);
+        let next: Vec<Delivery> = match self.waiting.get_mut(&key) {
+            Some(waiting) if together => {
+                let n = waiting.len().min(self.intake_batch);
+                waiting.drain(..n).collect()
+            }
+            Some(waiting) => waiting.pop_front().into_iter().collect(),
+            None => Vec::new(),
+        };
         if self.waiting.get(&key).is_some_and(VecDeque::is_empty) {
             self.waiting.remove(&key);
         }
-        match next {
-            Some(delivery) if !self.stop.is_cancelled() => {
-                running.spawn(self.process(key, delivery));
+        if next.is_empty() || self.stop.is_cancelled() {
+            // Stopped: what was taken stays unacked and comes back in order after a redelivery.
+            self.busy.remove(&key);
+            return;
+        }
+        if together {
+            running.spawn(self.process_together(key, next));
+        } else {
+            let delivery = next.into_iter().next().expect("one delivery taken");
+            running.spawn(self.process(key, delivery));
+        }
+    }
+
+    /// Re-routes deliveries of the intake lane together ([`Pipeline::reroute_intake`]) and acks
+    /// the confirmed ones; returns the rest, in order, for the lane to settle one at a time.
+    fn process_together(
+        &self,
+        key: String,
+        batch: Vec<Delivery>,
+    ) -> impl Future<Output = Done> + use<> {
+        let (pipeline, limit) = (Arc::clone(&self.pipeline), Arc::clone(&self.limit));
+        let ack_timeout = self.retries.ack_timeout;
+        let inbounds: Vec<Inbound> = batch
+            .iter()
+            .map(|delivery| Inbound::new(delivery.data.clone(), delivery.properties.clone()))
+            .collect();
+        async move {
+            let permits = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+            let done = {
+                let Ok(_permits) = limit.acquire_many(permits).await else {
+                    return (key, batch);
+                };
+                let _flying: Vec<InFlight> = (0..batch.len())
+                    .map(|_| InFlight::new(&pipeline.metrics().in_flight))
+                    .collect();
+                pipeline.reroute_intake(&inbounds).await
+            };
+            let mut left = Vec::new();
+            for (delivery, confirmed) in batch.into_iter().zip(done) {
+                if confirmed {
+                    ack(&delivery, &key, ack_timeout).await;
+                } else {
+                    left.push(delivery);
+                }
             }
-            _ => {
-                self.busy.remove(&key);
-            }
+            (key, left)
         }
     }
 
     /// Handles one delivery until it is settled and acked, retrying transient failures; gives
     /// up (unacked) only when the worker stops.
-    fn process(&self, key: String, delivery: Delivery) -> impl Future<Output = String> + use<> {
+    fn process(&self, key: String, delivery: Delivery) -> impl Future<Output = Done> + use<> {
         let (pipeline, limit, stop) = (
             Arc::clone(&self.pipeline),
             Arc::clone(&self.limit),
@@ -166,7 +235,7 @@ impl Lanes {
             loop {
                 let outcome = {
                     let Ok(_permit) = limit.acquire().await else {
-                        return key;
+                        return (key, Vec::new());
                     };
                     let _flying = InFlight::new(&pipeline.metrics().in_flight);
                     let stuck = last_error.as_ref().filter(|_| failures >= retries.in_place);
@@ -175,7 +244,7 @@ impl Lanes {
                 match outcome {
                     Ok(()) => {
                         ack(&delivery, &key, retries.ack_timeout).await;
-                        return key;
+                        return (key, Vec::new());
                     }
                     Err(error) => {
                         failures = failures.saturating_add(1);
@@ -184,7 +253,7 @@ impl Lanes {
                         warn!(error = cause, failures, retry_in = ?wait, "ipn not finished; retrying in place");
                         last_error = Some(error);
                         tokio::select! {
-                            () = stop.cancelled() => return key,
+                            () = stop.cancelled() => return (key, Vec::new()),
                             () = tokio::time::sleep(wait) => {}
                         }
                     }

@@ -80,6 +80,8 @@ pub struct Metrics {
     /// Messages re-routed to the key they belong to (disputes to their subscription's,
     /// encrypted notifications to the key inside them).
     pub rerouted: Counter,
+    /// Deliveries of the intake lane taken together per batch ([`super::intake`]).
+    pub intake_batch: Histogram,
     /// Shard queues this worker owns and consumes now.
     pub owned_shards: Gauge,
     /// Shard queues in the topology (`topology.shards`): `sum(owned_shards)` should equal it.
@@ -129,6 +131,8 @@ impl Metrics {
             released: Counter::default(),
             alerts: crate::alert::Counters::initialized(),
             rerouted: Counter::default(),
+            // 1 .. 64 (intake::MAX_BATCH)
+            intake_batch: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
             owned_shards: Gauge::default(),
             shards: Gauge::default(),
             blocked_keys: Gauge::default(),
@@ -216,6 +220,11 @@ impl Metrics {
             "rerouted",
             "Messages re-routed to the order key they belong to (a dispute to its subscription's, an encrypted notification to the key inside it)",
             metrics.rerouted.clone(),
+        );
+        registry.register(
+            "intake_batch_size",
+            "Deliveries of the intake lane (WeChat Pay's) re-routed together, per batch",
+            metrics.intake_batch.clone(),
         );
         registry.register(
             "owned_shards",

@@ -6,6 +6,7 @@
 //! - [`lanes`]: one shard's deliveries in lanes per order key; in-place retries; acks.
 //! - [`pipeline`]: the steps of one IPN (verify, policy, claim, publish, confirm, mark done).
 //! - [`gate`]: order while a key waits: delay tiers, parking, blocked keys and held IPNs.
+//! - [`intake`]: the intake lane's re-routes (WeChat Pay's), several at once, each key's in order.
 //! - [`ownership`]: which worker processes which shard (rendezvous hashing over live workers, each share at most ⌈S/K⌉).
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics` on `worker.listen`.
 //! - [`housekeeping`]: purging old dedup records, refreshing the blocked-key gauges.
@@ -15,6 +16,7 @@
 pub mod gate;
 mod health;
 mod housekeeping;
+pub mod intake;
 mod lanes;
 pub mod metrics;
 pub mod ownership;

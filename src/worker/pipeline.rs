@@ -88,6 +88,8 @@ pub enum Step {
     Blocked,
     /// A held IPN finished (published); its held row is not removed yet.
     Released,
+    /// A copy is confirmed at the shard of the key it belongs to; the delivery is not acked yet.
+    Rerouted,
 }
 
 /// Decides, at each [`Step`], whether to stop there as if the process had crashed.

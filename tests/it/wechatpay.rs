@@ -64,23 +64,40 @@ impl FakeWechatPay {
 
     /// A payment's `TRANSACTION.SUCCESS`, signed now.
     fn payment(&self, out_trade_no: &str, mch_id: &str) -> Posted {
+        self.paid(&transaction(out_trade_no, mch_id))
+    }
+
+    /// A payment of `out_trade_no` with a transaction id of its own, signed now.
+    fn payment_of(&self, out_trade_no: &str, transaction_id: &str) -> Posted {
+        let resource =
+            fake_providers::wechatpay_transaction(MCH_ID, APP_ID, out_trade_no, transaction_id);
+        self.paid(&resource)
+    }
+
+    /// A `TRANSACTION.SUCCESS` of the transaction `resource`, signed now.
+    fn paid(&self, resource: &serde_json::Value) -> Posted {
         let body = self.body(
             &self.apiv3_key,
             &uuid::Uuid::now_v7().to_string(),
             "TRANSACTION.SUCCESS",
             "transaction",
-            &transaction(out_trade_no, mch_id),
+            resource,
         );
         self.sign(body, now())
     }
 
     /// A refund's `REFUND.SUCCESS` of the payment `out_trade_no`, signed now.
     fn refund(&self, out_trade_no: &str) -> Posted {
+        self.refund_numbered(out_trade_no, "R-0001")
+    }
+
+    /// The refund `out_refund_no` of the payment `out_trade_no`, signed now.
+    fn refund_numbered(&self, out_trade_no: &str, out_refund_no: &str) -> Posted {
         let resource = serde_json::json!({
             "mchid": MCH_ID,
             "out_trade_no": out_trade_no,
             "transaction_id": "4200000000202612010000000001",
-            "out_refund_no": "R-0001",
+            "out_refund_no": out_refund_no,
             "refund_id": "50000000382019052709732678859",
             "refund_status": "SUCCESS",
             "success_time": "2026-12-01T10:05:00+08:00",
@@ -412,6 +429,18 @@ fn queued(posted: &Posted) -> ipn_bridge::worker::Inbound {
     ipn_bridge::worker::Inbound::new(posted.body.clone(), properties)
 }
 
+/// A worker's pipeline with WeChat Pay on, with `fake`'s keys, on a broker and database of its own.
+async fn rig(fake: &FakeWechatPay) -> crate::worker::Rig {
+    crate::worker::Rig::start(|config| {
+        let wechatpay = &mut config.wechatpay;
+        wechatpay.enabled = true;
+        wechatpay.mch_ids = vec![MCH_ID.to_owned()];
+        wechatpay.apiv3_key = ipn_bridge::config::Secret::new(fake.apiv3_key.clone());
+        wechatpay.platform_keys = [(SERIAL.to_owned(), fake.public_key_pem())].into();
+    })
+    .await
+}
+
 /// Takes every message in the shard queues, waiting until there are `n`.
 async fn shard_copies(rig: &crate::worker::Rig, n: usize) -> Vec<ipn_bridge::worker::Inbound> {
     let mut copies = Vec::new();
@@ -438,14 +467,7 @@ async fn a_notification_held_behind_a_stuck_one_on_the_intake_key_keeps_its_prov
     use ipn_bridge::worker::pipeline::{Error, Step};
     use ipn_bridge::worker::{Outcome, Settled};
     let fake = FakeWechatPay::new();
-    let rig = crate::worker::Rig::start(|config| {
-        let wechatpay = &mut config.wechatpay;
-        wechatpay.enabled = true;
-        wechatpay.mch_ids = vec![MCH_ID.to_owned()];
-        wechatpay.apiv3_key = ipn_bridge::config::Secret::new(fake.apiv3_key.clone());
-        wechatpay.platform_keys = [(SERIAL.to_owned(), fake.public_key_pem())].into();
-    })
-    .await;
+    let rig = rig(&fake).await;
     let payment = queued(&fake.payment("ORDER-20261201-0007", MCH_ID));
     let refund = queued(&fake.refund("ORDER-20261201-0007"));
     // The payment's re-route kept failing (as when the broker is unwell): sent to a tier, the
@@ -542,4 +564,227 @@ async fn a_notification_undecryptable_under_a_wrong_apiv3_key_is_delivered_by_a_
     assert_eq!(stack.broker.count(&channel, &quarantine).await, 0);
     worker.stop().await;
     ingress.stop().await;
+}
+
+#[tokio::test]
+async fn the_intake_re_routes_a_backlog_together_and_every_order_keeps_its_posting_order() {
+    const ORDERS: usize = 12;
+    const REFUNDS: usize = 3;
+    let fake = FakeWechatPay::new();
+    let mut stack = Stack::new().await;
+    let wechatpay = &mut stack.config.wechatpay;
+    wechatpay.enabled = true;
+    wechatpay.mch_ids = vec![MCH_ID.to_owned()];
+    wechatpay.app_ids = vec![APP_ID.to_owned()];
+    wechatpay.apiv3_key = ipn_bridge::config::Secret::new(fake.apiv3_key.clone());
+    wechatpay.platform_keys = [(SERIAL.to_owned(), fake.public_key_pem())].into();
+    let (_, ingress) = ready_ingress(stack.config.clone()).await;
+    // A backlog, as after an outage: each order's payment, then its refunds, the orders
+    // interleaved, posted while no worker runs.
+    let order = |o: usize| format!("ORDER-20261206-{o:04}");
+    let mut posted = Vec::new();
+    for o in 0..ORDERS {
+        let transaction_id = format!("42000000002026120600000{o:05}");
+        posted.push((order(o), fake.payment_of(&order(o), &transaction_id)));
+    }
+    for r in 0..REFUNDS {
+        for o in 0..ORDERS {
+            let refund = fake.refund_numbered(&order(o), &format!("R-{o:04}-{r}"));
+            posted.push((order(o), refund));
+        }
+    }
+    for (_, notification) in &posted {
+        assert_eq!(post(&ingress, notification).await.0, 200);
+    }
+    let worker = RunningWorker::spawn(stack.config.clone()).await;
+    let total = posted.len();
+    let events = stack.events(u32::try_from(total).expect("small")).await;
+    assert_eq!(events.len(), total);
+    for o in 0..ORDERS {
+        let key = format!("wechatpay:{}", order(o));
+        let arrived: Vec<(i64, Vec<u8>)> = events
+            .iter()
+            .filter(|event| event["order_key"] == key.as_str())
+            .map(|event| (event["sequence"].as_i64().expect("sequence"), raw(event)))
+            .collect();
+        let sent: Vec<&Vec<u8>> = posted
+            .iter()
+            .filter(|(o2, _)| *o2 == order(o))
+            .map(|(_, n)| &n.body)
+            .collect();
+        let bodies: Vec<&Vec<u8>> = arrived.iter().map(|(_, body)| body).collect();
+        assert_eq!(bodies, sent, "{key}: posting order");
+        let numbers: Vec<i64> = arrived.iter().map(|(n, _)| *n).collect();
+        assert_eq!(numbers, [1, 2, 3, 4], "{key}");
+    }
+    let rerouted = worker.metric("ipn_worker_rerouted_total").await;
+    assert_eq!(
+        rerouted,
+        Some(total as f64),
+        "every one from the intake key"
+    );
+    // The first delivery goes alone (nothing waits yet); the backlog behind it together.
+    let batches = worker.metric("ipn_worker_intake_batch_size_count").await;
+    let together = worker.metric("ipn_worker_intake_batch_size_sum").await;
+    let (batches, together) = (batches.expect("batches"), together.expect("sum"));
+    assert!(batches >= 1.0, "taken together at least once");
+    assert!(
+        together > batches,
+        "a batch carried more than one: {together} in {batches}"
+    );
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn when_one_copy_of_a_batch_fails_the_later_ones_of_its_key_are_not_sent() {
+    use ipn_bridge::worker::pipeline::Step;
+    use ipn_bridge::worker::{Outcome, Settled};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let fake = FakeWechatPay::new();
+    let rig = rig(&fake).await;
+    // The first copy confirmed fails as if the worker crashed right after its confirm (before
+    // the ack); the batch's two keys run concurrently, so either key's first copy may be it.
+    let failed = Arc::new(AtomicBool::new(false));
+    let once = Arc::clone(&failed);
+    let crashing = rig
+        .another_pipeline()
+        .await
+        .with_fault_injection(Box::new(move |at| {
+            at == Step::Rerouted && !once.swap(true, Ordering::SeqCst)
+        }));
+    let a = "ORDER-20261206-A";
+    let b = "ORDER-20261206-B";
+    let batch = [
+        queued(&fake.payment_of(a, "4200000000202612060000000101")),
+        queued(&fake.payment_of(b, "4200000000202612060000000102")),
+        queued(&fake.refund_numbered(a, "R-A-1")),
+    ];
+    let done = crashing.reroute_intake(&batch).await;
+    assert!(failed.load(Ordering::SeqCst), "the fault was injected");
+    // A's payment failed: A's refund must not overtake it. B's failed: A's chain went on.
+    let copies = match done.as_slice() {
+        [false, true, false] => 2,
+        [true, false, true] => 3,
+        other => panic!("a key's later copy went without its earlier one: {other:?}"),
+    };
+    // reroute_intake waited for every confirm: the copies sent are all in the shards now.
+    let sent = shard_copies(&rig, copies).await;
+    assert_eq!(
+        sent.len(),
+        copies,
+        "only the confirmed ones and the failed one"
+    );
+    // The ones left unconfirmed, settled one at a time in order as the lane does.
+    let mut rerouted = Vec::new();
+    for (inbound, confirmed) in batch.iter().zip(&done) {
+        if !confirmed {
+            rerouted.push(rig.pipeline.settle(inbound).await.expect("settled"));
+        }
+    }
+    assert!(
+        rerouted
+            .iter()
+            .all(|settled| matches!(settled, Settled::Rerouted { .. })),
+        "{rerouted:?}"
+    );
+    // Every copy through its own key's lane, in the shards' order: each key's events in the
+    // order posted; the failed one's second copy is a duplicate.
+    let mut all = sent;
+    all.extend(shard_copies(&rig, rerouted.len()).await);
+    let mut duplicates = 0;
+    for copy in &all {
+        match rig.pipeline.settle(copy).await.expect("settled") {
+            Settled::Finished {
+                outcome: Outcome::Published { .. },
+                ..
+            } => {}
+            Settled::Finished {
+                outcome: Outcome::Duplicate,
+                ..
+            } => duplicates += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(duplicates, 1, "the copy confirmed before the crash");
+    let events = rig.events().await;
+    let of = |out_trade_no: &str| -> Vec<(String, i64)> {
+        events
+            .iter()
+            .filter(|e| e["order_key"] == format!("wechatpay:{out_trade_no}").as_str())
+            .map(|e| {
+                (
+                    e["txn_type"].as_str().expect("type").to_owned(),
+                    e["sequence"].as_i64().expect("sequence"),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        of(a),
+        [
+            ("TRANSACTION.SUCCESS".to_owned(), 1),
+            ("REFUND.SUCCESS".to_owned(), 2)
+        ]
+    );
+    assert_eq!(of(b), [("TRANSACTION.SUCCESS".to_owned(), 1)]);
+}
+
+#[tokio::test]
+async fn a_batch_on_a_blocked_intake_key_or_led_by_one_that_does_not_open_is_left_to_go_one_at_a_time()
+ {
+    use ipn_bridge::policy::Reason;
+    use ipn_bridge::worker::pipeline::{Error, Step};
+    use ipn_bridge::worker::{Outcome, Settled};
+    let fake = FakeWechatPay::new();
+    let rig = rig(&fake).await;
+    // Led by one encrypted under another APIv3 key: nothing of the batch is sent, not even the
+    // good one behind it. One at a time, the first is quarantined; then the good one goes.
+    let foreign = fake.body(
+        &random_text(32),
+        &uuid::Uuid::now_v7().to_string(),
+        "TRANSACTION.SUCCESS",
+        "transaction",
+        &transaction("ORDER-20261206-C", MCH_ID),
+    );
+    let good = queued(&fake.payment_of("ORDER-20261206-D", "4200000000202612060000000104"));
+    let led = [queued(&fake.sign(foreign, now())), good];
+    assert_eq!(rig.pipeline.reroute_intake(&led).await, [false, false]);
+    assert_eq!(
+        rig.pipeline.settle(&led[0]).await.expect("settled"),
+        Settled::Finished {
+            outcome: Outcome::Quarantined(Reason::Undecryptable),
+            released: 0
+        }
+    );
+    assert_eq!(rig.pipeline.reroute_intake(&led[1..]).await, [true]);
+    // The intake key blocked behind a stuck one: nothing is taken together; one at a time, each
+    // is held behind it.
+    let stuck = queued(&fake.payment_of("ORDER-20261206-E", "4200000000202612060000000105"));
+    let deferred = rig
+        .pipeline
+        .defer_stuck(&stuck, &Error::Injected(Step::Rerouted))
+        .await
+        .expect("deferred");
+    assert!(
+        matches!(deferred, Some(Settled::Deferred { .. })),
+        "{deferred:?}"
+    );
+    let behind = [
+        queued(&fake.payment_of("ORDER-20261206-F", "4200000000202612060000000106")),
+        queued(&fake.refund_numbered("ORDER-20261206-E", "R-E-1")),
+    ];
+    assert_eq!(rig.pipeline.reroute_intake(&behind).await, [false, false]);
+    assert_eq!(
+        rig.pipeline.settle(&behind[0]).await.expect("settled"),
+        Settled::Held
+    );
+    // In the shards: the good one's copy and the stuck one back from its tier, nothing else.
+    let copies = shard_copies(&rig, 2).await;
+    let mut ids: Vec<&str> = copies.iter().map(|c| c.message_id.as_str()).collect();
+    ids.sort_unstable();
+    let mut expected = [led[1].message_id.as_str(), stuck.message_id.as_str()];
+    expected.sort_unstable();
+    assert_eq!(ids, expected);
 }
