@@ -40,10 +40,10 @@ pub const NAME: &str = "wechatpay";
 
 /// The key every WeChat Pay notification is queued under by the ingress,
 /// `wechatpay-intake:all`: one shard and one lane take them in the order they arrived and
-/// re-route each to its own key (`wechatpay:<out_trade_no>`), one after the other, so a refund
-/// posted after its payment is re-routed after it too. (Shards chosen by body would let a
-/// refund overtake its payment on the way.) The intake is serial: its rate is one decryption
-/// and one confirmed publish per notification.
+/// re-route each to its own key (`wechatpay:<out_trade_no>`), a key's one after the other, so a
+/// refund posted after its payment is re-routed after it too. (Shards chosen by body would let a
+/// refund overtake its payment on the way.) The lane re-routes the notifications waiting in it
+/// together, different keys' concurrently ([`crate::worker::intake`]).
 pub fn intake_key() -> OrderKey {
     OrderKey::new("wechatpay-intake", "all")
 }
