@@ -124,6 +124,16 @@ fn transaction(out_trade_no: &str, mch_id: &str) -> serde_json::Value {
     )
 }
 
+/// WeChat Pay on in `config`, for our merchant and app, with `fake`'s keys.
+fn wechat_pay_on(config: &mut ipn_bridge::config::Config, fake: &FakeWechatPay) {
+    let wechatpay = &mut config.wechatpay;
+    wechatpay.enabled = true;
+    wechatpay.mch_ids = vec![MCH_ID.to_owned()];
+    wechatpay.app_ids = vec![APP_ID.to_owned()];
+    wechatpay.apiv3_key = ipn_bridge::config::Secret::new(fake.apiv3_key.clone());
+    wechatpay.platform_keys = [(SERIAL.to_owned(), fake.public_key_pem())].into();
+}
+
 /// A stack with WeChat Pay on at `/wechatpay/notify` with `fake`'s keys, alerts to `webhook`.
 async fn stack(
     fake: &FakeWechatPay,
@@ -134,12 +144,7 @@ async fn stack(
     RunningWorker,
 ) {
     let mut stack = Stack::new().await;
-    let wechatpay = &mut stack.config.wechatpay;
-    wechatpay.enabled = true;
-    wechatpay.mch_ids = vec![MCH_ID.to_owned()];
-    wechatpay.app_ids = vec![APP_ID.to_owned()];
-    wechatpay.apiv3_key = ipn_bridge::config::Secret::new(fake.apiv3_key.clone());
-    wechatpay.platform_keys = [(SERIAL.to_owned(), fake.public_key_pem())].into();
+    wechat_pay_on(&mut stack.config, fake);
     if let Some(webhook) = webhook {
         stack.config.alert.webhook_url = Some(webhook.url.parse().expect("url"));
         stack.config.alert.min_interval = Duration::from_millis(1);
@@ -431,14 +436,7 @@ fn queued(posted: &Posted) -> ipn_bridge::worker::Inbound {
 
 /// A worker's pipeline with WeChat Pay on, with `fake`'s keys, on a broker and database of its own.
 async fn rig(fake: &FakeWechatPay) -> crate::worker::Rig {
-    crate::worker::Rig::start(|config| {
-        let wechatpay = &mut config.wechatpay;
-        wechatpay.enabled = true;
-        wechatpay.mch_ids = vec![MCH_ID.to_owned()];
-        wechatpay.apiv3_key = ipn_bridge::config::Secret::new(fake.apiv3_key.clone());
-        wechatpay.platform_keys = [(SERIAL.to_owned(), fake.public_key_pem())].into();
-    })
-    .await
+    crate::worker::Rig::start(|config| wechat_pay_on(config, fake)).await
 }
 
 /// Takes every message in the shard queues, waiting until there are `n`.
@@ -521,10 +519,7 @@ async fn with_the_broker_down_wechat_pay_gets_its_failure_answer_and_so_resends(
         listener.local_addr().expect("addr").to_string()
     };
     let mut config = broker.config_via(&closed);
-    config.wechatpay.enabled = true;
-    config.wechatpay.mch_ids = vec![MCH_ID.to_owned()];
-    config.wechatpay.apiv3_key = ipn_bridge::config::Secret::new(fake.apiv3_key.clone());
-    config.wechatpay.platform_keys = [(SERIAL.to_owned(), fake.public_key_pem())].into();
+    wechat_pay_on(&mut config, &fake);
     let ingress = crate::support::ingress::spawn_ingress(config).await;
     let answer = post(&ingress, &fake.payment("ORDER-20261201-0009", MCH_ID)).await;
     assert!(failed(&answer), "{answer:?}");
@@ -572,12 +567,7 @@ async fn the_intake_re_routes_a_backlog_together_and_every_order_keeps_its_posti
     const REFUNDS: usize = 3;
     let fake = FakeWechatPay::new();
     let mut stack = Stack::new().await;
-    let wechatpay = &mut stack.config.wechatpay;
-    wechatpay.enabled = true;
-    wechatpay.mch_ids = vec![MCH_ID.to_owned()];
-    wechatpay.app_ids = vec![APP_ID.to_owned()];
-    wechatpay.apiv3_key = ipn_bridge::config::Secret::new(fake.apiv3_key.clone());
-    wechatpay.platform_keys = [(SERIAL.to_owned(), fake.public_key_pem())].into();
+    wechat_pay_on(&mut stack.config, &fake);
     let (_, ingress) = ready_ingress(stack.config.clone()).await;
     // A backlog, as after an outage: each order's payment, then its refunds, the orders
     // interleaved, posted while no worker runs.
