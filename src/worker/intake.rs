@@ -66,18 +66,21 @@ impl Pipeline {
             for &i in items {
                 let inbound = &batch[i];
                 let span = pipeline::span(&inbound.message_id, intake.as_str(), inbound.attempt);
-                match self
-                    .reroute(inbound, intake, own.as_str())
-                    .instrument(span)
-                    .await
-                {
-                    Ok(_) => confirmed.push(i),
-                    Err(error) => {
-                        let error = bounded::error_chain(&error);
-                        warn!(error, ipn.order_key = %intake, to = %own, "re-route not confirmed; it and the key's later ones are settled one at a time");
-                        break;
+                // In the IPN's span, the warning too: every line about it carries its message id.
+                let sent = async {
+                    match self.reroute(inbound, intake, own.as_str()).await {
+                        Ok(_) => true,
+                        Err(error) => {
+                            let error = bounded::error_chain(&error);
+                            warn!(error, ipn.order_key = %intake, to = %own, "re-route not confirmed; it and the key's later ones are settled one at a time");
+                            false
+                        }
                     }
+                };
+                if !sent.instrument(span).await {
+                    break;
                 }
+                confirmed.push(i);
             }
             confirmed
         });
