@@ -329,10 +329,10 @@ impl Providers {
         }
     }
 
-    /// True when `key` is an intake key whose notifications this worker re-routes to the key
-    /// inside them ([`Providers::own_key`]): WeChat Pay's, when it is enabled.
-    pub fn is_intake(&self, key: &str) -> bool {
-        self.wechatpay.is_some() && key == wechatpay::intake_key().as_str()
+    /// The intake key whose notifications this worker re-routes to the key inside them
+    /// ([`Providers::own_key`]): WeChat Pay's, when it is enabled.
+    pub fn intake_key(&self) -> Option<OrderKey> {
+        self.wechatpay.as_ref().map(|_| wechatpay::intake_key())
     }
 
     /// The provider's transaction id as far as the body shows it, for log lines and alerts.

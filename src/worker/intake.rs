@@ -30,11 +30,6 @@ use crate::keys::OrderKey;
 pub const MAX_BATCH: usize = 64;
 
 impl Pipeline {
-    /// True for the lane of an intake key whose deliveries are re-routed together.
-    pub fn is_intake(&self, key: &str) -> bool {
-        self.providers.is_intake(key)
-    }
-
     /// Re-routes the leading plain re-routes of `batch` (deliveries of one intake lane, in
     /// arrival order) to their own keys; says for each delivery whether its copy is confirmed
     /// (ack it) or it was left alone (settle it the one-at-a-time way, in order).
@@ -53,7 +48,6 @@ impl Pipeline {
             // Blocked (or not known): each is held or settled the one-at-a-time way.
             _ => return done,
         }
-        self.metrics.intake_batch.observe(batch.len() as f64);
         let chains = chains(batch, |inbound| {
             inbound
                 .control
@@ -61,6 +55,10 @@ impl Pipeline {
                 .then(|| self.own_key(inbound))
                 .flatten()
         });
+        let taken: usize = chains.iter().map(|(_, items)| items.len()).sum();
+        if taken > 0 {
+            self.metrics.intake_batch.observe(taken as f64);
+        }
         let runs = chains.iter().map(|(own, items)| async move {
             let mut confirmed = Vec::with_capacity(items.len());
             for &i in items {

@@ -53,6 +53,8 @@ pub(super) struct Lanes {
     pipeline: Arc<Pipeline>,
     limit: Arc<Semaphore>,
     retries: Retries,
+    /// The lane whose deliveries are re-routed together ([`super::intake`]), when there is one.
+    intake: Option<String>,
     /// The most deliveries of the intake lane taken together.
     intake_batch: usize,
     stop: CancellationToken,
@@ -69,6 +71,7 @@ impl Lanes {
         stop: CancellationToken,
     ) -> Lanes {
         let worker = &config.worker;
+        let intake_lane = pipeline.providers.intake_key().map(|key| key.to_string());
         Lanes {
             shard,
             pipeline,
@@ -79,6 +82,7 @@ impl Lanes {
                 in_place: worker.retry_in_place.get(),
                 ack_timeout: config.amqp.connect_timeout,
             },
+            intake: intake_lane,
             intake_batch: intake::MAX_BATCH.min(worker.concurrency.get()),
             stop,
             waiting: HashMap::new(),
@@ -149,35 +153,29 @@ impl Lanes {
     /// unsettled first, one at a time; else the intake lane's waiting deliveries together; else
     /// the next one.
     fn next_in_lane(&mut self, key: String, left: Vec<Delivery>, running: &mut JoinSet<Done>) {
-        let one_at_a_time = !left.is_empty();
-        if one_at_a_time {
-            let waiting = self.waiting.entry(key.clone()).or_default();
-            for delivery in left.into_iter().rev() {
-                waiting.push_front(delivery);
-            }
+        let together = left.is_empty() && self.intake.as_deref() == Some(key.as_str());
+        let waiting = self.waiting.entry(key.clone()).or_default();
+        for delivery in left.into_iter().rev() {
+            waiting.push_front(delivery);
         }
-        let together = !one_at_a_time && self.pipeline.is_intake(&key);
-        let next: Vec<Delivery> = match self.waiting.get_mut(&key) {
-            Some(waiting) if together => {
-                let n = waiting.len().min(self.intake_batch);
-                waiting.drain(..n).collect()
-            }
-            Some(waiting) => waiting.pop_front().into_iter().collect(),
-            None => Vec::new(),
-        };
-        if self.waiting.get(&key).is_some_and(VecDeque::is_empty) {
+        // Stopped: the lane's deliveries stay unacked and come back in order later.
+        let go = !self.stop.is_cancelled();
+        let batch = (go && together && !waiting.is_empty()).then(|| {
+            let n = waiting.len().min(self.intake_batch);
+            waiting.drain(..n).collect::<Vec<_>>()
+        });
+        let one = (go && batch.is_none())
+            .then(|| waiting.pop_front())
+            .flatten();
+        if waiting.is_empty() {
             self.waiting.remove(&key);
         }
-        if next.is_empty() || self.stop.is_cancelled() {
-            // Stopped: what was taken stays unacked and comes back in order after a redelivery.
-            self.busy.remove(&key);
-            return;
-        }
-        if together {
-            running.spawn(self.process_together(key, next));
-        } else {
-            let delivery = next.into_iter().next().expect("one delivery taken");
+        if let Some(batch) = batch {
+            running.spawn(self.process_together(key, batch));
+        } else if let Some(delivery) = one {
             running.spawn(self.process(key, delivery));
+        } else {
+            self.busy.remove(&key);
         }
     }
 

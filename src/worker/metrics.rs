@@ -80,7 +80,8 @@ pub struct Metrics {
     /// Messages re-routed to the key they belong to (disputes to their subscription's,
     /// encrypted notifications to the key inside them).
     pub rerouted: Counter,
-    /// Deliveries of the intake lane taken together per batch ([`super::intake`]).
+    /// Notifications of the intake lane re-routed together, per batch that re-routed any
+    /// ([`super::intake`]).
     pub intake_batch: Histogram,
     /// Shard queues this worker owns and consumes now.
     pub owned_shards: Gauge,
@@ -223,7 +224,7 @@ impl Metrics {
         );
         registry.register(
             "intake_batch_size",
-            "Deliveries of the intake lane (WeChat Pay's) re-routed together, per batch",
+            "Notifications of the intake lane (WeChat Pay's) re-routed together, per batch that re-routed any",
             metrics.intake_batch.clone(),
         );
         registry.register(
