@@ -44,6 +44,7 @@ use crate::samples_dir;
 use crate::support::events::{
     Arrival, Drained, Ledger, RELAY_KEY_PREFIX, consume_downstream, take_events,
 };
+use crate::support::steps::Scrape;
 use crate::support::{self, Summary};
 use crate::support::{BodySource, ChildProcess, CpuMeter, Length, Party, cores, http_phase};
 use ipn_bridge::store::Store;
@@ -197,8 +198,10 @@ async fn run(
     let mut workers = start_workers(args, config, names.database_url, &paypal).await?;
     let rss_rest = total_rss(&workers);
     let meter = process_meter(&workers);
+    let steps_before = Scrape::of(&workers).await?;
     let drained = take_events(&mut arrivals, &accepted, &mut ledger).await?;
     let cpu = meter.per_event(drained.events);
+    let steps = Scrape::of(&workers).await?.report_since(&steps_before);
     let rss_drain = total_rss(&workers);
     let drain_rate = drained.rate();
 
@@ -281,6 +284,7 @@ async fn run(
         "CPU µs per event while draining: worker(s) {:.0}, PostgreSQL {:.0}, broker {:.0}, bench (fake PayPal, downstream) {:.0}",
         cpu[0], cpu[1], cpu[2], cpu[3]
     );
+    println!("{steps}");
     // The minimal relay's events are ~60 bytes of JSON without headers where the worker's carry
     // the whole event: the broker's cost per event differs between the phases for that too.
     println!(

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each bench uses part of it
 
 pub mod events;
+pub mod steps;
 
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
@@ -351,29 +352,39 @@ pub struct ChildProcess {
     /// The process.
     pub child: Child,
     name: &'static str,
+    /// `http://127.0.0.1:<port>` of its `/readyz` and `/metrics`.
+    base: String,
 }
 
 impl ChildProcess {
-    /// Starts `binary` with `envs` and waits (30 s at most) until `ready` answers 200.
+    /// Starts `binary` with `envs` and waits (30 s at most) until `<base>/readyz` answers 200.
     pub async fn start(
         name: &'static str,
         binary: &str,
         envs: Vec<(String, String)>,
-        ready: &str,
+        base: String,
     ) -> anyhow::Result<ChildProcess> {
         let child = Command::new(binary)
             .envs(envs)
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
-        let process = ChildProcess { child, name };
+        let ready = format!("{base}/readyz");
+        let process = ChildProcess { child, name, base };
         for _ in 0..300 {
-            if reqwest::get(ready).await.is_ok_and(|r| r.status() == 200) {
+            if reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200) {
                 return Ok(process);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!("{name} did not become ready in 30 s")
+    }
+
+    /// Its `/metrics` text now.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let url = format!("{}/metrics", self.base);
+        let text = reqwest::get(&url).await?.error_for_status()?.text().await?;
+        Ok(text)
     }
 
     /// Resident memory, KiB.
@@ -447,12 +458,11 @@ pub async fn start_ingress(
     ];
     envs.extend(settings.iter().cloned());
     envs.extend(passed_on("BENCH_INGRESS_"));
-    let ready = format!("http://127.0.0.1:{port}/readyz");
     let process = ChildProcess::start(
         "ipn-ingress",
         env!("CARGO_BIN_EXE_ipn-ingress"),
         envs,
-        &ready,
+        format!("http://127.0.0.1:{port}"),
     )
     .await?;
     Ok((process, format!("http://127.0.0.1:{port}/ipn")))
@@ -484,8 +494,8 @@ pub async fn start_worker(
         .chain(settings.iter().cloned())
         .chain(passed_on("BENCH_WORKER_"))
         .collect();
-    let ready = format!("http://127.0.0.1:{port}/readyz");
-    ChildProcess::start("ipn-worker", env!("CARGO_BIN_EXE_ipn-worker"), envs, &ready).await
+    let base = format!("http://127.0.0.1:{port}");
+    ChildProcess::start("ipn-worker", env!("CARGO_BIN_EXE_ipn-worker"), envs, base).await
 }
 
 /// What a run of the end-to-end benches makes for itself: a topology prefix

@@ -15,8 +15,11 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
@@ -44,6 +47,56 @@ pub(super) trait Kind: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Self::Response>, sqlx::Error>> + Send;
 }
 
+/// Label of the batch metrics: the statement's name ([`Kind::NAME`]: `key_state`, `claim`,
+/// `mark_done`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatementLabel {
+    /// Which statement.
+    pub statement: &'static str,
+}
+
+/// A histogram per statement.
+pub type PerStatement = Family<StatementLabel, Histogram, fn() -> Histogram>;
+
+/// How big the batches are and how long each takes, per statement: what group commit does under
+/// the load of the moment. Cheap to clone (the series are shared); the worker exports them
+/// ([`crate::worker::Metrics`]).
+#[derive(Debug, Clone)]
+pub struct BatchMetrics {
+    /// Requests per batch (1 .. [`MAX_BATCH`]).
+    pub size: PerStatement,
+    /// Seconds per batch, from its statement's start to its last answer's (the one-by-one
+    /// reruns of a refused batch included).
+    pub seconds: PerStatement,
+}
+
+impl Default for BatchMetrics {
+    fn default() -> Self {
+        fn size() -> Histogram {
+            // 1 .. 256 (MAX_BATCH)
+            Histogram::new(exponential_buckets(1.0, 2.0, 9))
+        }
+        fn seconds() -> Histogram {
+            // 0.5 ms .. ~8 s
+            Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+        }
+        BatchMetrics {
+            size: Family::new_with_constructor(size),
+            seconds: Family::new_with_constructor(seconds),
+        }
+    }
+}
+
+impl BatchMetrics {
+    fn observe(&self, statement: &'static str, requests: usize, started: Instant) {
+        let label = StatementLabel { statement };
+        self.size.get_or_create(&label).observe(requests as f64);
+        self.seconds
+            .get_or_create(&label)
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
 type Waiting<K> = (
     <K as Kind>::Request,
     oneshot::Sender<Result<<K as Kind>::Response, Error>>,
@@ -63,10 +116,14 @@ impl<K: Kind> std::fmt::Debug for Batcher<K> {
 
 impl<K: Kind> Batcher<K> {
     /// Starts the task; it ends when the last handle is dropped. Each batch is bounded by
-    /// `limit` (`database.query_timeout`).
-    pub(super) fn start(pool: PgPool, limit: Duration) -> Batcher<K> {
+    /// `limit` (`database.query_timeout`) and observed in `metrics`.
+    pub(super) fn start(pool: PgPool, limit: Duration, metrics: BatchMetrics) -> Batcher<K> {
         let (queue, waiting) = mpsc::channel(QUEUE);
-        tokio::spawn(run_batches::<K>(pool, limit, waiting));
+        // Each statement's series exist from the start, at 0.
+        let label = StatementLabel { statement: K::NAME };
+        let _ = metrics.size.get_or_create(&label);
+        let _ = metrics.seconds.get_or_create(&label);
+        tokio::spawn(run_batches::<K>(pool, limit, metrics, waiting));
         Batcher { queue, limit }
     }
 
@@ -96,12 +153,15 @@ impl<K: Kind> Batcher<K> {
 async fn run_batches<K: Kind>(
     pool: PgPool,
     limit: Duration,
+    metrics: BatchMetrics,
     mut waiting: mpsc::Receiver<Waiting<K>>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while waiting.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let (requests, answers): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
+        let started = Instant::now();
         let results = run_one_batch::<K>(&pool, limit, &requests).await;
+        metrics.observe(K::NAME, requests.len(), started);
         for (answer, result) in answers.into_iter().zip(results) {
             // A caller that gave up (stopped worker) no longer listens: nothing to do.
             let _ = answer.send(result);

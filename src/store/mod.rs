@@ -31,6 +31,7 @@ mod batch;
 mod history;
 
 use batch::Batcher;
+pub use batch::{BatchMetrics, PerStatement, StatementLabel};
 
 pub use history::{EventFilter, StoredEvent};
 
@@ -256,6 +257,8 @@ pub struct Store {
     done: Arc<Batcher<MarkDone>>,
     /// The gate's look-ups of keys taken together, as one statement.
     key_states: Arc<Batcher<KeyStates>>,
+    /// The three batchers' sizes and durations.
+    batches: BatchMetrics,
 }
 
 /// Refuses a connection to a server that does not take writes (a standby the database address
@@ -353,13 +356,20 @@ impl Store {
                 other => other,
             })?;
         let limit = config.query_timeout;
+        let batches = BatchMetrics::default();
         Ok(Store {
-            claims: Arc::new(Batcher::start(pool.clone(), limit)),
-            done: Arc::new(Batcher::start(pool.clone(), limit)),
-            key_states: Arc::new(Batcher::start(pool.clone(), limit)),
+            claims: Arc::new(Batcher::start(pool.clone(), limit, batches.clone())),
+            done: Arc::new(Batcher::start(pool.clone(), limit, batches.clone())),
+            key_states: Arc::new(Batcher::start(pool.clone(), limit, batches.clone())),
+            batches,
             pool,
             query_timeout: limit,
         })
+    }
+
+    /// How the group commit's batches go (sizes and durations per statement), for the metrics.
+    pub fn batch_metrics(&self) -> &BatchMetrics {
+        &self.batches
     }
 
     /// Finds or reserves the row of an IPN; see the module docs for the protocol.

@@ -139,10 +139,8 @@ impl Pipeline {
         }
         // One statement (shared with the other lanes' at the same moment): is the key blocked,
         // and was the transaction a `txn:` key names paid under a profile?
-        let state = self
-            .store
-            .key_state(key.as_str(), paid_txn(inbound, key))
-            .await?;
+        let looked_up = self.store.key_state(key.as_str(), paid_txn(inbound, key));
+        let state = self.metrics.step("gate", looked_up).await?;
         match state.blocked {
             None => match state.profile {
                 Some(profile) => self.reroute(inbound, key, &profile).await,

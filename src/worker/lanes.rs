@@ -28,6 +28,7 @@ use tracing::{Instrument, debug, warn};
 
 use super::Error;
 use super::intake;
+use super::metrics::Metrics;
 use super::pipeline::{self, Inbound, Pipeline};
 use crate::backoff::Backoff;
 use crate::bounded;
@@ -206,7 +207,7 @@ impl Lanes {
             let mut left = Vec::new();
             for (delivery, confirmed) in batch.into_iter().zip(done) {
                 if confirmed {
-                    ack(&delivery, &key, ack_timeout).await;
+                    ack(&delivery, &key, ack_timeout, pipeline.metrics()).await;
                 } else {
                     left.push(delivery);
                 }
@@ -241,7 +242,7 @@ impl Lanes {
                 };
                 match outcome {
                     Ok(()) => {
-                        ack(&delivery, &key, retries.ack_timeout).await;
+                        ack(&delivery, &key, retries.ack_timeout, pipeline.metrics()).await;
                         return (key, Vec::new());
                     }
                     Err(error) => {
@@ -277,8 +278,9 @@ async fn settle(
     pipeline.settle(inbound).await.map(|_| ())
 }
 
-async fn ack(delivery: &Delivery, key: &str, limit: Duration) {
-    let acked = tokio::time::timeout(limit, delivery.acker.ack(BasicAckOptions::default())).await;
+async fn ack(delivery: &Delivery, key: &str, limit: Duration, metrics: &Metrics) {
+    let acking = tokio::time::timeout(limit, delivery.acker.ack(BasicAckOptions::default()));
+    let acked = metrics.step("ack", acking).await;
     let error = match acked {
         Ok(Ok(_)) => return,
         Ok(Err(error)) => bounded::error_chain(&error),

@@ -43,6 +43,17 @@ pub struct RoleLabel {
     pub queue: &'static str,
 }
 
+/// Label of the step histogram: `gate` (the key's look-up), `claim`, `publish` (to the
+/// confirm), `mark_done`, `ack`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabel {
+    /// Which step of the chain.
+    pub step: &'static str,
+}
+
+/// The steps of [`StepLabel`], each a series from the start.
+pub const STEPS: [&str; 5] = ["gate", "claim", "publish", "mark_done", "ack"];
+
 /// A gauge of seconds.
 pub type Seconds = Gauge<f64, std::sync::atomic::AtomicU64>;
 
@@ -99,6 +110,9 @@ pub struct Metrics {
     pub queue_messages: Family<RoleLabel, Gauge>,
     /// From the ingress's receive time to the event's confirmed publish.
     pub receive_to_publish_seconds: Histogram,
+    /// Seconds an IPN spent in each step of the chain, waiting for its batch or its confirm
+    /// included (the postback's are `verify_seconds`): where the receive-to-publish time goes.
+    pub steps: Family<StepLabel, Histogram, fn() -> Histogram>,
     /// 1 while a connection is up, by connection (set at each scrape).
     pub connected: Family<ConnectionLabel, Gauge>,
     /// The broker node of the publish and consume connections.
@@ -114,8 +128,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Fresh metrics, all zero.
-    pub fn new() -> Metrics {
+    /// Fresh metrics, all zero; `database` (the store's batch metrics) is exported with them.
+    pub fn new(database: &crate::store::BatchMetrics) -> Metrics {
         let mut root = Registry::default();
         let registry = root.sub_registry_with_prefix("ipn_worker");
         let metrics = Metrics {
@@ -143,6 +157,7 @@ impl Metrics {
             queue_messages: Family::default(),
             // 5 ms .. ~80 s
             receive_to_publish_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 15)),
+            steps: Family::new_with_constructor(step_histogram),
             connected: Family::default(),
             broker_node: crate::amqp::NodeGauge::default(),
             downstream_depth: Family::default(),
@@ -161,6 +176,9 @@ impl Metrics {
                 reason: reason.as_str(),
             };
             let _ = metrics.quarantined.get_or_create(&label);
+        }
+        for step in STEPS {
+            let _ = metrics.steps.get_or_create(&StepLabel { step });
         }
         for connection in ["publish", "consume", "database"] {
             let _ = metrics
@@ -298,11 +316,41 @@ impl Metrics {
             "Events in each downstream queue's dead-letter queue (from the worker that watches them)",
             metrics.downstream_dead.clone(),
         );
+        registry.register(
+            "step_seconds",
+            "Seconds an IPN spent in each step (gate, claim, publish, mark_done, ack), waits for its batch or confirm included",
+            metrics.steps.clone(),
+        );
+        registry.register(
+            "database_batch_size",
+            "Requests per group-commit batch, by statement",
+            database.size.clone(),
+        );
+        registry.register(
+            "database_batch_seconds",
+            "Seconds per group-commit batch, by statement",
+            database.seconds.clone(),
+        );
         crate::telemetry::process::register(&mut root, "ipn-worker");
         Metrics {
             registry: root,
             ..metrics
         }
+    }
+
+    /// Runs `work` (one step of an IPN's chain, one of [`STEPS`]) and observes how long it took,
+    /// whatever its result.
+    pub async fn step<T>(
+        &self,
+        step: &'static str,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let started = std::time::Instant::now();
+        let result = work.await;
+        self.steps
+            .get_or_create(&StepLabel { step })
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 
     /// The Prometheus text exposition of every metric.
@@ -311,8 +359,7 @@ impl Metrics {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
+/// 0.5 ms .. ~16 s
+fn step_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }

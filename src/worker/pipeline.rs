@@ -158,7 +158,7 @@ impl Pipeline {
         store: Store,
         publisher: Publisher,
     ) -> Pipeline {
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(store.batch_metrics());
         // Each delay tier's retry series exists from the start, at 0.
         for delay in &config.retry.tiers {
             let label = super::metrics::TierLabel {
@@ -259,10 +259,8 @@ impl Pipeline {
         let order_key = inbound.key();
         let keys = &verified.dedup;
         let paid = verified.paid.as_deref();
-        let claimed = self
-            .store
-            .claim_paid(keys, order_key.as_str(), paid)
-            .await?;
+        let claim = self.store.claim_paid(keys, order_key.as_str(), paid);
+        let claimed = self.metrics.step("claim", claim).await?;
         let reservation = match claimed {
             Claim::Done(reservation) => {
                 let event_id = reservation.event_id.to_string();
@@ -288,7 +286,8 @@ impl Pipeline {
         let routing_key = event.routing_key();
         let json = event.to_json();
         self.crash_point(Step::Claimed)?;
-        if let Err(error) = self.publish_event(&event, &routing_key, &json).await {
+        let publish = self.publish_event(&event, &routing_key, &json);
+        if let Err(error) = self.metrics.step("publish", publish).await {
             if matches!(error, Error::Publish(PublishError::Unroutable)) {
                 self.alerter.raise(Alert {
                     kind: Kind::Unroutable,
@@ -309,9 +308,8 @@ impl Pipeline {
             txn_id: event.txn_id.as_deref(),
             json: &json,
         };
-        self.store
-            .mark_done(reservation.event_id, &published)
-            .await?;
+        let mark_done = self.store.mark_done(reservation.event_id, &published);
+        self.metrics.step("mark_done", mark_done).await?;
         self.crash_point(Step::MarkedDone)?;
         self.metrics.events.inc();
         if let Some(received) = inbound.received_at {

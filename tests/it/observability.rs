@@ -115,6 +115,11 @@ async fn both_binaries_export_what_promtool_accepts_and_every_metric_the_rules_a
         .wait_metric("ipn_worker_queue_messages{queue=\"inbound\"}", 0.0)
         .await;
 
+    // The ack is the chain's last step, after the event counter moved.
+    worker
+        .wait_metric("ipn_worker_step_seconds_count{step=\"ack\"}", 1.0)
+        .await;
+
     let worker_text = metrics_text(&format!("http://{}/metrics", worker.address)).await;
     let ingress_text = metrics_text(&ingress.path("/metrics")).await;
     for (binary, text) in [("ipn-worker", &worker_text), ("ipn-ingress", &ingress_text)] {
@@ -149,6 +154,21 @@ async fn both_binaries_export_what_promtool_accepts_and_every_metric_the_rules_a
     };
     assert_eq!(value("ipn_worker_receive_to_publish_seconds_count"), 1.0);
     assert_eq!(value("ipn_worker_in_flight"), 0.0);
+    // Each step of its chain observed once; each of its three statements one batch of one.
+    for step in ["gate", "claim", "publish", "mark_done", "ack"] {
+        let count = format!("ipn_worker_step_seconds_count{{step=\"{step}\"}}");
+        assert_eq!(value(&count), 1.0, "{count}");
+        let sum = format!("ipn_worker_step_seconds_sum{{step=\"{step}\"}}");
+        assert!(value(&sum) > 0.0, "{sum}");
+    }
+    for statement in ["key_state", "claim", "mark_done"] {
+        let batches = format!("ipn_worker_database_batch_size_count{{statement=\"{statement}\"}}");
+        assert_eq!(value(&batches), 1.0, "{batches}");
+        let requests = format!("ipn_worker_database_batch_size_sum{{statement=\"{statement}\"}}");
+        assert_eq!(value(&requests), 1.0, "{requests}");
+        let seconds = format!("ipn_worker_database_batch_seconds_sum{{statement=\"{statement}\"}}");
+        assert!(value(&seconds) > 0.0, "{seconds}");
+    }
     assert_eq!(value("ipn_worker_connected{connection=\"consume\"}"), 1.0);
     assert_eq!(value("ipn_worker_connected{connection=\"publish\"}"), 1.0);
     assert_eq!(value("ipn_worker_connected{connection=\"database\"}"), 1.0);
