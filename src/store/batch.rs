@@ -87,13 +87,25 @@ impl Default for BatchMetrics {
     }
 }
 
-impl BatchMetrics {
-    fn observe(&self, statement: &'static str, requests: usize, started: Instant) {
+/// One statement's two series of [`BatchMetrics`], taken once by its batcher.
+struct StatementSeries {
+    size: Histogram,
+    seconds: Histogram,
+}
+
+impl StatementSeries {
+    /// Creates the series (they exist from the start, at 0).
+    fn of(metrics: &BatchMetrics, statement: &'static str) -> StatementSeries {
         let label = StatementLabel { statement };
-        self.size.get_or_create(&label).observe(requests as f64);
-        self.seconds
-            .get_or_create(&label)
-            .observe(started.elapsed().as_secs_f64());
+        StatementSeries {
+            size: metrics.size.get_or_create_owned(&label),
+            seconds: metrics.seconds.get_or_create_owned(&label),
+        }
+    }
+
+    fn observe(&self, requests: usize, started: Instant) {
+        self.size.observe(requests as f64);
+        self.seconds.observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -117,13 +129,10 @@ impl<K: Kind> std::fmt::Debug for Batcher<K> {
 impl<K: Kind> Batcher<K> {
     /// Starts the task; it ends when the last handle is dropped. Each batch is bounded by
     /// `limit` (`database.query_timeout`) and observed in `metrics`.
-    pub(super) fn start(pool: PgPool, limit: Duration, metrics: BatchMetrics) -> Batcher<K> {
+    pub(super) fn start(pool: PgPool, limit: Duration, metrics: &BatchMetrics) -> Batcher<K> {
         let (queue, waiting) = mpsc::channel(QUEUE);
-        // Each statement's series exist from the start, at 0.
-        let label = StatementLabel { statement: K::NAME };
-        let _ = metrics.size.get_or_create(&label);
-        let _ = metrics.seconds.get_or_create(&label);
-        tokio::spawn(run_batches::<K>(pool, limit, metrics, waiting));
+        let series = StatementSeries::of(metrics, K::NAME);
+        tokio::spawn(run_batches::<K>(pool, limit, series, waiting));
         Batcher { queue, limit }
     }
 
@@ -153,7 +162,7 @@ impl<K: Kind> Batcher<K> {
 async fn run_batches<K: Kind>(
     pool: PgPool,
     limit: Duration,
-    metrics: BatchMetrics,
+    series: StatementSeries,
     mut waiting: mpsc::Receiver<Waiting<K>>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -161,7 +170,7 @@ async fn run_batches<K: Kind>(
         let (requests, answers): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
         let started = Instant::now();
         let results = run_one_batch::<K>(&pool, limit, &requests).await;
-        metrics.observe(K::NAME, requests.len(), started);
+        series.observe(requests.len(), started);
         for (answer, result) in answers.into_iter().zip(results) {
             // A caller that gave up (stopped worker) no longer listens: nothing to do.
             let _ = answer.send(result);

@@ -358,9 +358,9 @@ impl Store {
         let limit = config.query_timeout;
         let batches = BatchMetrics::default();
         Ok(Store {
-            claims: Arc::new(Batcher::start(pool.clone(), limit, batches.clone())),
-            done: Arc::new(Batcher::start(pool.clone(), limit, batches.clone())),
-            key_states: Arc::new(Batcher::start(pool.clone(), limit, batches.clone())),
+            claims: Arc::new(Batcher::start(pool.clone(), limit, &batches)),
+            done: Arc::new(Batcher::start(pool.clone(), limit, &batches)),
+            key_states: Arc::new(Batcher::start(pool.clone(), limit, &batches)),
             batches,
             pool,
             query_timeout: limit,
