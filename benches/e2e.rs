@@ -12,7 +12,9 @@
 //!    properties ([`Relayed`]);
 //! 2. drain: as many IPNs are posted through the real `ipn-ingress` with the worker stopped, then
 //!    the real `ipn-worker` (child process) starts and empties the queues, verifying each with the
-//!    in-process fake PayPal (answering after `--paypal-delay`): events/s;
+//!    in-process fake PayPal (answering after `--paypal-delay`): events/s, each party's CPU per
+//!    event, and where an IPN's wall time went by step and the database batches' sizes, from
+//!    the workers' own histograms ([`crate::support::steps`]);
 //! 3. live: IPNs are posted through the ingress at `--live-rate` (default: half the drain rate)
 //!    for `--seconds` while the worker runs: receive-to-publish latency, measured at the
 //!    downstream consumer as its arrival time minus the event's `received_at`.
