@@ -83,8 +83,9 @@ pub struct Context<'a> {
 }
 
 impl Event {
-    /// Builds the event of a verified notification.
-    pub fn new(verified: &Verified, body: &[u8], context: &Context<'_>) -> Event {
+    /// Builds the event of a verified notification, taking its fields over (no copy of them).
+    pub fn new(verified: Verified, body: &[u8], context: &Context<'_>) -> Event {
+        let transaction_id = verified.txn_id.clone();
         Event {
             schema_version: SCHEMA_VERSION,
             event_id: context.reservation.event_id.to_string(),
@@ -92,20 +93,20 @@ impl Event {
             order_key: context.order_key.to_string(),
             sequence: context.reservation.sequence,
             kind: verified.kind,
-            status: verified.status.clone(),
-            amount: verified.amount.clone(),
-            currency: verified.currency.clone(),
-            transaction_id: verified.txn_id.clone(),
-            merchant_order_id: verified.merchant_order_id.clone(),
-            txn_type: verified.txn_type.clone(),
-            payment_status: verified.payment_status.clone(),
-            txn_id: verified.txn_id.clone(),
+            status: verified.status,
+            amount: verified.amount,
+            currency: verified.currency,
+            transaction_id,
+            merchant_order_id: verified.merchant_order_id,
+            txn_type: verified.txn_type,
+            payment_status: verified.payment_status,
+            txn_id: verified.txn_id,
             test: verified.test,
             received_at: rfc3339(context.received_at),
             verified_at: rfc3339(verified.verified_at),
-            charset: verified.charset.clone(),
+            charset: verified.charset,
             charset_assumed: verified.charset_assumed,
-            fields: verified.fields.clone(),
+            fields: verified.fields,
             raw_body_base64: base64::engine::general_purpose::STANDARD.encode(body),
         }
     }
@@ -202,7 +203,7 @@ mod tests {
             received_at,
             provider: "paypal",
         };
-        Event::new(&verified, body, &context)
+        Event::new(*verified, body, &context)
     }
 
     #[test]
@@ -277,7 +278,7 @@ mod tests {
             received_at: UNIX_EPOCH + Duration::from_millis(1_763_900_000_123),
             provider,
         };
-        Event::new(&verified, body, &context)
+        Event::new(verified, body, &context)
     }
 
     /// An example event per provider and type besides PayPal's samples: file name and event.

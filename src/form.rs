@@ -8,7 +8,6 @@
 use std::borrow::Cow;
 
 use encoding_rs::{Encoding, WINDOWS_1252};
-use percent_encoding::percent_decode;
 
 /// The fields of a form body, percent-decoded to raw bytes, in body order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,16 +129,37 @@ pub fn text_of(charset: Charset, raw: &[u8]) -> Option<String> {
 
 /// `+` to space, then `%XX` to the byte it names; malformed escapes stay as they are.
 fn unescape(raw: &[u8]) -> Vec<u8> {
-    let plus_as_space: Cow<[u8]> = if raw.contains(&b'+') {
-        Cow::Owned(
-            raw.iter()
-                .map(|b| if *b == b'+' { b' ' } else { *b })
-                .collect(),
-        )
-    } else {
-        Cow::Borrowed(raw)
-    };
-    percent_decode(&plus_as_space).collect()
+    let mut out = Vec::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(at) = rest.iter().position(|b| matches!(b, b'+' | b'%')) {
+        out.extend_from_slice(&rest[..at]);
+        if rest[at] == b'+' {
+            out.push(b' ');
+            rest = &rest[at + 1..];
+            continue;
+        }
+        match rest.get(at + 1..at + 3).and_then(hex_byte) {
+            Some(byte) => {
+                out.push(byte);
+                rest = &rest[at + 3..];
+            }
+            None => {
+                out.push(b'%');
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+/// The byte two hex digits name (either case), as `%XX` escapes write it.
+fn hex_byte(digits: &[u8]) -> Option<u8> {
+    let digit = |b: u8| char::from(b).to_digit(16);
+    match digits {
+        [high, low] => Some(u8::try_from(digit(*high)? * 16 + digit(*low)?).ok()?),
+        _ => None,
+    }
 }
 
 /// Decodes without a BOM sniff: the form's declared charset is the truth.
@@ -150,6 +170,48 @@ fn decode<'a>(encoding: &'static Encoding, bytes: &'a [u8]) -> Cow<'a, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The definition `unescape` must keep: `+` to space, then `percent_decode`.
+    fn reference(raw: &[u8]) -> Vec<u8> {
+        let spaced: Vec<u8> = raw
+            .iter()
+            .map(|b| if *b == b'+' { b' ' } else { *b })
+            .collect();
+        percent_encoding::percent_decode(&spaced).collect()
+    }
+
+    #[test]
+    fn unescape_decodes_exactly_as_plus_to_space_then_percent_decode() {
+        // Every string of up to five bytes over an alphabet of the cases: escapes whole,
+        // cut short, malformed, in either case, next to `+` and to each other.
+        let alphabet = b"%+4aFg1\xfc";
+        let mut strings: Vec<Vec<u8>> = vec![Vec::new()];
+        let mut checked = 0;
+        for _ in 0..5 {
+            let mut longer = Vec::new();
+            for string in &strings {
+                for byte in alphabet {
+                    let mut next = string.clone();
+                    next.push(*byte);
+                    assert_eq!(unescape(&next), reference(&next), "{next:?}");
+                    checked += 1;
+                    longer.push(next);
+                }
+            }
+            strings = longer;
+        }
+        assert_eq!(checked, 8 + 64 + 512 + 4096 + 32768);
+        for sample in [
+            &b"Buch+%96+Abo"[..],
+            b"a%2",
+            b"%%41",
+            b"%zz%41%4",
+            b"100%25+sure",
+            b"",
+        ] {
+            assert_eq!(unescape(sample), reference(sample), "{sample:?}");
+        }
+    }
 
     #[test]
     fn windows_1252_values_decode_to_the_right_letters() {

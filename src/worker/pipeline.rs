@@ -282,7 +282,7 @@ impl Pipeline {
             received_at: inbound.received_at.unwrap_or(verified.verified_at),
             provider: inbound.provider,
         };
-        let event = Event::new(&verified, &inbound.body, &context);
+        let event = Event::new(*verified, &inbound.body, &context);
         let routing_key = event.routing_key();
         let json = event.to_json();
         self.crash_point(Step::Claimed)?;
