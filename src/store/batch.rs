@@ -47,7 +47,7 @@ pub(super) trait Kind: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Self::Response>, sqlx::Error>> + Send;
 }
 
-/// Label of the batch metrics: the statement's name ([`Kind::NAME`]: `key_state`, `claim`,
+/// Label of the batch metrics: the statement's name (its kind's `NAME`: `key_state`, `claim`,
 /// `mark_done`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatementLabel {
@@ -60,10 +60,10 @@ pub type PerStatement = Family<StatementLabel, Histogram, fn() -> Histogram>;
 
 /// How big the batches are and how long each takes, per statement: what group commit does under
 /// the load of the moment. Cheap to clone (the series are shared); the worker exports them
-/// ([`crate::worker::Metrics`]).
+/// (`ipn_worker_database_batch_*`).
 #[derive(Debug, Clone)]
 pub struct BatchMetrics {
-    /// Requests per batch (1 .. [`MAX_BATCH`]).
+    /// Requests per batch (1 .. 256, the bound on a batch).
     pub size: PerStatement,
     /// Seconds per batch, from its statement's start to its last answer's (the one-by-one
     /// reruns of a refused batch included).
