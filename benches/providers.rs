@@ -15,7 +15,10 @@
 //!    signatures are checked here, PayPal's postback is not);
 //! 3. drain: a real `ipn-worker` starts and empties the queues (PayPal verified by the in-process
 //!    fake PayPal answering at once; WeChat Pay's resources decrypted, and each notification
-//!    re-routed from the intake key to its order's key): events/s, and the worker's CPU per event.
+//!    re-routed from the intake key to its order's key): events/s, the worker's CPU per event,
+//!    and where the drain's wall time went by step ([`crate::support::steps`]; WeChat Pay's
+//!    hop through the intake key adds acks, and gate look-ups where it went one at a time, to
+//!    the means).
 //!
 //! Every notification answered 200 must yield exactly one event and each key's sequence numbers
 //! must run 1..n, or the run fails. Needs RabbitMQ and PostgreSQL on 127.0.0.1; uses a prefix and
@@ -34,6 +37,7 @@ use tokio::sync::Mutex;
 
 use crate::e2e::body_source;
 use crate::support::events::{Drained, Ledger, consume_downstream, take_events};
+use crate::support::steps::Scrape;
 use crate::support::{self, CpuMeter, Length, Phase, Post, Summary, cores, http_phase};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -72,6 +76,8 @@ struct Measured {
     drained: Drained,
     /// CPU µs per event: broker, worker.
     drain_cpu: [f64; 2],
+    /// Where the drain's wall time went, by step ([`Scrape::report_since`]).
+    steps: String,
 }
 
 /// Runs the three providers with the checks; prints their table; returns the headline figures.
@@ -167,14 +173,19 @@ async fn run(
         )
         .await?;
         let meter = CpuMeter::start(Some(worker.child.id()));
+        let before = Scrape::of(std::slice::from_ref(&worker)).await?;
         let drained = take_events(&mut arrivals, &accepted, &mut ledger).await?;
         let cpu = meter.per_event(drained.events);
+        let steps = Scrape::of(std::slice::from_ref(&worker))
+            .await?
+            .report_since(&before);
         worker.stop()?;
         measured.push(Measured {
             provider,
             posted,
             drained,
             drain_cpu: [cpu[0], cpu[1]],
+            steps,
         });
     }
     ingress.stop()?;
@@ -317,6 +328,9 @@ fn report(
             m.drain_cpu[0],
             m.drain_cpu[1]
         );
+    }
+    for m in measured {
+        println!("{}:\n{}", m.posted.name, m.steps);
     }
     let answered: u64 = measured.iter().map(|m| m.posted.ok).sum();
     println!(
