@@ -9,7 +9,8 @@
 //! published to its own key's shard, the copies of different keys concurrently and those of one
 //! key one after the other, each only after the confirm of the one before. So a key's copies
 //! reach its shard in arrival order even when one of them fails: the ones after a failure are
-//! not sent.
+//! not sent. Each delivery is acked as soon as its copy is confirmed, so the broker refills the
+//! shard's prefetch while the batch's slowest chain still runs.
 //!
 //! What this does not take goes the one-at-a-time way ([`Pipeline::settle`]), in order, before
 //! anything that waits behind it: every delivery from the first one that is not a plain re-route
@@ -31,9 +32,21 @@ pub const MAX_BATCH: usize = 64;
 
 impl Pipeline {
     /// Re-routes the leading plain re-routes of `batch` (deliveries of one intake lane, in
-    /// arrival order) to their own keys; says for each delivery whether its copy is confirmed
-    /// (ack it) or it was left alone (settle it the one-at-a-time way, in order).
-    pub async fn reroute_intake(&self, batch: &[Inbound]) -> Vec<bool> {
+    /// arrival order) to their own keys, calling `confirmed(i)` (the ack) as soon as delivery
+    /// `i`'s copy is confirmed, before its key's next copy goes; says for each delivery whether
+    /// it was (acked) or was left alone (settle it the one-at-a-time way, in order).
+    ///
+    /// Acking each as it confirms, not all at the batch's end, lets the broker send the next
+    /// deliveries (the shard's prefetch is the batch's bound) while the batch's slowest chain
+    /// still runs, so the next batch is waiting when this one ends.
+    pub async fn reroute_intake<Ack>(
+        &self,
+        batch: &[Inbound],
+        confirmed: impl Fn(usize) -> Ack + Sync,
+    ) -> Vec<bool>
+    where
+        Ack: std::future::Future<Output = ()>,
+    {
         let mut done = vec![false; batch.len()];
         let Some(first) = batch.first() else {
             return done;
@@ -59,8 +72,9 @@ impl Pipeline {
         if taken > 0 {
             self.metrics.intake_batch.observe(taken as f64);
         }
+        let confirmed = &confirmed;
         let runs = chains.iter().map(|(own, items)| async move {
-            let mut confirmed = Vec::with_capacity(items.len());
+            let mut acked = Vec::with_capacity(items.len());
             for &i in items {
                 let inbound = &batch[i];
                 let span = pipeline::span(&inbound.message_id, intake.as_str(), inbound.attempt);
@@ -78,9 +92,10 @@ impl Pipeline {
                 if !sent.instrument(span).await {
                     break;
                 }
-                confirmed.push(i);
+                confirmed(i).await;
+                acked.push(i);
             }
-            confirmed
+            acked
         });
         for i in join_all(runs).await.into_iter().flatten() {
             done[i] = true;

@@ -202,16 +202,14 @@ impl Lanes {
                 let _flying: Vec<InFlight> = (0..batch.len())
                     .map(|_| InFlight::new(&pipeline.metrics().in_flight))
                     .collect();
-                pipeline.reroute_intake(&inbounds).await
+                let acked = |i: usize| ack(&batch[i], &key, ack_timeout, pipeline.metrics());
+                pipeline.reroute_intake(&inbounds, acked).await
             };
-            let mut left = Vec::new();
-            for (delivery, confirmed) in batch.into_iter().zip(done) {
-                if confirmed {
-                    ack(&delivery, &key, ack_timeout, pipeline.metrics()).await;
-                } else {
-                    left.push(delivery);
-                }
-            }
+            let left = batch
+                .into_iter()
+                .zip(done)
+                .filter_map(|(delivery, acked)| (!acked).then_some(delivery))
+                .collect();
             (key, left)
         }
     }

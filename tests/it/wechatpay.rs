@@ -435,6 +435,29 @@ fn queued(posted: &Posted) -> ipn_bridge::worker::Inbound {
 }
 
 /// A worker's pipeline with WeChat Pay on, with `fake`'s keys, on a broker and database of its own.
+/// `reroute_intake` with an ack that records the deliveries it is called for, in call order;
+/// checks it was called exactly for the ones said to be confirmed.
+async fn reroute_recording(
+    pipeline: &ipn_bridge::worker::Pipeline,
+    batch: &[ipn_bridge::worker::Inbound],
+) -> (Vec<bool>, Vec<usize>) {
+    let acked = std::sync::Mutex::new(Vec::new());
+    let record = |i: usize| {
+        acked.lock().expect("not poisoned").push(i);
+        std::future::ready(())
+    };
+    let done = pipeline.reroute_intake(batch, record).await;
+    let acked = acked.into_inner().expect("not poisoned");
+    let mut each = acked.clone();
+    each.sort_unstable();
+    let confirmed: Vec<usize> = (0..done.len()).filter(|&i| done[i]).collect();
+    assert_eq!(
+        each, confirmed,
+        "acked exactly the confirmed ones, once each"
+    );
+    (done, acked)
+}
+
 async fn rig(fake: &FakeWechatPay) -> crate::worker::Rig {
     crate::worker::Rig::start(|config| wechat_pay_on(config, fake)).await
 }
@@ -651,12 +674,20 @@ async fn when_one_copy_of_a_batch_fails_the_later_ones_of_its_key_are_not_sent()
         queued(&fake.payment_of(b, "4200000000202612060000000102")),
         queued(&fake.refund_numbered(a, "R-A-1")),
     ];
-    let done = crashing.reroute_intake(&batch).await;
+    let (done, acked) = reroute_recording(&crashing, &batch).await;
     assert!(failed.load(Ordering::SeqCst), "the fault was injected");
-    // A's payment failed: A's refund must not overtake it. B's failed: A's chain went on.
+    // A's payment failed: A's refund must not overtake it. B's failed: A's chain went on, each
+    // of its copies acked as it was confirmed, the payment's before the refund's.
     let copies = match done.as_slice() {
         [false, true, false] => 2,
-        [true, false, true] => 3,
+        [true, false, true] => {
+            let at = |i: usize| acked.iter().position(|&a| a == i).expect("acked");
+            assert!(
+                at(0) < at(2),
+                "A's payment acked before its refund: {acked:?}"
+            );
+            3
+        }
         other => panic!("a key's later copy went without its earlier one: {other:?}"),
     };
     // reroute_intake waited for every confirm: the copies sent are all in the shards now.
@@ -740,7 +771,8 @@ async fn a_batch_on_a_blocked_intake_key_or_led_by_one_that_does_not_open_is_lef
     );
     let good = queued(&fake.payment_of("ORDER-20261206-D", "4200000000202612060000000104"));
     let led = [queued(&fake.sign(foreign, now())), good];
-    assert_eq!(rig.pipeline.reroute_intake(&led).await, [false, false]);
+    let (done, _) = reroute_recording(&rig.pipeline, &led).await;
+    assert_eq!(done, [false, false]);
     assert_eq!(
         rig.pipeline.settle(&led[0]).await.expect("settled"),
         Settled::Finished {
@@ -748,7 +780,8 @@ async fn a_batch_on_a_blocked_intake_key_or_led_by_one_that_does_not_open_is_lef
             released: 0
         }
     );
-    assert_eq!(rig.pipeline.reroute_intake(&led[1..]).await, [true]);
+    let (done, acked) = reroute_recording(&rig.pipeline, &led[1..]).await;
+    assert_eq!((done, acked), (vec![true], vec![0]));
     // The intake key blocked behind a stuck one: nothing is taken together; one at a time, each
     // is held behind it.
     let stuck = queued(&fake.payment_of("ORDER-20261206-E", "4200000000202612060000000105"));
@@ -765,7 +798,8 @@ async fn a_batch_on_a_blocked_intake_key_or_led_by_one_that_does_not_open_is_lef
         queued(&fake.payment_of("ORDER-20261206-F", "4200000000202612060000000106")),
         queued(&fake.refund_numbered("ORDER-20261206-E", "R-E-1")),
     ];
-    assert_eq!(rig.pipeline.reroute_intake(&behind).await, [false, false]);
+    let (done, _) = reroute_recording(&rig.pipeline, &behind).await;
+    assert_eq!(done, [false, false]);
     assert_eq!(
         rig.pipeline.settle(&behind[0]).await.expect("settled"),
         Settled::Held
