@@ -3,7 +3,8 @@
 //! - [`backoff`]: the one retry policy (doubling, capped, jittered) of every retry loop.
 //! - [`bounded`]: bounds on every value derived from a request (keys, stored and logged text).
 //! - [`config`]: defaults, TOML file, `IPN_*` environment; pure loading.
-//! - [`ipn`]: the IPN body read byte-exactly, charset-aware fields, order keys and shards.
+//! - [`form`], [`keys`]: the IPN body read byte-exactly, charset-aware fields, order keys and
+//!   shards.
 //! - [`policy`]: what a VERIFIED IPN must also be (environment, receiver), else quarantine.
 //! - [`provider`]: the seam that keeps PayPal specifics out of the pipeline.
 //! - [`topology`]: every exchange and queue name, and their declaration.
@@ -11,7 +12,7 @@
 //! - [`ingress`]: the HTTP server that answers 200 only after the broker confirmed.
 //! - [`event`]: the JSON event a verified IPN becomes, and its routing key.
 //! - [`store`]: PostgreSQL: dedup records and per-key sequences, claimed before publishing.
-//! - [`verify`]: PayPal's postback, `cmd=_notify-validate&` + the exact bytes.
+//! - [`provider::paypal::verify`]: PayPal's postback, `cmd=_notify-validate&` + the exact bytes.
 //! - [`fake_paypal`]: a fake postback endpoint for tests and local demos.
 //! - [`worker`]: from raw IPN to confirmed event, in order per key; delay tiers, parking,
 //!   blocked keys and held IPNs.

@@ -197,7 +197,7 @@ impl Topology {
     /// broker's reason) if an existing queue has different arguments rather than silently using
     /// it. Placement (the quorum group's initial size, the leader locator) is the exception: it
     /// only applies when a queue is created, so an existing queue keeps its own
-    /// ([`declarer`]).
+    /// (`declarer`).
     pub async fn declare(&self, connection: &Connection) -> Result<(), lapin::Error> {
         let mut declarer = Declarer::open(connection).await?;
         for queue in [
