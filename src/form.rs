@@ -157,7 +157,7 @@ fn unescape(raw: &[u8]) -> Vec<u8> {
 fn hex_byte(digits: &[u8]) -> Option<u8> {
     let digit = |b: u8| char::from(b).to_digit(16);
     match digits {
-        [high, low] => Some(u8::try_from(digit(*high)? * 16 + digit(*low)?).ok()?),
+        [high, low] => u8::try_from(digit(*high)? * 16 + digit(*low)?).ok(),
         _ => None,
     }
 }

@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use ipn_bridge::worker::metrics::ChainStep;
+
 use super::ChildProcess;
 
 /// A histogram's `_sum` and `_count` per label set (`""` when it has none).
@@ -46,20 +48,15 @@ impl Scrape {
     pub fn report_since(&self, before: &Scrape) -> String {
         let steps = means(&self.steps, &before.steps);
         let postback = means(&self.postback, &before.postback);
-        let step = |name: &str| {
-            let label = format!("step=\"{name}\"");
-            steps.get(&label).copied()
+        let step = |step: ChainStep| {
+            let label = format!("step=\"{}\"", step.as_str());
+            (step.as_str(), steps.get(&label).copied())
         };
+        // The chain's order, the postback (its own histogram) after the gate.
+        let mut chain: Vec<_> = ChainStep::ALL.into_iter().map(step).collect();
+        chain.insert(1, ("postback", postback.get("").copied()));
         let mut parts = Vec::new();
         let mut total = 0.0;
-        let chain = [
-            ("gate", step("gate")),
-            ("postback", postback.get("").copied()),
-            ("claim", step("claim")),
-            ("publish", step("publish")),
-            ("mark_done", step("mark_done")),
-            ("ack", step("ack")),
-        ];
         for (name, mean) in chain {
             if let Some((seconds, _)) = mean {
                 total += seconds;

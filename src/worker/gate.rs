@@ -35,7 +35,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tracing::{Instrument, info, warn};
 
-use super::metrics::TierLabel;
+use super::metrics::{ChainStep, TierLabel};
 use super::pipeline::{Error, Inbound, Outcome, Pipeline, Screened, Step};
 use crate::alert::{Alert, Kind};
 use crate::amqp::Outgoing;
@@ -140,7 +140,7 @@ impl Pipeline {
         // One statement (shared with the other lanes' at the same moment): is the key blocked,
         // and was the transaction a `txn:` key names paid under a profile?
         let looked_up = self.store.key_state(key.as_str(), paid_txn(inbound, key));
-        let state = self.metrics.step("gate", looked_up).await?;
+        let state = self.metrics.step(ChainStep::Gate, looked_up).await?;
         match state.blocked {
             None => match state.profile {
                 Some(profile) => self.reroute(inbound, key, &profile).await,

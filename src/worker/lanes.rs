@@ -28,7 +28,7 @@ use tracing::{Instrument, debug, warn};
 
 use super::Error;
 use super::intake;
-use super::metrics::Metrics;
+use super::metrics::{ChainStep, Metrics};
 use super::pipeline::{self, Inbound, Pipeline};
 use crate::backoff::Backoff;
 use crate::bounded;
@@ -278,7 +278,7 @@ async fn settle(
 
 async fn ack(delivery: &Delivery, key: &str, limit: Duration, metrics: &Metrics) {
     let acking = tokio::time::timeout(limit, delivery.acker.ack(BasicAckOptions::default()));
-    let acked = metrics.step("ack", acking).await;
+    let acked = metrics.step(ChainStep::Ack, acking).await;
     let error = match acked {
         Ok(Ok(_)) => return,
         Ok(Err(error)) => bounded::error_chain(&error),

@@ -43,16 +43,50 @@ pub struct RoleLabel {
     pub queue: &'static str,
 }
 
-/// Label of the step histogram: `gate` (the key's look-up), `claim`, `publish` (to the
-/// confirm), `mark_done`, `ack`.
+/// A step of an IPN's chain, timed by [`Metrics::step`] (the postback's time is
+/// `verify_seconds`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChainStep {
+    /// The gate's look-up of the key (blocked? paid under a profile?).
+    Gate,
+    /// The claim (dedup row and sequence number).
+    Claim,
+    /// The event's publish, to its confirm.
+    Publish,
+    /// The mark-done (the stored event).
+    MarkDone,
+    /// The delivery's ack.
+    Ack,
+}
+
+impl ChainStep {
+    /// Every step, in chain order (the order of [`Metrics`]' series).
+    pub const ALL: [ChainStep; 5] = [
+        ChainStep::Gate,
+        ChainStep::Claim,
+        ChainStep::Publish,
+        ChainStep::MarkDone,
+        ChainStep::Ack,
+    ];
+
+    /// Its `step` label: `gate`, `claim`, `publish`, `mark_done`, `ack`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChainStep::Gate => "gate",
+            ChainStep::Claim => "claim",
+            ChainStep::Publish => "publish",
+            ChainStep::MarkDone => "mark_done",
+            ChainStep::Ack => "ack",
+        }
+    }
+}
+
+/// Label of the step histogram: a [`ChainStep`]'s name.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabel {
     /// Which step of the chain.
     pub step: &'static str,
 }
-
-/// The steps of [`StepLabel`], each a series from the start.
-pub const STEPS: [&str; 5] = ["gate", "claim", "publish", "mark_done", "ack"];
 
 /// A gauge of seconds.
 pub type Seconds = Gauge<f64, std::sync::atomic::AtomicU64>;
@@ -112,9 +146,10 @@ pub struct Metrics {
     pub receive_to_publish_seconds: Histogram,
     /// Seconds an IPN spent in each step of the chain, waiting for its batch or its confirm
     /// included (the postback's are `verify_seconds`): where the receive-to-publish time goes.
-    pub steps: Family<StepLabel, Histogram, fn() -> Histogram>,
-    /// The series of `steps`, in [`STEPS`]' order, taken once (no look-up per observation).
-    step_series: [Histogram; STEPS.len()],
+    steps: Family<StepLabel, Histogram, fn() -> Histogram>,
+    /// The series of `steps`, in [`ChainStep::ALL`]'s order, taken once (no look-up per
+    /// observation).
+    step_series: [Histogram; ChainStep::ALL.len()],
     /// 1 while a connection is up, by connection (set at each scrape).
     pub connected: Family<ConnectionLabel, Gauge>,
     /// The broker node of the publish and consume connections.
@@ -137,7 +172,11 @@ impl Metrics {
         let steps: Family<StepLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(step_histogram);
         // Every step's series exists from the start, at 0.
-        let step_series = STEPS.map(|step| steps.get_or_create_owned(&StepLabel { step }));
+        let step_series = ChainStep::ALL.map(|step| {
+            steps.get_or_create_owned(&StepLabel {
+                step: step.as_str(),
+            })
+        });
         let metrics = Metrics {
             verifications: Family::default(),
             // 5 ms .. ~80 s
@@ -342,23 +381,12 @@ impl Metrics {
         }
     }
 
-    /// Runs `work` (one step of an IPN's chain, one of [`STEPS`]) and observes how long it took,
-    /// whatever its result.
-    pub async fn step<T>(
-        &self,
-        step: &'static str,
-        work: impl std::future::Future<Output = T>,
-    ) -> T {
+    /// Runs `work` (one step of an IPN's chain) and observes how long it took, whatever its
+    /// result.
+    pub async fn step<T>(&self, step: ChainStep, work: impl std::future::Future<Output = T>) -> T {
         let started = std::time::Instant::now();
         let result = work.await;
-        let seconds = started.elapsed().as_secs_f64();
-        match STEPS.iter().position(|name| *name == step) {
-            Some(index) => self.step_series[index].observe(seconds),
-            None => self
-                .steps
-                .get_or_create(&StepLabel { step })
-                .observe(seconds),
-        }
+        self.step_series[step as usize].observe(started.elapsed().as_secs_f64());
         result
     }
 
@@ -371,4 +399,25 @@ impl Metrics {
 /// 0.5 ms .. ~16 s
 fn step_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_step_indexes_its_own_series() {
+        for (i, step) in ChainStep::ALL.into_iter().enumerate() {
+            assert_eq!(step as usize, i, "{step:?}");
+        }
+        let metrics = Metrics::new(&crate::store::BatchMetrics::default());
+        let text = metrics.render();
+        for step in ChainStep::ALL {
+            let series = format!(
+                "ipn_worker_step_seconds_count{{step=\"{}\"}} 0",
+                step.as_str()
+            );
+            assert!(text.contains(&series), "{series} in {text}");
+        }
+    }
 }

@@ -12,7 +12,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tracing::{info, warn};
 
-use super::metrics::{Metrics, OutcomeLabel, ReasonLabel};
+use super::metrics::{ChainStep, Metrics, OutcomeLabel, ReasonLabel};
 use crate::alert::{Alert, Alerter, Kind};
 use crate::amqp::{Outgoing, PublishError, Publisher, State};
 use crate::backoff::Backoff;
@@ -260,7 +260,7 @@ impl Pipeline {
         let keys = &verified.dedup;
         let paid = verified.paid.as_deref();
         let claim = self.store.claim_paid(keys, order_key.as_str(), paid);
-        let claimed = self.metrics.step("claim", claim).await?;
+        let claimed = self.metrics.step(ChainStep::Claim, claim).await?;
         let reservation = match claimed {
             Claim::Done(reservation) => {
                 let event_id = reservation.event_id.to_string();
@@ -287,7 +287,7 @@ impl Pipeline {
         let json = event.to_json();
         self.crash_point(Step::Claimed)?;
         let publish = self.publish_event(&event, &routing_key, &json);
-        if let Err(error) = self.metrics.step("publish", publish).await {
+        if let Err(error) = self.metrics.step(ChainStep::Publish, publish).await {
             if matches!(error, Error::Publish(PublishError::Unroutable)) {
                 self.alerter.raise(Alert {
                     kind: Kind::Unroutable,
@@ -309,7 +309,7 @@ impl Pipeline {
             json: &json,
         };
         let mark_done = self.store.mark_done(reservation.event_id, &published);
-        self.metrics.step("mark_done", mark_done).await?;
+        self.metrics.step(ChainStep::MarkDone, mark_done).await?;
         self.crash_point(Step::MarkedDone)?;
         self.metrics.events.inc();
         if let Some(received) = inbound.received_at {

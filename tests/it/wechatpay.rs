@@ -434,7 +434,6 @@ fn queued(posted: &Posted) -> ipn_bridge::worker::Inbound {
     ipn_bridge::worker::Inbound::new(posted.body.clone(), properties)
 }
 
-/// A worker's pipeline with WeChat Pay on, with `fake`'s keys, on a broker and database of its own.
 /// `reroute_intake` with an ack that records the deliveries it is called for, in call order;
 /// checks it was called exactly for the ones said to be confirmed.
 async fn reroute_recording(
@@ -458,6 +457,7 @@ async fn reroute_recording(
     (done, acked)
 }
 
+/// A worker's pipeline with WeChat Pay on, with `fake`'s keys, on a broker and database of its own.
 async fn rig(fake: &FakeWechatPay) -> crate::worker::Rig {
     crate::worker::Rig::start(|config| wechat_pay_on(config, fake)).await
 }
