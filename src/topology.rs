@@ -29,7 +29,7 @@ mod declarer;
 use std::num::{NonZeroU8, NonZeroU16};
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
+use lapin::options::QueueBindOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Connection, ExchangeKind};
 
@@ -207,33 +207,15 @@ impl Topology {
         ] {
             declarer.queue(&queue, self.quorum_args()).await?;
         }
-        let durable_exchange = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
         declarer
-            .channel()
-            .exchange_declare(
-                self.events_exchange().into(),
-                ExchangeKind::Topic,
-                durable_exchange,
-                FieldTable::default(),
-            )
+            .exchange(&self.events_exchange(), ExchangeKind::Topic)
             .await?;
         for downstream in &self.downstream {
             self.declare_service_queue(&mut declarer, downstream)
                 .await?;
         }
         let exchange = self.inbound_exchange();
-        declarer
-            .channel()
-            .exchange_declare(
-                exchange.clone().into(),
-                ExchangeKind::Direct,
-                durable_exchange,
-                FieldTable::default(),
-            )
-            .await?;
+        declarer.exchange(&exchange, ExchangeKind::Direct).await?;
         for shard in 0..self.shards.get() {
             let queue = self.shard_queue(shard);
             declarer.queue(&queue, self.shard_args()).await?;
@@ -256,19 +238,7 @@ impl Topology {
     /// `<p>.inbound` exists, which the wait queues dead-letter to.
     async fn declare_retry(&self, declarer: &mut Declarer<'_>) -> Result<(), lapin::Error> {
         let exchange = self.retry_exchange();
-        let durable_exchange = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        declarer
-            .channel()
-            .exchange_declare(
-                exchange.clone().into(),
-                ExchangeKind::Headers,
-                durable_exchange,
-                FieldTable::default(),
-            )
-            .await?;
+        declarer.exchange(&exchange, ExchangeKind::Headers).await?;
         for delay in self.distinct_tiers() {
             let queue = self.wait_queue(delay);
             declarer.queue(&queue, self.wait_args(delay)).await?;

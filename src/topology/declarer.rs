@@ -4,9 +4,9 @@
 //! created. Every other argument must still match: a queue with another delivery limit, TTL or
 //! dead-letter target stops the declaration with the broker's reason.
 
-use lapin::options::QueueDeclareOptions;
+use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, Connection, ErrorKind};
+use lapin::{Channel, Connection, ErrorKind, ExchangeKind};
 use tracing::info;
 
 /// The quorum group's size when the queue is created (RabbitMQ caps it at the cluster's size).
@@ -33,6 +33,21 @@ impl<'a> Declarer<'a> {
     /// The channel, for exchanges and bindings.
     pub(super) fn channel(&self) -> &Channel {
         &self.channel
+    }
+
+    /// Declares a durable exchange of `kind`, without arguments.
+    pub(super) async fn exchange(
+        &self,
+        name: &str,
+        kind: ExchangeKind,
+    ) -> Result<(), lapin::Error> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        self.channel
+            .exchange_declare(name.into(), kind, durable, FieldTable::default())
+            .await
     }
 
     /// Declares a durable queue with `args`; where an existing queue differs only in its
