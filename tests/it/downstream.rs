@@ -21,7 +21,7 @@ use lapin::types::{AMQPValue, FieldTable};
 
 use crate::pipeline_e2e::RunningWorker;
 use crate::support::{FakeWebhook, PATIENCE, sample};
-use crate::worker::{Rig, inbound};
+use crate::worker::Rig;
 
 /// One subscription's events, in the order PayPal sent them.
 const SUBSCRIPTION: [&str; 4] = [
@@ -45,7 +45,7 @@ async fn rig(adjust: impl FnOnce(&mut Downstream, &mut Config)) -> Rig {
 async fn publish_subscription(rig: &Rig) -> Vec<String> {
     let mut ids = Vec::new();
     for name in SUBSCRIPTION {
-        match rig.pipeline.handle(&inbound(&sample(name))).await {
+        match rig.try_settle(&sample(name)).await {
             Ok(Outcome::Published { event_id, .. }) => ids.push(event_id.to_string()),
             other => panic!("{name}: {other:?}"),
         }
@@ -284,11 +284,7 @@ async fn stored_events_are_found_by_txn_and_key_and_redelivered_in_key_order_wit
     let rig = rig(|_, _| {}).await;
     let ids = publish_subscription(&rig).await;
     // Another key in between, so the redelivery has two keys to order.
-    match rig
-        .pipeline
-        .handle(&inbound(&sample("001_web_accept.txt")))
-        .await
-    {
+    match rig.try_settle(&sample("001_web_accept.txt")).await {
         Ok(Outcome::Published { .. }) => {}
         other => panic!("{other:?}"),
     }

@@ -45,6 +45,16 @@ impl Rig {
         Pipeline::new(&self.config, verifier, self.store.clone(), publisher)
     }
 
+    /// Settles one delivery of `body` in the rig's pipeline, as the shard's lane would.
+    pub(crate) async fn try_settle(&self, body: &[u8]) -> Result<Outcome, Error> {
+        self.pipeline.handle(&inbound(body)).await
+    }
+
+    /// [`Rig::try_settle`] of a delivery that must finish (published, dropped or quarantined).
+    pub(crate) async fn settle(&self, body: &[u8]) -> Outcome {
+        self.try_settle(body).await.expect("finished")
+    }
+
     pub(crate) async fn start(adjust: impl FnOnce(&mut Config)) -> Rig {
         let Services {
             broker,
@@ -131,7 +141,7 @@ async fn every_live_sample_becomes_one_event_numbered_in_order_per_key() {
     let rig = Rig::start(|_| {}).await;
     let samples = samples();
     for (name, body) in &samples {
-        let outcome = rig.pipeline.handle(&inbound(body)).await.expect("finished");
+        let outcome = rig.settle(body).await;
         if is_test_ipn(body) {
             assert_eq!(
                 outcome,
@@ -186,32 +196,14 @@ async fn resends_are_published_once_and_pending_then_completed_twice() {
     let original = sample("001_web_accept.txt");
     let mut manual_resend = original.clone();
     manual_resend.extend_from_slice(b"&resend=true");
-    let first = rig
-        .pipeline
-        .handle(&inbound(&original))
-        .await
-        .expect("finished");
-    assert_eq!(
-        rig.pipeline
-            .handle(&inbound(&original))
-            .await
-            .expect("finished"),
-        Outcome::Duplicate
-    );
-    assert_eq!(
-        rig.pipeline
-            .handle(&inbound(&manual_resend))
-            .await
-            .expect("finished"),
-        Outcome::Duplicate
-    );
+    let first = rig.settle(&original).await;
+    assert_eq!(rig.settle(&original).await, Outcome::Duplicate);
+    assert_eq!(rig.settle(&manual_resend).await, Outcome::Duplicate);
     let pending = rig
-        .pipeline
-        .handle(&inbound(&sample("010_web_accept_echeck_pending.txt")))
+        .try_settle(&sample("010_web_accept_echeck_pending.txt"))
         .await;
     let completed = rig
-        .pipeline
-        .handle(&inbound(&sample("011_web_accept_echeck_completed.txt")))
+        .try_settle(&sample("011_web_accept_echeck_completed.txt"))
         .await;
     assert!(
         matches!(pending, Ok(Outcome::Published { sequence: 1, .. })),
@@ -238,10 +230,7 @@ async fn an_invalid_or_foreign_ipn_is_quarantined_with_its_reason_and_never_publ
     let forged = sample("042_send_money.txt");
     rig.paypal.script(&forged, [Answer::Invalid]);
     assert_eq!(
-        rig.pipeline
-            .handle(&inbound(&forged))
-            .await
-            .expect("finished"),
+        rig.settle(&forged).await,
         Outcome::Quarantined(Reason::Invalid)
     );
     // 043 is addressed to seller@paypalsandbox.com; in sandbox mode it would pass the
@@ -250,17 +239,11 @@ async fn an_invalid_or_foreign_ipn_is_quarantined_with_its_reason_and_never_publ
         .expect("ascii")
         .replace("&test_ipn=1", "");
     assert_eq!(
-        rig.pipeline
-            .handle(&inbound(foreign.as_bytes()))
-            .await
-            .expect("finished"),
+        rig.settle(foreign.as_bytes()).await,
         Outcome::Quarantined(Reason::ForeignReceiver)
     );
     assert_eq!(
-        rig.pipeline
-            .handle(&inbound(b"not a form"))
-            .await
-            .expect("finished"),
+        rig.settle(b"not a form").await,
         Outcome::Quarantined(Reason::Unreadable)
     );
     assert!(
@@ -309,15 +292,11 @@ async fn paypal_failing_every_attempt_is_transient_and_a_later_try_succeeds() {
         &body,
         [Answer::ServerError, Answer::Garbage, Answer::ServerError],
     );
-    let failed = rig.pipeline.handle(&inbound(&body)).await;
+    let failed = rig.try_settle(&body).await;
     assert!(matches!(failed, Err(Error::Verify(_))), "{failed:?}");
     assert_eq!(rig.paypal.postbacks().len(), 3, "three attempts in-process");
     assert!(rig.events().await.is_empty());
-    let retried = rig
-        .pipeline
-        .handle(&inbound(&body))
-        .await
-        .expect("finished");
+    let retried = rig.settle(&body).await;
     assert!(
         matches!(retried, Outcome::Published { sequence: 1, .. }),
         "{retried:?}"
@@ -335,11 +314,7 @@ async fn a_claimed_but_unconfirmed_ipn_is_republished_under_the_same_id_and_numb
     let Claim::New(claimed) = rig.store.claim(&keys, key.as_str()).await.expect("claim") else {
         panic!("new claim");
     };
-    let outcome = rig
-        .pipeline
-        .handle(&inbound(&body))
-        .await
-        .expect("finished");
+    let outcome = rig.settle(&body).await;
     assert_eq!(
         outcome,
         Outcome::Published {
@@ -347,13 +322,7 @@ async fn a_claimed_but_unconfirmed_ipn_is_republished_under_the_same_id_and_numb
             sequence: claimed.sequence
         }
     );
-    assert_eq!(
-        rig.pipeline
-            .handle(&inbound(&body))
-            .await
-            .expect("finished"),
-        Outcome::Duplicate
-    );
+    assert_eq!(rig.settle(&body).await, Outcome::Duplicate);
     assert_eq!(rig.events().await.len(), 1);
 }
 
@@ -371,14 +340,10 @@ async fn an_event_no_queue_is_bound_for_is_not_acknowledged_until_it_can_be_rout
         .await
         .expect("unbind");
     let body = sample("001_web_accept.txt");
-    let failed = rig.pipeline.handle(&inbound(&body)).await;
+    let failed = rig.try_settle(&body).await;
     assert!(matches!(failed, Err(Error::Publish(_))), "{failed:?}");
     rig.bind_downstream().await;
-    let outcome = rig
-        .pipeline
-        .handle(&inbound(&body))
-        .await
-        .expect("finished");
+    let outcome = rig.settle(&body).await;
     assert!(
         matches!(outcome, Outcome::Published { sequence: 1, .. }),
         "same number: {outcome:?}"
@@ -403,11 +368,7 @@ async fn a_crash_between_any_two_steps_yields_one_event_id_and_number_after_the_
         );
 
         // The redelivery, handled by the restarted worker.
-        let redelivered = rig
-            .pipeline
-            .handle(&inbound(&first))
-            .await
-            .expect("finished");
+        let redelivered = rig.settle(&first).await;
         match step {
             Step::MarkedDone => assert_eq!(redelivered, Outcome::Duplicate, "{step:?}"),
             _ => assert!(
@@ -415,18 +376,8 @@ async fn a_crash_between_any_two_steps_yields_one_event_id_and_number_after_the_
                 "{step:?}: {redelivered:?}"
             ),
         }
-        assert_eq!(
-            rig.pipeline
-                .handle(&inbound(&first))
-                .await
-                .expect("finished"),
-            Outcome::Duplicate
-        );
-        let following = rig
-            .pipeline
-            .handle(&inbound(&next))
-            .await
-            .expect("finished");
+        assert_eq!(rig.settle(&first).await, Outcome::Duplicate);
+        let following = rig.settle(&next).await;
         assert!(
             matches!(following, Outcome::Published { sequence: 2, .. }),
             "{step:?}: no gap: {following:?}"
@@ -476,11 +427,7 @@ async fn a_verification_timing_out_once_is_retried_in_place_and_delivered() {
     .await;
     let body = sample("013_subscr_payment.txt");
     rig.paypal.script(&body, [Answer::Silent]);
-    let outcome = rig
-        .pipeline
-        .handle(&inbound(&body))
-        .await
-        .expect("finished");
+    let outcome = rig.settle(&body).await;
     assert!(
         matches!(outcome, Outcome::Published { sequence: 1, .. }),
         "{outcome:?}"
