@@ -30,7 +30,7 @@ impl<'a> Declarer<'a> {
         })
     }
 
-    /// The channel, for exchanges and bindings.
+    /// The channel, for bindings.
     pub(super) fn channel(&self) -> &Channel {
         &self.channel
     }
