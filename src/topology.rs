@@ -29,7 +29,6 @@ mod declarer;
 use std::num::{NonZeroU8, NonZeroU16};
 use std::time::Duration;
 
-use lapin::options::QueueBindOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Connection, ExchangeKind};
 
@@ -219,15 +218,9 @@ impl Topology {
         for shard in 0..self.shards.get() {
             let queue = self.shard_queue(shard);
             declarer.queue(&queue, self.shard_args()).await?;
+            let routing_key = Self::shard_routing_key(shard);
             declarer
-                .channel()
-                .queue_bind(
-                    queue.into(),
-                    exchange.clone().into(),
-                    Self::shard_routing_key(shard).into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
+                .bind(&queue, &exchange, &routing_key, FieldTable::default())
                 .await?;
         }
         self.declare_retry(&mut declarer).await?;
@@ -252,16 +245,7 @@ impl Topology {
                 crate::contract::TIER,
                 text(&Self::tier_name(delay)),
             );
-            declarer
-                .channel()
-                .queue_bind(
-                    queue.into(),
-                    exchange.clone().into(),
-                    "".into(),
-                    QueueBindOptions::default(),
-                    binding,
-                )
-                .await?;
+            declarer.bind(&queue, &exchange, "", binding).await?;
         }
         Ok(())
     }
@@ -320,16 +304,10 @@ impl Topology {
             insert(&mut args, "x-message-ttl", AMQPValue::LongLongInt(ttl));
         }
         declarer.queue(queue, args).await?;
+        let exchange = self.events_exchange();
         for pattern in &downstream.bindings {
             declarer
-                .channel()
-                .queue_bind(
-                    queue.into(),
-                    self.events_exchange().into(),
-                    pattern.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
+                .bind(queue, &exchange, pattern, FieldTable::default())
                 .await?;
         }
         Ok(())

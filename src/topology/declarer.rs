@@ -4,7 +4,7 @@
 //! created. Every other argument must still match: a queue with another delivery limit, TTL or
 //! dead-letter target stops the declaration with the broker's reason.
 
-use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ErrorKind, ExchangeKind};
 use tracing::info;
@@ -30,9 +30,23 @@ impl<'a> Declarer<'a> {
         })
     }
 
-    /// The channel, for bindings.
-    pub(super) fn channel(&self) -> &Channel {
-        &self.channel
+    /// Binds `queue` to `exchange` by `routing_key` and the binding's `args`.
+    pub(super) async fn bind(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        args: FieldTable,
+    ) -> Result<(), lapin::Error> {
+        self.channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                routing_key.into(),
+                QueueBindOptions::default(),
+                args,
+            )
+            .await
     }
 
     /// Declares a durable exchange of `kind`, without arguments.
