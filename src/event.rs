@@ -18,6 +18,11 @@ use crate::store::Reservation;
 /// Version of the event's shape; bumped on any incompatible change.
 pub const SCHEMA_VERSION: u32 = 2;
 
+/// The longest word of a routing key taken from a notification's fields (its type, its status):
+/// three such words, a kind of at most 12 bytes (`subscription`) and three dots make 255 bytes,
+/// AMQP's limit for a routing key. Provider ids are far shorter; a word is cut, never refused.
+pub const MAX_ROUTING_WORD_BYTES: usize = 80;
+
 /// One verified IPN, as business services receive it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Event {
@@ -115,15 +120,18 @@ impl Event {
     /// `paypal.subscription.subscr_payment.completed`, `alipay.refund.trade_status_sync.trade_closed`,
     /// `wechatpay.payment.transaction_success.success`; bind a family with one pattern
     /// (`paypal.subscription.#`, `*.refund.#`). Characters with a meaning in topic patterns
-    /// (`.`, `*`, `#`) become `_`.
+    /// (`.`, `*`, `#`) become `_`; each word is cut to [`MAX_ROUTING_WORD_BYTES`] (at a
+    /// character's end), so the key always fits AMQP's 255-byte routing key.
     pub fn routing_key(&self) -> String {
         let word = |value: Option<&str>| {
             let text = value.unwrap_or("none").to_lowercase();
-            let clean: String = text
-                .chars()
-                .map(|c| if matches!(c, '.' | '*' | '#') { '_' } else { c })
-                .take(100)
-                .collect();
+            let mut clean = String::new();
+            for c in text.chars() {
+                if clean.len() + c.len_utf8() > MAX_ROUTING_WORD_BYTES {
+                    break;
+                }
+                clean.push(if matches!(c, '.' | '*' | '#') { '_' } else { c });
+            }
             if clean.is_empty() {
                 "none".to_owned()
             } else {
@@ -154,6 +162,8 @@ fn rfc3339(time: SystemTime) -> String {
 mod tests {
     use std::path::PathBuf;
     use std::time::{Duration, UNIX_EPOCH};
+
+    use lapin::types::ShortString;
 
     use super::*;
     use crate::form::Form;
@@ -238,6 +248,32 @@ mod tests {
         assert_eq!(odd.routing_key(), "paypal.payment.a_b.__");
         odd.txn_type = None;
         assert_eq!(odd.routing_key(), "paypal.payment.none.__");
+    }
+
+    #[test]
+    fn routing_keys_fit_amqp_whatever_the_words_hold() {
+        let mut event = example(b"txn_type=web_accept&payment_status=Completed");
+        event.kind = Kind::Subscription;
+        // Three-byte characters (U+3000 is white space, which the id checks trim away), a
+        // four-byte one, and plain ASCII, each far past a word's budget.
+        for long in [
+            "\u{3000}".repeat(200),
+            "\u{1F600}".repeat(100),
+            "a".repeat(300),
+        ] {
+            event.txn_type = Some(format!("{long}web_accept"));
+            event.status = Some(long.clone());
+            let key = event.routing_key();
+            assert!(key.len() <= 255, "{} bytes", key.len());
+            assert!(ShortString::try_new(key.as_str()).is_ok());
+            let words: Vec<&str> = key.split('.').collect();
+            assert_eq!(words[..2], ["paypal", "subscription"]);
+            for word in &words[2..] {
+                assert!(word.len() <= MAX_ROUTING_WORD_BYTES, "{word}");
+                assert!(long.starts_with(word), "a word is cut, not changed: {word}");
+                assert!(word.len() + 4 > MAX_ROUTING_WORD_BYTES, "cut at the budget");
+            }
+        }
     }
 
     #[test]

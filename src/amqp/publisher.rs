@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, Event};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -55,13 +56,33 @@ pub enum PublishError {
         /// The negotiated `frame_max`.
         frame_max: usize,
     },
+    /// The exchange name or the routing key is longer than an AMQP short string (255 bytes).
+    /// Never sent.
+    #[error("{what} of {bytes} bytes is longer than AMQP's 255")]
+    NameTooLong {
+        /// `exchange name` or `routing key`.
+        what: &'static str,
+        /// Its length.
+        bytes: usize,
+    },
 }
 
 impl PublishError {
     /// True when publishing the same message again cannot succeed.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, PublishError::TooLarge { .. })
+        matches!(
+            self,
+            PublishError::TooLarge { .. } | PublishError::NameTooLong { .. }
+        )
     }
+}
+
+/// `name` as the short string a publish needs, or [`PublishError::NameTooLong`].
+fn short(name: &str, what: &'static str) -> Result<ShortString, PublishError> {
+    ShortString::try_new(name).map_err(|_| PublishError::NameTooLong {
+        what,
+        bytes: name.len(),
+    })
 }
 
 /// Bytes of a content-header frame around its properties: frame header (7), class id and
@@ -206,7 +227,10 @@ impl Publisher {
         if size > frame_max.saturating_sub(BROKER_HEADROOM) {
             return Err(PublishError::TooLarge { size, frame_max });
         }
-        match tokio::time::timeout(limit, pool.confirm(message)).await {
+        let exchange = short(message.exchange, "exchange name")?;
+        let routing_key = short(message.routing_key, "routing key")?;
+        let sent = pool.confirm(exchange, routing_key, message.body, message.properties);
+        match tokio::time::timeout(limit, sent).await {
             Err(_) => {
                 pool.timed_out();
                 Err(PublishError::Timeout(limit))
@@ -290,21 +314,21 @@ impl Pool {
         }
     }
 
-    async fn confirm(&self, message: Outgoing<'_>) -> Result<Confirmation, lapin::Error> {
+    async fn confirm(
+        &self,
+        exchange: ShortString,
+        routing_key: ShortString,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<Confirmation, lapin::Error> {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
         let options = BasicPublishOptions {
             mandatory: true,
             immediate: false,
         };
-        let properties = message.properties.with_delivery_mode(2);
+        let properties = properties.with_delivery_mode(2);
         let confirm = self.channels[index]
-            .basic_publish(
-                message.exchange.into(),
-                message.routing_key.into(),
-                options,
-                message.body,
-                properties,
-            )
+            .basic_publish(exchange, routing_key, options, body, properties)
             .await?;
         confirm.await
     }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use base64::Engine;
-use ipn_bridge::amqp::Publisher;
+use ipn_bridge::amqp::{Outgoing, PublishError, Publisher};
 use ipn_bridge::config::Config;
 use ipn_bridge::fake_paypal::{Answer, FakePaypal};
 use ipn_bridge::form::Form;
@@ -439,4 +439,79 @@ async fn a_verification_timing_out_once_is_retried_in_place_and_delivered() {
         "{metrics}"
     );
     assert_eq!(rig.events().await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_verified_ipn_whose_type_and_status_outgrow_a_routing_key_gets_its_event_under_a_cut_key()
+{
+    let rig = Rig::start(|_| {}).await;
+    // U+3000 (an ideographic space) around the words, in UTF-8: the id checks trim white space,
+    // so the IPN passes them, but 100 of them are 300 bytes of routing key word.
+    let pad = "%E3%80%80".repeat(100);
+    let body = String::from_utf8(sample("001_web_accept.txt"))
+        .expect("ASCII sample")
+        .replace("charset=windows-1252", "charset=UTF-8")
+        .replace("txn_type=web_accept", &format!("txn_type={pad}web_accept"))
+        .replace(
+            "payment_status=Completed",
+            &format!("payment_status=Completed{pad}"),
+        );
+    assert!(body.contains("charset=UTF-8") && body.contains("web_accept"));
+    let outcome = rig.settle(body.as_bytes()).await;
+    assert!(
+        matches!(outcome, Outcome::Published { sequence: 1, .. }),
+        "{outcome:?}"
+    );
+    let channel = rig.broker.channel().await;
+    let delivered = rig.broker.drain(&channel, "downstream").await;
+    assert_eq!(delivered.len(), 1);
+    let key = delivered[0].routing_key.as_str();
+    assert!(key.len() <= 255, "{} bytes: {key}", key.len());
+    assert!(key.starts_with("paypal.payment.\u{3000}"), "{key}");
+    assert!(key.contains(".completed\u{3000}"), "{key}");
+    let filter = EventFilter::Txn("8FX91612UX4519215".to_owned());
+    let stored = rig.store.find_events(&filter, 10).await.expect("history");
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        stored[0].routing_key.as_deref(),
+        Some(key),
+        "stored as routed"
+    );
+}
+
+#[tokio::test]
+async fn a_routing_key_longer_than_amqp_allows_is_refused_unsent_and_the_publisher_goes_on() {
+    let rig = Rig::start(|_| {}).await;
+    let publisher = Publisher::start(&rig.config.amqp, rig.topology.clone(), "ipn-worker-test");
+    assert!(
+        publisher.wait_connected(PATIENCE).await,
+        "publisher connected"
+    );
+    let exchange = rig.topology.events_exchange();
+    let message = |routing_key| Outgoing {
+        exchange: &exchange,
+        routing_key,
+        body: b"{}",
+        properties: BasicProperties::default(),
+    };
+    let too_long = "k".repeat(256);
+    let refused = publisher.publish(message(&too_long), PATIENCE).await;
+    assert!(
+        matches!(
+            refused,
+            Err(PublishError::NameTooLong {
+                what: "routing key",
+                bytes: 256
+            })
+        ),
+        "{refused:?}"
+    );
+    assert!(refused.is_err_and(|error| error.is_permanent()));
+    let longest = "k".repeat(255);
+    for routing_key in [longest.as_str(), "paypal.payment.web_accept.completed"] {
+        let sent = publisher.publish(message(routing_key), PATIENCE).await;
+        assert!(sent.is_ok(), "{routing_key}: {sent:?}");
+    }
+    assert_eq!(rig.events().await.len(), 2, "only the two that fit");
+    publisher.close().await;
 }
