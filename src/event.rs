@@ -147,6 +147,14 @@ impl Event {
         )
     }
 
+    /// The `txn_id` the history stores and `ipnctl events find --txn` looks up: trimmed, as the
+    /// id checks judged it (so at most 64 bytes of printable ASCII, far inside a btree index
+    /// row, whatever white space surrounded it); `None` when absent or blank.
+    pub fn stored_txn_id(&self) -> Option<&str> {
+        let txn_id = self.txn_id.as_deref()?.trim();
+        (!txn_id.is_empty()).then_some(txn_id)
+    }
+
     /// The JSON body.
     pub fn to_json(&self) -> String {
         // Serializing plain strings, numbers and maps cannot fail.

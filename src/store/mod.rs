@@ -132,7 +132,7 @@ pub enum Claim {
 pub struct Published<'a> {
     /// Its routing key on `<p>.events`.
     pub routing_key: &'a str,
-    /// The IPN's `txn_id` (bounded by the policy's id checks).
+    /// The IPN's `txn_id`, bounded ([`crate::event::Event::stored_txn_id`]).
     pub txn_id: Option<&'a str>,
     /// The JSON body exactly as published.
     pub json: &'a str,

@@ -305,7 +305,7 @@ impl Pipeline {
         self.crash_point(Step::Published)?;
         let published = store::Published {
             routing_key: &routing_key,
-            txn_id: event.txn_id.as_deref(),
+            txn_id: event.stored_txn_id(),
             json: &json,
         };
         let mark_done = self.store.mark_done(reservation.event_id, &published);

@@ -480,6 +480,39 @@ async fn a_verified_ipn_whose_type_and_status_outgrow_a_routing_key_gets_its_eve
 }
 
 #[tokio::test]
+async fn a_verified_ipn_with_white_space_around_its_txn_id_is_stored_and_found_by_the_id() {
+    let rig = Rig::start(|_| {}).await;
+    // 1 000 U+3000 on each side: 6 000 bytes that the id checks trim away, and that an indexed
+    // column must not take (a btree row holds about 2 704 bytes).
+    let pad = "%E3%80%80".repeat(1000);
+    let body = String::from_utf8(sample("001_web_accept.txt"))
+        .expect("ASCII sample")
+        .replace("charset=windows-1252", "charset=UTF-8")
+        .replace(
+            "txn_id=8FX91612UX4519215",
+            &format!("txn_id={pad}8FX91612UX4519215{pad}"),
+        );
+    assert!(body.contains(&pad) && body.contains("charset=UTF-8"));
+    let outcome = rig.settle(body.as_bytes()).await;
+    assert!(
+        matches!(outcome, Outcome::Published { sequence: 1, .. }),
+        "{outcome:?}"
+    );
+    let events = rig.events().await;
+    assert_eq!(events.len(), 1);
+    let published = events[0]["txn_id"].as_str().expect("txn_id");
+    assert_eq!(
+        published.len(),
+        17 + 6000,
+        "the event carries the field as sent"
+    );
+    let filter = EventFilter::Txn("8FX91612UX4519215".to_owned());
+    let stored = rig.store.find_events(&filter, 10).await.expect("history");
+    assert_eq!(stored.len(), 1, "found by the id itself");
+    assert_eq!(stored[0].txn_id.as_deref(), Some("8FX91612UX4519215"));
+}
+
+#[tokio::test]
 async fn a_routing_key_longer_than_amqp_allows_is_refused_unsent_and_the_publisher_goes_on() {
     let rig = Rig::start(|_| {}).await;
     let publisher = Publisher::start(&rig.config.amqp, rig.topology.clone(), "ipn-worker-test");
