@@ -6,6 +6,8 @@
 //! clients do; after its answer when a request is in progress), so a flood of idle connections
 //! can neither starve the requests already accepted nor keep new clients waiting for long; and
 //! an accept error (out of file descriptors, above all) pauses the loop instead of spinning.
+//! Each server's HTTP settings add a fourth: the longest request head it reads
+//! ([`MAX_HEAD_BYTES`]).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -24,6 +26,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
+
+/// The most a connection's read buffer holds, and so the longest request head (request line
+/// and headers) taken: a longer one is answered `431` and the connection closed. With hyper's
+/// default (~400 KiB) each connection could pin that much with a head that never ends (200 of
+/// them grew the ingress by 114 MiB: docs/reliability.md, "Hostile input"); the providers'
+/// heads are under 2 KiB (WeChat Pay's four signature headers included), and 16 KiB is what
+/// Node.js allows.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// How long the loop pauses after an accept error: EMFILE/ENFILE clear only when some
 /// connection closes, so trying again at once would spin a core.

@@ -153,7 +153,8 @@ impl<S: Sink> App<S> {
     fn http(&self) -> http1::Builder {
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
-            .header_read_timeout(self.config.header_read_timeout);
+            .header_read_timeout(self.config.header_read_timeout)
+            .max_buf_size(crate::server::MAX_HEAD_BYTES);
         http
     }
 }

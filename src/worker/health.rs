@@ -39,7 +39,8 @@ pub(super) async fn serve(
     let stopped = stop.clone().cancelled_owned();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(crate::server::MAX_HEAD_BYTES);
     let connections = Connections::new(MAX_CONNECTIONS);
     connections
         .accept_until(&listener, stopped, |accepted| {

@@ -219,6 +219,111 @@ async fn bodies_dribbled_a_byte_per_segment_on_several_connections_keep_the_ingr
     );
 }
 
+/// Connects and sends the head of a POST that never ends: `lines` header lines of `bytes`
+/// bytes each, and no blank line. The write may fail: a server that stops reading and closes
+/// resets it.
+async fn endless_head(port: u16, lines: usize, bytes: usize) -> Option<TcpStream> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let mut head = b"POST /ipn HTTP/1.1\r\nhost: x\r\n".to_vec();
+    for line in 0..lines {
+        head.extend_from_slice(format!("x-pad-{line}: ").as_bytes());
+        head.resize(head.len() + bytes, b'a');
+        head.extend_from_slice(b"\r\n");
+    }
+    let _ = tokio::time::timeout(PATIENCE, stream.write_all(&head)).await;
+    Some(stream)
+}
+
+/// Whether the server ends the connection (an answer and a close, or a reset) within `limit`.
+async fn ended_within(mut stream: TcpStream, limit: Duration) -> bool {
+    let mut buffer = vec![0u8; 4096];
+    let ending = async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, ending).await.is_ok()
+}
+
+#[tokio::test]
+async fn request_heads_that_never_end_on_many_connections_keep_the_ingress_memory_bounded() {
+    let stack = Stack::new().await;
+    let (child, port) = ingress_binary(&stack.broker, &[]).await;
+    let pid = child.id().expect("running");
+    let before = rss_kib(pid);
+    // 200 connections, each a head of 90 lines of 4 KiB (~360 KiB, under hyper's default
+    // buffer of ~400 KiB, so it would wait for the rest until the 10 s header timeout).
+    let mut heads = Vec::new();
+    let mut peak = before;
+    for _ in 0..200 {
+        if let Some(stream) = endless_head(port, 90, 4096).await {
+            heads.push(stream);
+        }
+        peak = peak.max(rss_kib(pid));
+    }
+    assert_eq!(heads.len(), 200, "every connection accepted");
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss_kib(pid));
+    }
+    let url = format!("http://127.0.0.1:{port}/ipn");
+    let (status, _) = post_form(&url, sample("001_web_accept.txt")).await;
+    assert_eq!(status, 200, "a valid IPN beside them");
+    // Answered 431 and closed as soon as a head passes the limit, not held to the 10 s timeout.
+    let endings: Vec<_> = heads
+        .into_iter()
+        .map(|stream| tokio::spawn(ended_within(stream, Duration::from_secs(3))))
+        .collect();
+    let mut held = 0;
+    for ending in endings {
+        if !ending.await.expect("task") {
+            held += 1;
+        }
+    }
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    eprintln!("200 endless heads of ~360 KiB: RSS {before} -> peak {peak} KiB; {held} held 3 s");
+    assert_eq!(held, 0, "connections still open after 3 s");
+    assert!(
+        grown_mib < 32,
+        "RSS grew {grown_mib} MiB ({before} -> {peak} KiB)"
+    );
+}
+
+#[tokio::test]
+async fn a_request_head_over_the_limit_is_answered_431() {
+    let stack = Stack::new().await;
+    let (_child, port) = ingress_binary(&stack.broker, &[]).await;
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    // A head as long as the limit and not yet ended: the server reads every byte of it (so
+    // its close is a clean one, not a reset) and can tell it is too long.
+    let mut head = b"POST /ipn HTTP/1.1\r\nhost: x\r\nx-pad: ".to_vec();
+    head.resize(ipn_bridge::server::MAX_HEAD_BYTES, b'a');
+    stream.write_all(&head).await.expect("write");
+    let mut answer = vec![0u8; 256];
+    let n = tokio::time::timeout(PATIENCE, stream.read(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // A head as long as PayPal's or WeChat Pay's, and then some, is taken.
+    let url = format!("http://127.0.0.1:{port}/ipn");
+    let answer = crate::support::http()
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-for", "203.0.113.7, ".repeat(300))
+        .body(sample("001_web_accept.txt"))
+        .send()
+        .await
+        .expect("posted");
+    assert_eq!(answer.status(), 200);
+}
+
 #[tokio::test]
 async fn idle_connections_beyond_the_cap_under_a_low_open_file_limit_leave_valid_ipns_answered() {
     let stack = Stack::new().await;
