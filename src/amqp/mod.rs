@@ -50,6 +50,31 @@ pub enum Error {
     /// The broker or the network said no, after connecting.
     #[error("broker error")]
     Broker(#[from] lapin::Error),
+    /// A broker operation after connecting got no answer in time.
+    #[error("broker did not answer `{what}` within {after:?}")]
+    Timeout {
+        /// The operation.
+        what: &'static str,
+        /// The limit that passed.
+        after: Duration,
+    },
+}
+
+/// Declaring the whole topology is many RPCs (every shard, tier and downstream queue): it gets
+/// this many times `amqp.connect_timeout`.
+pub const DECLARE_RPCS: u32 = 12;
+
+/// `operation` (a broker call after connecting), bounded by `limit`: a broker that stops
+/// answering becomes [`Error::Timeout`] instead of a wait without end.
+pub async fn bounded<T>(
+    what: &'static str,
+    limit: Duration,
+    operation: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(limit, operation).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(Error::Timeout { what, after: limit }),
+    }
 }
 
 /// An open connection and the node it goes to.

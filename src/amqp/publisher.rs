@@ -279,17 +279,15 @@ impl Pool {
         name: &str,
     ) -> Result<Pool, super::Error> {
         let super::Connected { connection, node } = super::connect(config, name).await?;
-        if let Some(topology) = topology {
-            topology.declare(&connection).await?;
-        }
-        let mut channels = Vec::with_capacity(config.publisher_channels.get());
-        for _ in 0..config.publisher_channels.get() {
-            let channel = connection.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            channels.push(channel);
-        }
+        let channels = match Pool::prepare(config, topology, &connection).await {
+            Ok(channels) => channels,
+            Err(error) => {
+                // Whatever state the connection is in, it is not used again.
+                let close = connection.close(200, "not ready in time".into());
+                let _ = tokio::time::timeout(config.connect_timeout, close).await;
+                return Err(error);
+            }
+        };
         Ok(Pool {
             connection,
             node,
@@ -299,6 +297,33 @@ impl Pool {
             timeouts: AtomicU32::new(0),
             timeouts_before_reconnect: config.timeouts_before_reconnect.get(),
         })
+    }
+
+    /// Declares the topology and opens the confirm channels on a new connection, each broker
+    /// operation bounded (the declaration by [`super::DECLARE_RPCS`] × `amqp.connect_timeout`):
+    /// a node that stops answering mid-declaration costs a retry, not the publisher (unbounded,
+    /// a node that reset the connection mid-declaration most likely left one worker's
+    /// publisher waiting for good in a cluster-test run: docs/reliability.md, the bounds).
+    async fn prepare(
+        config: &config::Amqp,
+        topology: Option<&Topology>,
+        connection: &Connection,
+    ) -> Result<Vec<Channel>, super::Error> {
+        let limit = config.connect_timeout;
+        if let Some(topology) = topology {
+            let declare = topology.declare(connection);
+            super::bounded("declare the topology", limit * super::DECLARE_RPCS, declare).await?;
+        }
+        let mut channels = Vec::with_capacity(config.publisher_channels.get());
+        for _ in 0..config.publisher_channels.get() {
+            let channel =
+                super::bounded("open a publish channel", limit, connection.create_channel())
+                    .await?;
+            let confirms = channel.confirm_select(ConfirmSelectOptions::default());
+            super::bounded("select publisher confirms", limit, confirms).await?;
+            channels.push(channel);
+        }
+        Ok(channels)
     }
 
     /// Counts a confirm timeout; a run of them means a silent broker (black-holed network,

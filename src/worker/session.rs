@@ -34,10 +34,6 @@ use crate::config::Config;
 use crate::store::Store;
 use crate::topology::Topology;
 
-/// Declaring the whole topology is many RPCs (every shard, tier and downstream queue): it gets
-/// this many times `amqp.connect_timeout`.
-const DECLARE_RPCS: u32 = 12;
-
 /// What the consume sessions of one worker share.
 pub(super) struct Session<'a> {
     pub(super) config: &'a Config,
@@ -133,7 +129,7 @@ impl Session<'_> {
         let limit = self.config.amqp.connect_timeout;
         let declare = async {
             let declared = self.topology.declare(connection);
-            rpc("declare the topology", limit * DECLARE_RPCS, declared).await
+            rpc("declare the topology", limit * amqp::DECLARE_RPCS, declared).await
         };
         tokio::select! {
             () = self.stop.cancelled() => return Ok(()),

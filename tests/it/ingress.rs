@@ -166,6 +166,34 @@ async fn ingress_answers_503_within_the_confirm_timeout_while_the_broker_is_cut_
 }
 
 #[tokio::test]
+async fn a_node_that_stops_answering_while_the_publisher_declares_costs_a_retry_not_the_publisher()
+{
+    let broker = TestBroker::new().await;
+    let proxy = Proxy::start().await;
+    let mut config = broker.config_via(proxy.address());
+    // The declaration is bounded by 12 × this; heartbeats far away, so they cannot end the
+    // frozen connection within the test.
+    config.amqp.connect_timeout = Duration::from_millis(300);
+    config.amqp.heartbeat = Duration::from_secs(60);
+    proxy.freeze_after_open();
+    let ingress = spawn_ingress(config).await;
+    // Connected, handshake done, and then no answer to the declaration.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let readiness = crate::support::http_get(ingress.path("/readyz"))
+        .await
+        .expect("readyz answers");
+    assert_eq!(readiness.status(), 503, "not ready while declaring");
+    proxy.restore();
+    // The frozen connection stays frozen: only a new one can make the ingress ready.
+    ingress.wait_ready().await;
+    let body = sample("001_web_accept.txt");
+    assert_eq!(post_form(&ingress.url, body.clone()).await.0, 200);
+    let topology = ipn_bridge::topology::Topology::new(&broker.config().topology);
+    assert!(broker.queued_bodies(&topology).await.contains(&body));
+    ingress.stop().await;
+}
+
+#[tokio::test]
 async fn ingress_answers_503_at_once_when_no_broker_listens() {
     let broker = TestBroker::new().await;
     let closed = {

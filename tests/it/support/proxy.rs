@@ -17,6 +17,10 @@ enum Mode {
     Cut,
     /// Keep connections, but hold everything the broker sends (confirms included).
     HoldReplies,
+    /// Forward; but a connection accepted now gets nothing more from the broker once its AMQP
+    /// handshake is done (`connection.open-ok`), for as long as it lives, whatever the mode
+    /// becomes: a node that accepted a client and then stopped answering it.
+    FreezeAfterOpen,
 }
 
 /// A proxy to the local broker (or another service) on a port of its own.
@@ -69,6 +73,12 @@ impl Proxy {
         self.mode.send_replace(Mode::HoldReplies);
     }
 
+    /// Freezes the connections accepted from now on after their handshake (until
+    /// [`Proxy::restore`]; those frozen stay frozen).
+    pub fn freeze_after_open(&self) {
+        self.mode.send_replace(Mode::FreezeAfterOpen);
+    }
+
     /// Forwards normally again.
     pub fn restore(&self) {
         self.mode.send_replace(Mode::Open);
@@ -93,9 +103,57 @@ async fn accept(listener: TcpListener, target: watch::Receiver<String>, mode: wa
         };
         let (client_read, client_write) = client.into_split();
         let (broker_read, broker_write) = broker.into_split();
+        let freeze = *mode.borrow() == Mode::FreezeAfterOpen;
         tokio::spawn(pipe(client_read, broker_write, mode.subscribe(), false));
-        tokio::spawn(pipe(broker_read, client_write, mode.subscribe(), true));
+        if freeze {
+            tokio::spawn(freeze_after_open(
+                broker_read,
+                client_write,
+                mode.subscribe(),
+            ));
+        } else {
+            tokio::spawn(pipe(broker_read, client_write, mode.subscribe(), true));
+        }
     }
+}
+
+/// Forwards what the broker sends up to and including `connection.open-ok` (a method frame of
+/// class 10, method 41), then nothing, until the proxy is cut.
+async fn freeze_after_open(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut mode: watch::Receiver<Mode>,
+) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut unparsed = Vec::new();
+    let mut opened = false;
+    while !opened {
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            _ = mode.wait_for(|m| *m == Mode::Cut) => return,
+        };
+        let n = match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        unparsed.extend_from_slice(&buffer[..n]);
+        // Frames: type (1), channel (2), size (4), payload, end byte; the protocol header the
+        // broker may send first is not a frame, but the client sends that, not the broker.
+        while unparsed.len() >= 7 {
+            let size = u32::from_be_bytes([unparsed[3], unparsed[4], unparsed[5], unparsed[6]]);
+            let length = 7 + size as usize + 1;
+            if unparsed.len() < length {
+                break;
+            }
+            opened |= unparsed[0] == 1 && unparsed[7..11] == [0, 10, 0, 41];
+            unparsed.drain(..length);
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+    // Frozen: the connection stays open, and whatever the broker answers is dropped.
+    let _ = mode.wait_for(|m| *m == Mode::Cut).await;
 }
 
 /// Copies `from` to `to` until either closes or the proxy is cut. `replies` marks the broker to
@@ -118,7 +176,7 @@ async fn pipe(
         };
         if replies {
             let released = mode.wait_for(|m| *m != Mode::HoldReplies).await.map(|m| *m);
-            if !matches!(released, Ok(Mode::Open)) {
+            if !matches!(released, Ok(Mode::Open | Mode::FreezeAfterOpen)) {
                 return;
             }
         }
