@@ -128,13 +128,8 @@ async fn freeze_after_open(
     let mut unparsed = Vec::new();
     let mut opened = false;
     while !opened {
-        let read = tokio::select! {
-            read = from.read(&mut buffer) => read,
-            _ = mode.wait_for(|m| *m == Mode::Cut) => return,
-        };
-        let n = match read {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
+        let Some(n) = read_or_cut(&mut from, &mut buffer, &mut mode).await else {
+            return;
         };
         unparsed.extend_from_slice(&buffer[..n]);
         // Frames: type (1), channel (2), size (4), payload, end byte; the protocol header the
@@ -156,6 +151,23 @@ async fn freeze_after_open(
     let _ = mode.wait_for(|m| *m == Mode::Cut).await;
 }
 
+/// The next read of `from` into `buffer`: its length, or `None` once the peer closed, the read
+/// failed or the proxy was cut.
+async fn read_or_cut(
+    from: &mut OwnedReadHalf,
+    buffer: &mut [u8],
+    mode: &mut watch::Receiver<Mode>,
+) -> Option<usize> {
+    let read = tokio::select! {
+        read = from.read(buffer) => read,
+        _ = mode.wait_for(|m| *m == Mode::Cut) => return None,
+    };
+    match read {
+        Ok(0) | Err(_) => None,
+        Ok(n) => Some(n),
+    }
+}
+
 /// Copies `from` to `to` until either closes or the proxy is cut. `replies` marks the broker to
 /// client direction, the one `HoldReplies` holds.
 async fn pipe(
@@ -166,13 +178,8 @@ async fn pipe(
 ) {
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
-        let read = tokio::select! {
-            read = from.read(&mut buffer) => read,
-            _ = mode.wait_for(|m| *m == Mode::Cut) => return,
-        };
-        let n = match read {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
+        let Some(n) = read_or_cut(&mut from, &mut buffer, &mut mode).await else {
+            return;
         };
         if replies {
             let released = mode.wait_for(|m| *m != Mode::HoldReplies).await.map(|m| *m);
