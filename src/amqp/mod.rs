@@ -51,7 +51,7 @@ pub enum Error {
     #[error("broker error")]
     Broker(#[from] lapin::Error),
     /// A broker operation after connecting got no answer in time.
-    #[error("broker did not answer `{what}` within {after:?}")]
+    #[error("RabbitMQ did not answer `{what}` within {after:?}")]
     Timeout {
         /// The operation.
         what: &'static str,

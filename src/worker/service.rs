@@ -7,7 +7,6 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -39,14 +38,6 @@ pub enum Error {
     /// The consume connection.
     #[error("broker")]
     Broker(#[from] amqp::Error),
-    /// A broker operation of the consume session got no answer in time.
-    #[error("broker did not answer `{what}` within {after:?}")]
-    BrokerTimeout {
-        /// The operation.
-        what: &'static str,
-        /// The limit that passed.
-        after: Duration,
-    },
     /// A consumer ended: the connection or channel broke.
     #[error("consumer of shard {0} stopped: broker connection lost")]
     ConsumerLost(u16),

@@ -10,10 +10,8 @@
 //! channel closed, so the next owner's consumer becomes active with the rest in order.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -129,7 +127,7 @@ impl Session<'_> {
         let limit = self.config.amqp.connect_timeout;
         let declare = async {
             let declared = self.topology.declare(connection);
-            rpc("declare the topology", limit * amqp::DECLARE_RPCS, declared).await
+            amqp::bounded("declare the topology", limit * amqp::DECLARE_RPCS, declared).await
         };
         tokio::select! {
             () = self.stop.cancelled() => return Ok(()),
@@ -272,8 +270,9 @@ impl Session<'_> {
                 // and lets the next consumer of the shard become active. A channel that does not
                 // close ends the session: the connection's close returns them instead.
                 let close = channel.close(200, "shard handed over".into());
-                let closed = rpc("close a handed-over shard's channel", close_limit, close).await;
-                (shard, closed.err())
+                let closed =
+                    amqp::bounded("close a handed-over shard's channel", close_limit, close);
+                (shard, closed.await.err().map(Error::from))
             });
             owned.tokens.insert(shard, token);
         }
@@ -290,12 +289,13 @@ impl Session<'_> {
         shard: u16,
     ) -> Result<(Channel, Consumer), Error> {
         let limit = self.config.amqp.connect_timeout;
-        let channel = rpc("open a shard channel", limit, connection.create_channel()).await?;
+        let channel =
+            amqp::bounded("open a shard channel", limit, connection.create_channel()).await?;
         let qos = channel.basic_qos(
             self.config.worker.prefetch.get(),
             BasicQosOptions::default(),
         );
-        rpc("set the prefetch", limit, qos).await?;
+        amqp::bounded("set the prefetch", limit, qos).await?;
         let queue = self.topology.shard_queue(shard);
         let consume = channel.basic_consume(
             queue.as_str().into(),
@@ -303,21 +303,8 @@ impl Session<'_> {
             BasicConsumeOptions::default(),
             FieldTable::default(),
         );
-        let consumer = rpc("subscribe to a shard", limit, consume).await?;
+        let consumer = amqp::bounded("subscribe to a shard", limit, consume).await?;
         Ok((channel, consumer))
-    }
-}
-
-/// A broker operation, bounded by `limit`: a broker that stops answering ends the session
-/// instead of hanging it.
-async fn rpc<T, E: Into<Error>>(
-    what: &'static str,
-    limit: Duration,
-    operation: impl Future<Output = Result<T, E>>,
-) -> Result<T, Error> {
-    match tokio::time::timeout(limit, operation).await {
-        Ok(result) => result.map_err(Into::into),
-        Err(_) => Err(Error::BrokerTimeout { what, after: limit }),
     }
 }
 
