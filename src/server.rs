@@ -6,8 +6,8 @@
 //! clients do; after its answer when a request is in progress), so a flood of idle connections
 //! can neither starve the requests already accepted nor keep new clients waiting for long; and
 //! an accept error (out of file descriptors, above all) pauses the loop instead of spinning.
-//! Each server's HTTP settings add a fourth: the longest request head it reads
-//! ([`MAX_HEAD_BYTES`]).
+//! [`http1_settings`], the HTTP settings of the ingress and the worker's health server, add a
+//! fourth: the longest request head read ([`MAX_HEAD_BYTES`]) and the time it may take.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -30,10 +30,20 @@ use tracing::{debug, info, warn};
 /// The most a connection's read buffer holds, and so the longest request head (request line
 /// and headers) taken: a longer one is answered `431` and the connection closed. With hyper's
 /// default (~400 KiB) each connection could pin that much with a head that never ends (200 of
-/// them grew the ingress by 114 MiB: docs/reliability.md, "Hostile input"); the providers'
-/// heads are under 2 KiB (WeChat Pay's four signature headers included), and 16 KiB is what
-/// Node.js allows.
+/// them grew the ingress by 114 MiB: docs/reliability.md, "Hostile input"); the longest headers
+/// a provider sends, WeChat Pay's four signature headers, are taken up to 1 KiB each
+/// (`wechatpay::MAX_HEADER_BYTES`), and 16 KiB is what Node.js allows.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// The HTTP/1 settings every server of ours serves with: a request head must arrive within
+/// `header_read_timeout` and be at most [`MAX_HEAD_BYTES`].
+pub fn http1_settings(header_read_timeout: Duration) -> http1::Builder {
+    let mut http = http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
+    http
+}
 
 /// How long the loop pauses after an accept error: EMFILE/ENFILE clear only when some
 /// connection closes, so trying again at once would spin a core.

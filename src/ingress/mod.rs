@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -151,11 +151,7 @@ impl<S: Sink> App<S> {
 
     /// The HTTP/1 server settings every connection gets.
     fn http(&self) -> http1::Builder {
-        let mut http = http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(self.config.header_read_timeout)
-            .max_buf_size(crate::server::MAX_HEAD_BYTES);
-        http
+        crate::server::http1_settings(self.config.header_read_timeout)
     }
 }
 

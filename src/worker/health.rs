@@ -12,10 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioTimer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -37,10 +35,7 @@ pub(super) async fn serve(
     stop: CancellationToken,
 ) {
     let stopped = stop.clone().cancelled_owned();
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(crate::server::MAX_HEAD_BYTES);
+    let http = crate::server::http1_settings(HEADER_READ_TIMEOUT);
     let connections = Connections::new(MAX_CONNECTIONS);
     connections
         .accept_until(&listener, stopped, |accepted| {
