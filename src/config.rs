@@ -788,8 +788,14 @@ impl Default for Topology {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Ingress {
-    /// Address to listen on.
+    /// Address to listen on: the providers' paths, `/healthz` and `/readyz`, and `/metrics`
+    /// unless [`Ingress::admin_listen`] is set.
     pub listen: SocketAddr,
+    /// A second address, for `/metrics` (and `/healthz`, `/readyz`): when set, `listen` (the
+    /// public one) no longer answers `/metrics`, which tells anyone who asks the notification
+    /// volume, the refusals and the broker node's address. Empty: none.
+    #[serde(deserialize_with = "optional_address")]
+    pub admin_listen: Option<SocketAddr>,
     /// Path PayPal posts to.
     #[serde(deserialize_with = "text_or_number")]
     pub path: String,
@@ -816,6 +822,7 @@ impl Default for Ingress {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: None,
             path: "/ipn".to_owned(),
             max_body_bytes: NonZeroUsize::new(65_536).unwrap_or(NonZeroUsize::MIN),
             confirm_timeout: Duration::from_secs(5),
@@ -1132,6 +1139,18 @@ impl Config {
             ));
         }
         self.validate_timeouts()?;
+        if let Some(admin) = self.ingress.admin_listen
+            && admin.port() != 0
+            && admin.port() == self.ingress.listen.port()
+            && (admin.ip() == self.ingress.listen.ip()
+                || admin.ip().is_unspecified()
+                || self.ingress.listen.ip().is_unspecified())
+        {
+            return Err(invalid(
+                "ingress.admin_listen",
+                "must not be ingress.listen's address: the point is a port the public cannot reach",
+            ));
+        }
         if ["/healthz", "/readyz", "/metrics"].contains(&self.ingress.path.as_str()) {
             return Err(invalid(
                 "ingress.path",
@@ -1406,6 +1425,20 @@ fn optional_url<'de, D: serde::Deserializer<'de>>(
         .map_err(|e| serde::de::Error::custom(format!("not a URL: {e}")))
 }
 
+/// A socket address (`host:port`), or `None` for an empty string.
+fn optional_address<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text = Option::<String>::deserialize(deserializer)?.unwrap_or_default();
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    text.trim()
+        .parse()
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("not an address (ip:port): {e}")))
+}
+
 /// Durations from TOML (`["10s", "1m"]`) or from the environment (`10s,1m`).
 fn durations<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Duration>, D::Error> {
     list(deserializer)?
@@ -1539,6 +1572,59 @@ mod tests {
         assert!(err.to_string().contains("amqp.url"), "{err}");
         let err = Config::load(None, &env(&[("IPN_INGRESS__PATH", "ipn")])).unwrap_err();
         assert!(err.to_string().contains("ingress.path"), "{err}");
+    }
+
+    #[test]
+    fn the_ingress_admin_address_is_optional_and_never_the_public_one() {
+        let none = Config::load(None, &env(&[])).expect("loads");
+        assert_eq!(none.ingress.admin_listen, None);
+        let blank = env(&[("IPN_INGRESS__ADMIN_LISTEN", " ")]);
+        assert_eq!(
+            Config::load(None, &blank)
+                .expect("loads")
+                .ingress
+                .admin_listen,
+            None
+        );
+        let set = Config::load(
+            Some("[ingress]\nadmin_listen = \"0.0.0.0:8082\"\n"),
+            &env(&[]),
+        )
+        .expect("loads");
+        assert_eq!(
+            set.ingress.admin_listen,
+            Some("0.0.0.0:8082".parse().expect("address"))
+        );
+        let bad = env(&[("IPN_INGRESS__ADMIN_LISTEN", "localhost")]);
+        let err = Config::load(None, &bad).unwrap_err();
+        assert!(err.to_string().contains("ingress.admin_listen"), "{err}");
+        for (public, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "0.0.0.0:8080"),
+        ] {
+            let same = env(&[
+                ("IPN_INGRESS__LISTEN", public),
+                ("IPN_INGRESS__ADMIN_LISTEN", admin),
+            ]);
+            let err = Config::load(None, &same).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with("config key `ingress.admin_listen`"),
+                "{public} {admin}: {err}"
+            );
+        }
+        // Another address on the same port, or two ports the system picks, are two listeners.
+        for (public, admin) in [
+            ("127.0.0.1:8080", "127.0.0.2:8080"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            let apart = env(&[
+                ("IPN_INGRESS__LISTEN", public),
+                ("IPN_INGRESS__ADMIN_LISTEN", admin),
+            ]);
+            Config::load(None, &apart).expect("two listeners");
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
 //! `ipn-ingress`: accepts PayPal IPNs over HTTP and answers 200 once RabbitMQ confirmed them.
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -30,15 +31,28 @@ async fn main() -> ExitCode {
     telemetry::init("ipn-ingress", config.telemetry.format);
     let shutdown = shutdown::signal();
     ipn_bridge::server::raise_open_file_limit();
-    let address = config.ingress.listen;
-    let listener = match tokio::net::TcpListener::bind(address).await {
+    let listener = match bind(config.ingress.listen, "ingress.listen").await {
         Ok(listener) => listener,
-        Err(error) => {
-            // A port in use or not ours to bind is a configuration problem: EX_CONFIG.
-            eprintln!("ipn-ingress: cannot listen on {address} (ingress.listen): {error}");
-            return ExitCode::from(64);
-        }
+        Err(code) => return code,
     };
-    ingress::run(config, listener, shutdown).await;
+    let admin = match config.ingress.admin_listen {
+        Some(address) => match bind(address, "ingress.admin_listen").await {
+            Ok(listener) => Some(listener),
+            Err(code) => return code,
+        },
+        None => None,
+    };
+    ingress::run(config, listener, admin, shutdown).await;
     ExitCode::SUCCESS
+}
+
+/// Listens on `address`, or says why not: a port in use or not ours to bind is a configuration
+/// problem (EX_CONFIG).
+async fn bind(address: SocketAddr, key: &str) -> Result<tokio::net::TcpListener, ExitCode> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|error| {
+            eprintln!("ipn-ingress: cannot listen on {address} ({key}): {error}");
+            ExitCode::from(64)
+        })
 }

@@ -71,20 +71,35 @@ pub fn status_of(rejection: &Rejection) -> StatusCode {
     }
 }
 
+/// The listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Door {
+    /// `ingress.listen`: the providers' paths, `/healthz`, `/readyz`, and `/metrics` when there
+    /// is no admin listener.
+    Public,
+    /// `ingress.admin_listen`: `/healthz`, `/readyz` and `/metrics`, no notification.
+    Admin,
+}
+
 /// Routes a request; never fails (every problem is an HTTP answer).
 pub(super) async fn handle<S: Sink>(
     app: Arc<App<S>>,
+    door: Door,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = request.uri().path();
-    let route = app.routes.iter().find(|(route, _)| route == path);
+    let route = match door {
+        Door::Public => app.routes.iter().find(|(route, _)| route == path),
+        Door::Admin => None,
+    };
+    let metrics_here = door == Door::Admin || !app.admin_door;
     let response = if let Some((_, provider)) = route {
         ipn(&app, provider.as_ref(), request).await
     } else {
         match path {
             "/healthz" => text(StatusCode::OK, "ok"),
             "/readyz" => readiness(&app),
-            "/metrics" => {
+            "/metrics" if metrics_here => {
                 app.metrics.ready.set(i64::from(unready(&app).is_none()));
                 let node = app.publisher.node();
                 app.metrics.broker_node.set("publish", node.as_deref());

@@ -83,18 +83,33 @@ struct App<S> {
     refusals: crate::bounded::LogBudget,
     /// Refusals worth a human's attention (a provider's key changed, the clock is off).
     alerter: crate::alert::Alerter,
+    /// Whether an admin listener serves `/metrics` (the public one then answers it 404).
+    admin_door: bool,
 }
 
-/// Serves IPNs on `listener` until `shutdown` resolves, then drains and returns.
+/// Connections the admin listener serves at once: Prometheus, the probes and an operator.
+const ADMIN_CONNECTIONS: usize = 32;
+
+/// How long the admin listener's last answers get once the public listener has drained.
+const ADMIN_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves IPNs on `listener` (and `/healthz`, `/readyz`, `/metrics` on `admin`, when given,
+/// instead of `/metrics` on `listener`) until `shutdown` resolves, then drains and returns.
 ///
 /// Connects to the broker in the background: until connected, IPNs get 503 and `/readyz` says
 /// not ready.
-pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) {
     // The intake's side only: a business service's queue the broker refuses to redeclare (one
     // declared with other arguments) must never stop IPNs from being taken in.
     let topology = Topology::of(&config).without_downstream();
     let publisher = Publisher::start(&config.amqp, topology.clone(), "ipn-ingress");
     let mut app = App::new(&config, topology, publisher);
+    app.admin_door = admin.is_some();
     let counters = app.metrics.alerts.clone();
     app.alerter = match crate::alert::Alerter::start(&config.alert, counters) {
         Ok(alerter) => alerter,
@@ -112,7 +127,22 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
             .map(|(path, provider)| format!("{path} ({})", provider.name()))
             .collect();
         info!(%address, routes = paths.join(", "), "ipn-ingress listening");
+        if admin.is_none() && !address.ip().is_loopback() {
+            warn!(
+                %address,
+                "/metrics is served on the public listener (the notification volume, the \
+                 refusals, the broker node's address); set ingress.admin_listen to serve it \
+                 on an address of its own"
+            );
+        }
     }
+    let admin_stop = CancellationToken::new();
+    let admin = admin.map(|listener| {
+        if let Ok(address) = listener.local_addr() {
+            info!(%address, "ipn-ingress serving /healthz, /readyz and /metrics");
+        }
+        tokio::spawn(serve_admin(Arc::clone(&app), listener, admin_stop.clone()))
+    });
     let connections = Connections::new(app.config.max_connections.get());
     let http = app.http();
     connections
@@ -120,15 +150,43 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
             let app = Arc::clone(&app);
             accepted.serve(
                 &http,
-                service_fn(move |request| handler::handle(Arc::clone(&app), request)),
+                service_fn(move |request| {
+                    handler::handle(Arc::clone(&app), handler::Door::Public, request)
+                }),
             );
         })
         .await;
     drop(listener);
     app.draining.cancel();
     drain(&connections, app.config.shutdown_grace).await;
+    // The admin listener answered `/readyz` 503 through the drain; it stops after it.
+    admin_stop.cancel();
+    if let Some(admin) = admin
+        && let Err(error) = admin.await
+    {
+        warn!(%error, "the admin listener's task failed");
+    }
     app.publisher.close().await;
     info!("ipn-ingress stopped");
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until `stop` is cancelled.
+async fn serve_admin<S: Sink>(app: Arc<App<S>>, listener: TcpListener, stop: CancellationToken) {
+    let connections = Connections::new(ADMIN_CONNECTIONS);
+    let http = app.http();
+    connections
+        .accept_until(&listener, stop.cancelled(), |accepted| {
+            let app = Arc::clone(&app);
+            accepted.serve(
+                &http,
+                service_fn(move |request| {
+                    handler::handle(Arc::clone(&app), handler::Door::Admin, request)
+                }),
+            );
+        })
+        .await;
+    drop(listener);
+    connections.drain(ADMIN_GRACE).await;
 }
 
 impl<S: Sink> App<S> {
@@ -146,6 +204,7 @@ impl<S: Sink> App<S> {
             draining: CancellationToken::new(),
             refusals: crate::bounded::LogBudget::new(REFUSALS_LOGGED_PER_SECOND),
             alerter: crate::alert::Alerter::logging_only(),
+            admin_door: false,
         }
     }
 
@@ -165,7 +224,9 @@ where
 {
     let app = Arc::new(App::new(config, Topology::of(config), sink));
     let http = app.http();
-    let service = service_fn(move |request| handler::handle(Arc::clone(&app), request));
+    let service = service_fn(move |request| {
+        handler::handle(Arc::clone(&app), handler::Door::Public, request)
+    });
     if let Err(error) = http.serve_connection(TokioIo::new(io), service).await {
         debug!(%error, "connection ended with an error");
     }

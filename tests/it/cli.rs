@@ -197,15 +197,29 @@ fn a_non_utf8_variable_or_a_port_in_use_stops_each_binary_with_exit_code_64() {
     let address = taken.local_addr().expect("address").to_string();
     for (binary, key) in [
         (env!("CARGO_BIN_EXE_ipn-ingress"), "IPN_INGRESS__LISTEN"),
+        (
+            env!("CARGO_BIN_EXE_ipn-ingress"),
+            "IPN_INGRESS__ADMIN_LISTEN",
+        ),
         (env!("CARGO_BIN_EXE_ipn-worker"), "IPN_WORKER__LISTEN"),
     ] {
         let output = Command::new(binary)
+            // Its own listeners on free ports, but for the one taken.
+            .env("IPN_INGRESS__LISTEN", "127.0.0.1:0")
+            .env("IPN_WORKER__LISTEN", "127.0.0.1:0")
             .env(key, &address)
             .output()
             .expect("binary runs");
         assert_eq!(output.status.code(), Some(64), "{binary}: {output:?}");
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains("cannot listen on"), "{stderr}");
+        let key = key
+            .trim_start_matches("IPN_")
+            .replace("__", ".")
+            .to_lowercase();
+        assert!(
+            stderr.contains("cannot listen on") && stderr.contains(&format!("({key})")),
+            "{stderr}"
+        );
     }
 }
 

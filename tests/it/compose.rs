@@ -228,6 +228,12 @@ fn the_compose_file_names_what_the_code_and_the_config_define() {
         ingress.ingress.listen.port().to_string()
     );
     assert_eq!(ingress.ingress.path, "/ipn");
+    // Its metrics on a port of their own, reachable on the stack's network, not published.
+    let admin = ingress.ingress.admin_listen.expect("an admin listener");
+    assert_eq!(
+        compose.services["ingress"].expose,
+        [admin.port().to_string()]
+    );
 
     let worker = config_of(&compose.services["worker"]);
     assert_eq!(

@@ -161,11 +161,27 @@ fn each_deployment_loads_its_config_with_every_variable_kubernetes_injects() {
         assert_eq!(spec["securityContext"]["runAsUser"].as_u64(), Some(10001));
     }
     // The Services point at the binaries' ports.
-    let ingress = config_of(&docs, named(&docs, "Deployment", "ipn-ingress"));
+    let deployment = named(&docs, "Deployment", "ipn-ingress");
+    let ingress = config_of(&docs, deployment);
     let service = named(&docs, "Service", "ipn-ingress");
+    let ports = service["spec"]["ports"].as_array().expect("ports");
+    assert_eq!(ports.len(), 1, "the public Service reaches one port");
     assert_eq!(
-        service["spec"]["ports"][0]["targetPort"].as_u64(),
+        ports[0]["targetPort"].as_u64(),
         Some(u64::from(ingress.ingress.listen.port()))
+    );
+    // The ingress's metrics are scraped on its admin port, which no Service exposes.
+    let admin = ingress.ingress.admin_listen.expect("an admin listener");
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(
+        annotations["prometheus.io/port"].as_str(),
+        Some(admin.port().to_string().as_str())
+    );
+    let declared = &deployment["spec"]["template"]["spec"]["containers"][0]["ports"];
+    assert!(
+        (declared.as_array().expect("ports").iter())
+            .any(|p| p["containerPort"].as_u64() == Some(u64::from(admin.port()))),
+        "{declared:?}"
     );
 }
 

@@ -325,6 +325,102 @@ async fn a_request_head_over_the_limit_is_answered_431() {
 }
 
 #[tokio::test]
+async fn with_an_admin_address_the_public_listener_answers_no_metrics_and_the_admin_one_takes_no_ipn()
+ {
+    let stack = Stack::new().await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let (mut child, port) =
+        ingress_binary(&stack.broker, &[("IPN_INGRESS__ADMIN_LISTEN", &admin)]).await;
+    let public = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    let private = |path: &str| format!("http://{admin}{path}");
+    let status = |url: String| async move {
+        let response = crate::support::http_get(url).await.expect("answered");
+        response.status().as_u16()
+    };
+    assert_eq!(
+        post_form(&public("/ipn"), sample("001_web_accept.txt"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        status(public("/metrics")).await,
+        404,
+        "no metrics in public"
+    );
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(status(public(path)).await, 200, "public {path}");
+        assert_eq!(status(private(path)).await, 200, "admin {path}");
+    }
+    let accepted = r#"ipn_ingress_requests_total{status="200"}"#;
+    let counted = crate::support::metric(&private("/metrics"), accepted).await;
+    assert_eq!(counted, Some(1.0), "the admin listener has the metrics");
+    // No notification through the admin door: not taken, not counted.
+    let (status, text) = post_form(&private("/ipn"), sample("001_web_accept.txt")).await;
+    assert_eq!((status, text.trim()), (404, "not found"));
+    let counted = crate::support::metric(&private("/metrics"), accepted).await;
+    assert_eq!(counted, Some(1.0));
+    let text = crate::support::http_get(private("/metrics"))
+        .await
+        .expect("metrics");
+    let text = text.text().await.expect("text");
+    assert!(!text.contains(r#"status="404""#), "{text}");
+    // SIGTERM: the public listener drains, then the admin one closes, and the process ends.
+    let pid = child.id().expect("running").to_string();
+    let signalled = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await;
+    assert!(signalled.expect("kill runs").success());
+    let status = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .expect("stopped in time")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+    assert!(
+        TcpStream::connect(admin.as_str()).await.is_err(),
+        "admin closed"
+    );
+}
+
+#[tokio::test]
+async fn an_ingress_on_a_public_address_without_an_admin_one_warns_that_it_serves_its_metrics_there()
+ {
+    let stack = Stack::new().await;
+    let url = stack.broker.url_via(crate::support::broker::BROKER);
+    for admin in [None, Some(format!("127.0.0.1:{}", free_port()))] {
+        let port = free_port();
+        let mut env = vec![
+            ("IPN_AMQP__URL", url.clone()),
+            ("IPN_TOPOLOGY__SHARDS", "4".to_owned()),
+            ("IPN_TELEMETRY__FORMAT", "json".to_owned()),
+            ("IPN_INGRESS__LISTEN", format!("0.0.0.0:{port}")),
+        ];
+        if let Some(admin) = &admin {
+            env.push(("IPN_INGRESS__ADMIN_LISTEN", admin.clone()));
+        }
+        let mut child = binary(env!("CARGO_BIN_EXE_ipn-ingress"), &[], &env)
+            .env("RUST_LOG", "info")
+            .spawn()
+            .expect("ipn-ingress starts");
+        wait_ready(port).await;
+        let _ = child.start_kill();
+        let output = child.wait_with_output().await.expect("output");
+        let log = String::from_utf8_lossy(&output.stdout);
+        let warned = log.lines().any(|line| {
+            line.contains(r#""level":"WARN""#) && line.contains("set ingress.admin_listen")
+        });
+        assert_eq!(warned, admin.is_none(), "admin {admin:?}:\n{log}");
+        if let Some(admin) = &admin {
+            assert!(
+                log.contains(admin.as_str()),
+                "names where the metrics are: {log}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn idle_connections_beyond_the_cap_under_a_low_open_file_limit_leave_valid_ipns_answered() {
     let stack = Stack::new().await;
     let port = free_port();

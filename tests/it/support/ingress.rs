@@ -20,7 +20,8 @@ pub struct RunningIngress {
     task: JoinHandle<()>,
 }
 
-/// Starts `ipn_bridge::ingress::run` on 127.0.0.1:0.
+/// Starts `ipn_bridge::ingress::run` on 127.0.0.1:0, without an admin listener (whatever
+/// `ingress.admin_listen` says: the binary's tests cover that one, through [`ingress_binary`]).
 pub async fn spawn_ingress(config: Config) -> RunningIngress {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
@@ -28,7 +29,7 @@ pub async fn spawn_ingress(config: Config) -> RunningIngress {
     let address = listener.local_addr().expect("local addr");
     let url = format!("http://{address}{}", config.ingress.path);
     let (shutdown, signal) = oneshot::channel::<()>();
-    let task = tokio::spawn(ipn_bridge::ingress::run(config, listener, async {
+    let task = tokio::spawn(ipn_bridge::ingress::run(config, listener, None, async {
         // Either a send or a dropped sender means "stop".
         let _ = signal.await;
     }));
