@@ -144,18 +144,14 @@ pub async fn run(
         tokio::spawn(serve_admin(Arc::clone(&app), listener, admin_stop.clone()))
     });
     let connections = Connections::new(app.config.max_connections.get());
-    let http = app.http();
-    connections
-        .accept_until(&listener, shutdown, |accepted| {
-            let app = Arc::clone(&app);
-            accepted.serve(
-                &http,
-                service_fn(move |request| {
-                    handler::handle(Arc::clone(&app), handler::Door::Public, request)
-                }),
-            );
-        })
-        .await;
+    serve_door(
+        &app,
+        &connections,
+        &listener,
+        handler::Door::Public,
+        shutdown,
+    )
+    .await;
     drop(listener);
     app.draining.cancel();
     drain(&connections, app.config.shutdown_grace).await;
@@ -173,20 +169,36 @@ pub async fn run(
 /// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until `stop` is cancelled.
 async fn serve_admin<S: Sink>(app: Arc<App<S>>, listener: TcpListener, stop: CancellationToken) {
     let connections = Connections::new(ADMIN_CONNECTIONS);
+    serve_door(
+        &app,
+        &connections,
+        &listener,
+        handler::Door::Admin,
+        stop.cancelled(),
+    )
+    .await;
+    drop(listener);
+    connections.drain(ADMIN_GRACE).await;
+}
+
+/// Accepts connections on `listener` until `until` resolves, serving each as `door`.
+async fn serve_door<S: Sink>(
+    app: &Arc<App<S>>,
+    connections: &Connections,
+    listener: &TcpListener,
+    door: handler::Door,
+    until: impl Future<Output = ()>,
+) {
     let http = app.http();
     connections
-        .accept_until(&listener, stop.cancelled(), |accepted| {
-            let app = Arc::clone(&app);
+        .accept_until(listener, until, |accepted| {
+            let app = Arc::clone(app);
             accepted.serve(
                 &http,
-                service_fn(move |request| {
-                    handler::handle(Arc::clone(&app), handler::Door::Admin, request)
-                }),
+                service_fn(move |request| handler::handle(Arc::clone(&app), door, request)),
             );
         })
         .await;
-    drop(listener);
-    connections.drain(ADMIN_GRACE).await;
 }
 
 impl<S: Sink> App<S> {

@@ -86,16 +86,7 @@ async fn the_ingress_binary_stops_cleanly_on_sigterm() {
         200
     );
 
-    let pid = child.id().expect("running").to_string();
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill runs");
-    assert!(killed.success());
-    let status = tokio::time::timeout(PATIENCE, child.wait())
-        .await
-        .expect("exited in time")
-        .expect("status");
+    let status = crate::support::terminate(&mut child, PATIENCE).await;
     assert!(status.success(), "{status}");
 }
 

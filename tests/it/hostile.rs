@@ -366,16 +366,7 @@ async fn with_an_admin_address_the_public_listener_answers_no_metrics_and_the_ad
     let text = text.text().await.expect("text");
     assert!(!text.contains(r#"status="404""#), "{text}");
     // SIGTERM: the public listener drains, then the admin one closes, and the process ends.
-    let pid = child.id().expect("running").to_string();
-    let signalled = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await;
-    assert!(signalled.expect("kill runs").success());
-    let status = tokio::time::timeout(PATIENCE, child.wait())
-        .await
-        .expect("stopped in time")
-        .expect("wait");
+    let status = crate::support::terminate(&mut child, PATIENCE).await;
     assert!(status.success(), "{status}");
     assert!(
         TcpStream::connect(admin.as_str()).await.is_err(),
@@ -681,16 +672,8 @@ async fn sigterm_during_a_start_up_that_waits_for_the_database_ends_the_worker_a
         .spawn()
         .expect("starts");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = worker.id().expect("running").to_string();
-    let signalled = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await;
-    assert!(signalled.expect("kill runs").success());
-    let status = tokio::time::timeout(PATIENCE, worker.wait())
-        .await
-        .expect("stopped long before the 120 s connect timeout")
-        .expect("wait");
+    // Long before the 120 s connect timeout.
+    let status = crate::support::terminate(&mut worker, PATIENCE).await;
     assert!(status.success(), "{status}");
 }
 

@@ -47,6 +47,25 @@ pub async fn http_get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Re
     http().get(url).send().await
 }
 
+/// Sends SIGTERM to `child`, as an orchestrator stops a binary, and waits up to `limit` for it to
+/// end; its exit status. Panics when the signal cannot be sent or the wait runs out.
+pub async fn terminate(
+    child: &mut tokio::process::Child,
+    limit: Duration,
+) -> std::process::ExitStatus {
+    let pid = child.id().expect("running").to_string();
+    let signalled = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("kill runs");
+    assert!(signalled.success(), "SIGTERM {pid}");
+    tokio::time::timeout(limit, child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("{pid} ended within {limit:?} of SIGTERM"))
+        .expect("wait")
+}
+
 /// One metric's value from the Prometheus text at `url` (the first line starting with `name`);
 /// `None` when the server does not answer or has no such line.
 pub async fn metric(url: &str, name: &str) -> Option<f64> {

@@ -124,17 +124,7 @@ impl WorkerProcess {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let pid = child.id().expect("running").to_string();
-        let signalled = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .await
-            .expect("kill runs");
-        assert!(signalled.success(), "SIGTERM {}", self.id);
-        let status = tokio::time::timeout(PATIENCE * 3, child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("{} stopped in time", self.id))
-            .expect("wait");
+        let status = super::terminate(&mut child, PATIENCE * 3).await;
         assert!(status.success(), "{} exited cleanly: {status}", self.id);
     }
 
